@@ -1,0 +1,1 @@
+"""Herald: a Kafka-native notification pipeline."""

@@ -1,0 +1,207 @@
+"""The Faust application: one worker process running Herald's agents.
+
+Faust settings here encode the brief's guarantees: raw bytes everywhere (agents
+decode, so a poison record cannot crash a stream), acks=all, no topic creation by
+Faust (topologies/ owns every topic, changelogs included), concurrency 1 per agent,
+and inputs acked only after their outputs are acknowledged (see AckedSink).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine, MutableMapping, Sequence
+from typing import Any, cast
+
+import faust
+
+from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind
+from pipeline.agents.intake import Intake
+from pipeline.contracts import Contracts
+from pipeline.errors import ConfigurationError
+from pipeline.settings import Settings
+from pipeline.topology import Catalog, Topology
+from pipeline.topology import admin as topology_admin
+from pipeline.topology.partitioning import partition_for
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+def create_faust_app(settings: Settings) -> faust.App:
+    """A Faust app configured from ``settings`` (no agents yet)."""
+    brokers = [f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")]
+    return faust.App(
+        settings.app_id,
+        broker=brokers,
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        datadir=str(settings.worker_dir),
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        web_enabled=False,
+        producer_acks=-1,
+        producer_linger=0.002,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.commit_interval_s,
+        table_standby_replicas=0,
+        autodiscover=False,
+    )
+
+
+class KeyPartitionedTable(faust.Table[bytes, Any]):
+    """A table whose changelog partition is always its key's murmur2 partition.
+
+    Faust normally uses the partition of the event being processed, which forbids
+    writes outside an event (the expiry sweep) and within batches. Intake processes
+    every key on exactly that partition, so both agree.
+    """
+
+    def partition_for_key(self, key: Any) -> int:
+        if not self.partitions:
+            raise ConfigurationError(f"table {self.name} was declared without partitions")
+        return partition_for(key, self.partitions)
+
+
+class Worker:
+    """Herald's agents wired into one Faust app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topology = Topology.load(settings)
+        self.catalog = Catalog.load(settings)
+        self.contracts = Contracts(settings)
+        self.app = create_faust_app(settings)
+        self.sink = AckedSink(self._send)
+        self.intake = Intake(settings, self.contracts, self.catalog, self.topology)
+        self._wire_intake()
+
+    def topic(self, logical_name: str) -> Any:
+        """A Faust topic for a declared topic, with its declared partition count."""
+        spec = self.topology.spec(logical_name)
+        return self.app.topic(
+            self.settings.topic(logical_name),
+            partitions=spec.partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> Any:
+        return await self.app.producer.send(
+            topic, key, value, partition, None, list(headers) or None
+        )
+
+    def _wire_intake(self) -> None:
+        spec = self.topology.spec("herald.intake.idempotency.changelog")
+        self.idempotency = self.app.tables.add(
+            KeyPartitionedTable(
+                self.app,
+                name="intake-idempotency",
+                default=None,
+                beacon=self.app.tables.beacon,
+                partitions=spec.partitions,
+                changelog_topic=self.topic("herald.intake.idempotency.changelog"),
+                key_type=bytes,  # raw bytes keys; values are JSON
+            )
+        )
+        source = self.app.topic(
+            self.intake.intents_topic,
+            self.intake.keyed_topic,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        table = cast(MutableMapping[bytes, Any], self.idempotency)
+
+        def handle(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return self.intake.handle(raw, view, now_ms())
+
+        self.app.agent(source, name="herald.intake", concurrency=1)(
+            self._batched(handle, lambda: WriteBehind(table), self.intake.processing_error)
+        )
+
+        async def sweep_idempotency() -> None:
+            expired = self.intake.expired_keys(table, now_ms())
+            for key in expired:
+                del table[key]
+            if expired:
+                log.info("idempotency sweep: %d expired keys deleted", len(expired))
+
+        self.app.timer(self.settings.idempotency_sweep_interval_s)(sweep_idempotency)
+
+    def _batched(
+        self,
+        handle: Callable[[RawRecord, WriteBehind], Sequence[Out]],
+        new_view: Callable[[], WriteBehind],
+        on_error: Callable[[RawRecord, Exception, int], Out],
+    ) -> Callable[[Any], Coroutine[Any, Any, None]]:
+        """An agent body that handles records one by one but writes and acks in batches.
+
+        A batch closes when ``batch_max`` records are in it or no further record is
+        waiting, so an idle stream is flushed at once and a busy one amortises acks.
+        """
+        batch_max = self.settings.batch_max
+        sink = self.sink
+
+        async def agent(stream: Any) -> None:
+            unacked = stream.noack()
+            events: list[Any] = []
+            outputs: list[Out] = []
+            view = new_view()
+            async for event in unacked.events():
+                message = event.message
+                raw = RawRecord(
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    timestamp_ms=int(message.timestamp * 1000) if message.timestamp else 0,
+                    key=message.key,
+                    value=message.value,
+                )
+                try:
+                    outputs.extend(handle(raw, view))
+                except Exception as exc:  # one record must never stop the stream
+                    log.exception(
+                        "unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset
+                    )
+                    outputs.append(on_error(raw, exc, now_ms()))
+                events.append(event)
+                if len(events) >= batch_max or unacked.channel.empty():
+                    await sink.deliver(outputs)
+                    try:
+                        view.commit()
+                    except Exception:  # outputs are out; a lost entry only costs a re-accept
+                        log.exception("could not record a batch in the table")
+                    for done in events:
+                        await unacked.ack(done)
+                    events.clear()
+                    outputs.clear()
+
+        return agent
+
+    def verify_topics(self) -> None:
+        """Refuse to start on a broker whose topics differ from topologies/."""
+        report = topology_admin.check(self.settings, self.topology)
+        if report.drift:
+            listing = "\n  ".join(map(str, report.drift))
+            raise SystemExit(
+                f"topics differ from topologies/ (run `herald topics apply`):\n  {listing}"
+            )
+
+    def run(self) -> None:
+        """Run the worker until SIGINT/SIGTERM (blocking)."""
+        self.verify_topics()
+        self.settings.worker_dir.mkdir(parents=True, exist_ok=True)
+        worker = faust.Worker(self.app, loglevel=self.settings.log_level.lower())
+        worker.execute_from_commandline()

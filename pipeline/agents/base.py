@@ -1,0 +1,173 @@
+"""What every agent shares: the raw record it reads, the records it writes, and the
+sink that writes them and waits until Kafka has acknowledged every one.
+
+Agents read raw bytes and decode inside the agent, so one bad record never crashes
+a stream; and they ack (let Faust commit) an input only after its outputs are
+acknowledged, so no accepted work is lost between hops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline.contracts import Contracts
+from pipeline.contracts.records import Malformed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A Kafka record as an agent received it, before any decoding."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    """One record an agent wants written."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    """Explicit partition; None lets the (murmur2) partitioner choose from the key."""
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def malformed(
+    contracts: Contracts,
+    topic: str,
+    raw: RawRecord,
+    reason: str,
+    detail: str,
+    now_ms: int,
+    **decoded: str | None,
+) -> Out:
+    """A record for the malformed topic: raw bytes, reason and origin, keyed as received."""
+    record = Malformed(
+        reason=reason,
+        detail=detail[:2000],
+        origin_topic=raw.topic,
+        origin_partition=raw.partition,
+        origin_offset=raw.offset,
+        origin_timestamp_ms=raw.timestamp_ms,
+        raw_key=raw.key,
+        raw_value=raw.value,
+        recorded_at_ms=now_ms,
+        **decoded,
+    )
+    return Out(topic, raw.key, contracts.malformed.encode(record))
+
+
+class SendFn(Protocol):
+    """Enqueue one record; the returned awaitable resolves when Kafka acknowledged it."""
+
+    def __call__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> Awaitable[Awaitable[Any]]: ...
+
+
+class AckedSink:
+    """Writes records and returns only when every one is acknowledged (acks=all).
+
+    A record Kafka refuses is sent again after a pause, for as long as it takes: the
+    agent's input stays unacknowledged meanwhile, which is exactly what keeps the
+    promise that nothing accepted is lost. Resending is safe because every id Herald
+    writes is deterministic, so a repeat is absorbed downstream.
+    """
+
+    def __init__(self, send: SendFn, *, max_backoff_s: float = 5.0) -> None:
+        self._send = send
+        self._max_backoff_s = max_backoff_s
+        #: True while a write keeps failing (readiness reports it).
+        self.stalled = False
+
+    async def deliver(self, records: Sequence[Out]) -> None:
+        """Write ``records``; return when all are acknowledged."""
+        pending = list(records)
+        backoff = 0.1
+        while pending:
+            futures = [
+                await self._send(r.topic, r.key, r.value, r.partition, r.headers) for r in pending
+            ]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            failed = [
+                (record, result)
+                for record, result in zip(pending, results, strict=True)
+                if isinstance(result, BaseException)
+            ]
+            if not failed:
+                self.stalled = False
+                return
+            self.stalled = True
+            record, error = failed[0]
+            log.warning(
+                "Kafka refused %d record(s) (first: topic %s: %r); retrying in %.1fs",
+                len(failed),
+                record.topic,
+                error,
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+            pending = [record for record, _ in failed]
+
+
+Handler = Callable[[RawRecord], Sequence[Out]]
+
+
+class WriteBehind(MutableMapping[bytes, Any]):
+    """A table view whose writes reach the table only on :meth:`commit`.
+
+    An agent commits after its outputs are acknowledged: had the table entry been
+    written first, a crash in between would make the re-delivered input look like
+    a duplicate of work whose outputs never reached Kafka.
+    """
+
+    def __init__(self, table: MutableMapping[bytes, Any]) -> None:
+        self._table = table
+        self._pending: dict[bytes, Any] = {}
+
+    def __getitem__(self, key: bytes) -> Any:
+        if key in self._pending:
+            return self._pending[key]
+        return self._table[key]
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self._pending[key] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        raise NotImplementedError("deletes go to the table directly")
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._pending
+        yield from (k for k in self._table if k not in self._pending)
+
+    def __len__(self) -> int:
+        return len(self._table) + sum(1 for k in self._pending if k not in self._table)
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        if key in self._pending:
+            return self._pending[key]
+        return self._table.get(key, default)
+
+    def commit(self) -> None:
+        """Write the pending entries to the table."""
+        for key, value in self._pending.items():
+            self._table[key] = value
+        self._pending.clear()

@@ -1,0 +1,50 @@
+"""The wire contracts: Avro records in the Confluent wire format (and, later, FlatBuffers)."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from pipeline.contracts.avro import AvroCodec, SchemaRegistry, load_schema, registry_from_settings
+from pipeline.contracts.records import (
+    AvroRecord,
+    ChannelRequest,
+    Intent,
+    Malformed,
+    Recipient,
+    StatusEvent,
+    UserProfile,
+)
+from pipeline.settings import Settings
+
+R = TypeVar("R", bound=AvroRecord)
+
+__all__ = ["Contracts", "RecordCodec"]
+
+
+class RecordCodec(Generic[R]):
+    """Wire-format codec bound to one record class."""
+
+    def __init__(self, record_type: type[R], registry: SchemaRegistry, settings: Settings) -> None:
+        self.record_type = record_type
+        self.avro = AvroCodec(registry, load_schema(settings.schemas_dir, record_type.SCHEMA_FILE))
+
+    def encode(self, record: R) -> bytes:
+        """Record to wire-format bytes."""
+        return self.avro.encode(record.to_avro())
+
+    def decode(self, data: bytes | None) -> R:
+        """Wire-format bytes to a record; DecodeError when they are not one."""
+        return self.record_type.from_avro(self.avro.decode(data))
+
+
+class Contracts:
+    """One codec per record type, all sharing one schema registry."""
+
+    def __init__(self, settings: Settings, registry: SchemaRegistry | None = None) -> None:
+        self.registry = registry or registry_from_settings(settings)
+        self.intent = RecordCodec(Intent, self.registry, settings)
+        self.recipient = RecordCodec(Recipient, self.registry, settings)
+        self.status = RecordCodec(StatusEvent, self.registry, settings)
+        self.malformed = RecordCodec(Malformed, self.registry, settings)
+        self.user = RecordCodec(UserProfile, self.registry, settings)
+        self.channel_request = RecordCodec(ChannelRequest, self.registry, settings)

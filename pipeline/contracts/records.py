@@ -1,0 +1,296 @@
+"""The records Herald reads and writes, one dataclass per Avro schema in schemas/.
+
+Field names and order follow the .avsc files exactly, so ``to_avro`` and
+``from_avro`` are plain dict conversions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Self
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class AvroRecord:
+    """Mixin: conversion to and from the dicts fastavro reads and writes."""
+
+    __slots__ = ()
+    #: File in schemas/ that describes this record.
+    SCHEMA_FILE: ClassVar[str]
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as a dict for fastavro."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        """Build the record from a dict fastavro decoded with this record's schema."""
+        return cls(**data)
+
+
+@dataclass(slots=True, kw_only=True)
+class Intent(AvroRecord):
+    """A producer's request to notify recipients (schemas/intent.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "intent.avsc"
+
+    notification_type: str
+    """Catalog type, e.g. ``game.turn.ready``."""
+    producer: str
+    """Stable id of the publishing service."""
+    audience_kind: str
+    """``user`` or ``admin_email``."""
+    idempotency_key: str
+    """Unique per producer for one logical notification."""
+    occurred_at_ms: int
+    """When the domain event happened (epoch ms)."""
+    recipient_user_ids: list[str] = field(default_factory=list)
+    """User ids for audience ``user``; empty for ``admin_email``."""
+    request_id: str | None = None
+    """Caller's request id (not fingerprinted)."""
+    trace_id: str | None = None
+    """Trace id (not fingerprinted)."""
+    tenant_id: str | None = None
+    """Tenant that owns the notification."""
+    priority: str = "normal"
+    """critical, high, normal or low."""
+    payload_json: str = "{}"
+    """The type's variables as a JSON object."""
+    schema_version: int = 1
+    """Envelope version."""
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        occurred = data["occurred_at_ms"]
+        if isinstance(occurred, datetime):  # fastavro applies the timestamp-millis type
+            data = {**data, "occurred_at_ms": (occurred - _EPOCH) // timedelta(milliseconds=1)}
+        return cls(**data)
+
+    @property
+    def idempotency_id(self) -> str:
+        """The idempotency table key and the Kafka key of the intent."""
+        return intent_key(self.producer, self.idempotency_key)
+
+
+def intent_key(producer: str, idempotency_key: str) -> str:
+    """Kafka key of an intent. Unambiguous because producer ids cannot contain ':'."""
+    return f"{producer}:{idempotency_key}"
+
+
+@dataclass(slots=True, kw_only=True)
+class Recipient(AvroRecord):
+    """One accepted intent for one recipient (schemas/recipient.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "recipient.avsc"
+
+    notification_id: str
+    """Deterministic id of the accepted intent."""
+    notification_type: str
+    """Catalog type."""
+    audience_kind: str
+    """``user``, or ``admin_email`` for the admin route."""
+    producer: str
+    """Publishing service."""
+    idempotency_key: str
+    """Producer's key."""
+    occurred_at_ms: int
+    """When the domain event happened."""
+    accepted_at_ms: int
+    """When intake accepted the intent."""
+    payload_json: str
+    """Validated variables (JSON object)."""
+    user_id: str | None = None
+    """The recipient; None on the admin route."""
+    produced_at_ms: int = 0
+    """Kafka timestamp of the intent record."""
+    priority: str = "normal"
+    """critical, high, normal or low."""
+    request_id: str | None = None
+    """Caller's request id."""
+    trace_id: str | None = None
+    """Trace id."""
+    tenant_id: str | None = None
+    """Tenant."""
+
+
+@dataclass(slots=True, kw_only=True)
+class StatusEvent(AvroRecord):
+    """One state change of a notification or route (schemas/status_event.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "status_event.avsc"
+
+    event_id: str
+    """Deterministic id of the change; consumers dedupe on it."""
+    status: str
+    """The new state (see docs/status-vocabulary in README)."""
+    at_ms: int
+    """When it happened."""
+    notification_id: str | None = None
+    """The notification, when one was accepted."""
+    notification_type: str | None = None
+    """Catalog type."""
+    producer: str | None = None
+    """Publishing service."""
+    idempotency_key: str | None = None
+    """Producer's key."""
+    route_id: str | None = None
+    """Route, for route-level changes."""
+    channel: str | None = None
+    """email or push, for route-level changes."""
+    user_id: str | None = None
+    """Recipient user id."""
+    attempt: int = 0
+    """Delivery attempt number."""
+    reason: str | None = None
+    """Machine-readable reason."""
+    detail: str | None = None
+    """Human-readable detail."""
+    request_id: str | None = None
+    """Caller's request id."""
+    trace_id: str | None = None
+    """Trace id."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Malformed(AvroRecord):
+    """A record Herald could not accept, with its bytes, reason and origin."""
+
+    SCHEMA_FILE: ClassVar[str] = "malformed.avsc"
+
+    reason: str
+    """Machine-readable reason."""
+    detail: str
+    """Human-readable explanation."""
+    origin_topic: str
+    """Topic it was read from."""
+    origin_partition: int
+    """Its partition."""
+    origin_offset: int
+    """Its offset."""
+    recorded_at_ms: int
+    """When Herald recorded it."""
+    origin_timestamp_ms: int = 0
+    """Its Kafka timestamp."""
+    raw_key: bytes | None = None
+    """Its key as received."""
+    raw_value: bytes | None = None
+    """Its value as received."""
+    producer: str | None = None
+    """Producer, if it decoded far enough."""
+    idempotency_key: str | None = None
+    """Idempotency key, if it decoded far enough."""
+    notification_type: str | None = None
+    """Type, if it decoded far enough."""
+
+
+@dataclass(slots=True, kw_only=True)
+class PushDevice:
+    """A device registered for push."""
+
+    token: str
+    """Device push token."""
+    platform: str = "unknown"
+    """ios, android, web or unknown."""
+
+
+@dataclass(slots=True, kw_only=True)
+class QuietHours:
+    """A daily window, in the user's timezone, when non-critical routes wait."""
+
+    start: str
+    """Local start, HH:MM."""
+    end: str
+    """Local end, HH:MM; earlier than start means overnight."""
+
+
+@dataclass(slots=True, kw_only=True)
+class UserProfile(AvroRecord):
+    """A user as the user service publishes it (schemas/user_profile.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "user_profile.avsc"
+
+    user_id: str
+    """The user."""
+    email: str | None = None
+    """Email address; None means no email channel."""
+    preferred_language: str | None = None
+    """BCP 47 language; unsupported or None falls back to en."""
+    timezone: str | None = None
+    """IANA timezone; None means UTC."""
+    tenant_id: str | None = None
+    """Tenant."""
+    push_devices: list[PushDevice] = field(default_factory=list)
+    """Devices registered for push."""
+    channels_disabled: list[str] = field(default_factory=list)
+    """Channels turned off entirely."""
+    opt_outs: list[str] = field(default_factory=list)
+    """Opted-out types or categories, optionally per channel (``email:game``)."""
+    quiet_hours: QuietHours | None = None
+    """Quiet window, or None."""
+    updated_at_ms: int = 0
+    """When the user service changed the profile."""
+
+    def to_avro(self) -> dict[str, Any]:
+        data = AvroRecord.to_avro(self)
+        data["push_devices"] = [dataclasses.asdict(d) for d in self.push_devices]
+        data["quiet_hours"] = dataclasses.asdict(self.quiet_hours) if self.quiet_hours else None
+        return data
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        data = dict(data)
+        data["push_devices"] = [PushDevice(**d) for d in data.get("push_devices", [])]
+        quiet = data.get("quiet_hours")
+        data["quiet_hours"] = QuietHours(**quiet) if quiet else None
+        return cls(**data)
+
+
+@dataclass(slots=True, kw_only=True)
+class ChannelRequest(AvroRecord):
+    """One route on one channel, self-sufficient for delivery (schemas/channel_request.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "channel_request.avsc"
+
+    route_id: str
+    """Deterministic id of (notification, channel, recipient)."""
+    notification_id: str
+    """The accepted notification."""
+    notification_type: str
+    """Catalog type."""
+    channel: str
+    """email or push."""
+    template_id: str
+    """Template directory (== notification_type)."""
+    user_id: str | None = None
+    """Recipient user; None on the admin route."""
+    address: str | None = None
+    """Email address (email routes)."""
+    device_tokens: list[str] = field(default_factory=list)
+    """Push tokens (push routes)."""
+    locale: str = "en"
+    """Resolved locale."""
+    locale_fallback: bool = False
+    """True when en replaced an unsupported preferred language."""
+    variables_json: str = "{}"
+    """Template variables (JSON object)."""
+    priority: str = "normal"
+    """critical, high, normal or low."""
+    deadline_ms: int = 0
+    """After this the route is expired (0: none)."""
+    due_at_ms: int = 0
+    """Not to be attempted before this moment."""
+    attempt: int = 0
+    """Attempts made so far."""
+    occurred_at_ms: int = 0
+    """When the domain event happened."""
+    produced_at_ms: int = 0
+    """When the intent was produced."""
+    request_id: str | None = None
+    """Caller's request id."""
+    trace_id: str | None = None
+    """Trace id."""
+    tenant_id: str | None = None
+    """Tenant."""

@@ -1,0 +1,298 @@
+"""`herald`: the operator's command line.
+
+Every command reads the same Settings (environment variables, see README), so
+`herald` talks to whatever cluster the workers use.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+import click
+from pydantic import ValidationError as SettingsError
+
+from pipeline.contracts import Contracts, RecordCodec
+from pipeline.contracts.records import PushDevice, QuietHours, UserProfile
+from pipeline.errors import HeraldError
+from pipeline.settings import Settings
+from pipeline.topology import Topology
+from pipeline.topology import admin as topology_admin
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except SettingsError as exc:
+        raise click.ClickException(f"invalid configuration:\n{exc}") from exc
+
+
+@click.group()
+def cli() -> None:
+    """Herald: a Kafka-native notification pipeline."""
+
+
+def main() -> None:
+    """Console entry point: HeraldError becomes a one-line message and exit code 1."""
+    try:
+        cli(standalone_mode=True)
+    except HeraldError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+# --- topics ------------------------------------------------------------------------
+
+
+@cli.group()
+def topics() -> None:
+    """Create and verify the topics declared in topologies/."""
+
+
+def _print_report(report: topology_admin.Report) -> None:
+    for name in report.created:
+        click.echo(f"created  {name}")
+    for drift in report.drift:
+        click.echo(f"DRIFT    {drift}")
+
+
+@topics.command("apply")
+def topics_apply() -> None:
+    """Create missing topics; report (never delete or alter) anything that differs."""
+    settings = _settings()
+    topology = Topology.load(settings)
+    report = topology_admin.apply(settings, topology)
+    _print_report(report)
+    click.echo(
+        f"{len(topology.topics)} topics declared ({settings.topology_profile} profile), "
+        f"{len(report.created)} created, {len(report.drift)} drift"
+    )
+
+
+@topics.command("check")
+def topics_check() -> None:
+    """Exit non-zero when the broker differs from topologies/."""
+    settings = _settings()
+    topology = Topology.load(settings)
+    report = topology_admin.check(settings, topology)
+    _print_report(report)
+    if report.drift:
+        raise click.ClickException(f"{len(report.drift)} difference(s) from topologies/")
+    click.echo(f"{len(topology.topics)} topics match topologies/ ({settings.topology_profile})")
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """Print the declared topics with partitions, group and purpose."""
+    settings = _settings()
+    topology = Topology.load(settings)
+    for spec in topology.topics.values():
+        click.echo(
+            f"{settings.topic(spec.name):48} {spec.partitions:3}p rf{spec.replication_factor} "
+            f"{spec.group:7} {spec.doc}"
+        )
+
+
+# --- producing ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--type", "notification_type", required=True, help="Catalog notification type.")
+@click.option("--producer", required=True, help="Producer id, e.g. game-master.")
+@click.option("--key", "idempotency_key", default=None, help="Idempotency key (default: random).")
+@click.option("--to", "recipients", default="", help="Comma-separated recipient user ids.")
+@click.option("--audience", type=click.Choice(["user", "admin_email"]), default="user")
+@click.option("--payload", default="{}", help="Payload as a JSON object.")
+@click.option(
+    "--priority", type=click.Choice(["critical", "high", "normal", "low"]), default="normal"
+)
+@click.option("--request-id", default=None)
+@click.option("--trace-id", default=None)
+@click.option("--tenant-id", default=None)
+def produce(
+    notification_type: str,
+    producer: str,
+    idempotency_key: str | None,
+    recipients: str,
+    audience: str,
+    payload: str,
+    priority: str,
+    request_id: str | None,
+    trace_id: str | None,
+    tenant_id: str | None,
+) -> None:
+    """Publish one intent (Avro, Confluent wire format) and wait for Kafka's ack."""
+    from pipeline.producer import HeraldProducer
+
+    try:
+        payload_obj = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from exc
+    with HeraldProducer(_settings()) as herald:
+        intent = herald.publish_intent(
+            notification_type=notification_type,
+            producer=producer,
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+            recipient_user_ids=[r for r in recipients.split(",") if r],
+            audience_kind=audience,
+            payload=payload_obj,
+            priority=priority,
+            request_id=request_id,
+            trace_id=trace_id,
+            tenant_id=tenant_id,
+        )
+    click.echo(json.dumps(intent.to_avro()))
+
+
+@cli.group()
+def users() -> None:
+    """Publish user profiles (normally the user service's job)."""
+
+
+@users.command("put")
+@click.option("--user-id", required=True)
+@click.option("--email", default=None)
+@click.option("--language", "preferred_language", default=None)
+@click.option("--timezone", default=None)
+@click.option("--tenant-id", default=None)
+@click.option("--device", "devices", multiple=True, help="Push token, as TOKEN or PLATFORM:TOKEN.")
+@click.option("--disable", "channels_disabled", multiple=True, help="Channel to turn off.")
+@click.option("--opt-out", "opt_outs", multiple=True, help="Type, category or channel:category.")
+@click.option("--quiet", default=None, help="Quiet hours as HH:MM-HH:MM (user's timezone).")
+def users_put(
+    user_id: str,
+    email: str | None,
+    preferred_language: str | None,
+    timezone: str | None,
+    tenant_id: str | None,
+    devices: tuple[str, ...],
+    channels_disabled: tuple[str, ...],
+    opt_outs: tuple[str, ...],
+    quiet: str | None,
+) -> None:
+    """Publish (create or replace) a user profile."""
+    from pipeline.producer import HeraldProducer
+
+    push = [
+        PushDevice(platform=d.split(":", 1)[0], token=d.split(":", 1)[1])
+        if ":" in d
+        else PushDevice(token=d)
+        for d in devices
+    ]
+    quiet_hours = None
+    if quiet:
+        start, _, end = quiet.partition("-")
+        quiet_hours = QuietHours(start=start, end=end)
+    profile = UserProfile(
+        user_id=user_id,
+        email=email,
+        preferred_language=preferred_language,
+        timezone=timezone,
+        tenant_id=tenant_id,
+        push_devices=push,
+        channels_disabled=list(channels_disabled),
+        opt_outs=list(opt_outs),
+        quiet_hours=quiet_hours,
+        updated_at_ms=int(time.time() * 1000),
+    )
+    with HeraldProducer(_settings()) as herald:
+        herald.put_user(profile)
+    click.echo(json.dumps(profile.to_avro()))
+
+
+@users.command("delete")
+@click.option("--user-id", required=True)
+def users_delete(user_id: str) -> None:
+    """Publish a tombstone for a user."""
+    from pipeline.producer import HeraldProducer
+
+    with HeraldProducer(_settings()) as herald:
+        herald.delete_user(user_id)
+    click.echo(f"tombstone published for {user_id}")
+
+
+# --- reading -----------------------------------------------------------------------
+
+_TAILS = {
+    "status": ("notification.status", "status"),
+    "malformed": ("notification.intents.malformed", "malformed"),
+    "recipients": ("notification.recipients", "recipient"),
+    "intents": ("notification.intents", "intent"),
+    "users": ("notification.users", "user"),
+    "email-requests": ("notification.email.requested", "channel_request"),
+    "push-requests": ("notification.push.requested", "channel_request"),
+    "email-dlq": ("notification.email.dlq", "channel_request"),
+    "push-dlq": ("notification.push.dlq", "channel_request"),
+}
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+        for k, v in record.items()
+    }
+
+
+def render_record(codec: RecordCodec[Any], value: bytes | None) -> dict[str, Any]:
+    """A record as JSON-friendly data; undecodable bytes are shown, not raised."""
+    if value is None:
+        return {"tombstone": True}
+    try:
+        return _jsonable(codec.decode(value).to_avro())
+    except HeraldError as exc:
+        return {"undecodable": str(exc), "raw_b64": base64.b64encode(value).decode("ascii")}
+
+
+@cli.command()
+@click.argument("what", type=click.Choice(sorted(_TAILS)))
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new records.")
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=None,
+    help="With --follow: stop after this many seconds without a record.",
+)
+def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
+    """Print a topic's records as JSON lines (decoded), from the beginning."""
+    from pipeline.ops.reader import read_topic
+
+    settings = _settings()
+    logical, codec_name = _TAILS[what]
+    codec: RecordCodec[Any] = getattr(Contracts(settings), codec_name)
+    for partition, offset, ts, key, value in read_topic(
+        settings, settings.topic(logical), follow=follow, idle_timeout_s=idle_timeout
+    ):
+        line = {
+            "partition": partition,
+            "offset": offset,
+            "timestamp_ms": ts,
+            "key": key.decode("utf-8", "replace") if key else None,
+            "value": render_record(codec, value),
+        }
+        click.echo(json.dumps(line, ensure_ascii=False))
+
+
+# --- running -----------------------------------------------------------------------
+
+
+@cli.command()
+def worker() -> None:
+    """Run a Herald worker (joins the consumer group; scale by running more)."""
+    from pipeline.agents.app import Worker
+
+    Worker(_settings()).run()
+
+
+@cli.command()
+@click.option("--timeout", type=float, default=60.0, help="Seconds to wait for the worker.")
+def demo(timeout: float) -> None:
+    """Publish a sample intent (plus a duplicate, a conflict and garbage) and show what
+    the running worker made of each."""
+    from pipeline.ops.demo import run_demo
+
+    if not run_demo(_settings(), timeout, click.echo):
+        raise click.ClickException("the worker did not answer in time (is `herald worker` up?)")

@@ -1,0 +1,134 @@
+"""The producer side: how services hand Herald an intent (and the user service a profile).
+
+    from pipeline.producer import HeraldProducer
+    with HeraldProducer(Settings()) as herald:
+        herald.publish_intent(
+            notification_type="game.turn.ready", producer="game-master",
+            idempotency_key="turn-42-game-7", recipient_user_ids=["u1", "u2"],
+            payload={"game_id": "7", "game_name": "Andromeda", "turn_number": 42},
+        )
+
+``publish_intent`` returns once Kafka has acknowledged the record (acks=all) unless
+``wait=False``; call :meth:`HeraldProducer.flush` after a burst of those.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from pipeline.contracts import Contracts
+from pipeline.contracts.records import Intent, UserProfile
+from pipeline.errors import BrokerUnavailableError
+from pipeline.settings import Settings
+from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
+
+
+class HeraldProducer:
+    """Publishes Avro intents and user profiles with the partitioning Herald expects."""
+
+    def __init__(
+        self, settings: Settings, contracts: Contracts | None = None, **producer_config: Any
+    ) -> None:
+        self._settings = settings
+        self._contracts = contracts or Contracts(settings)
+        config: dict[str, Any] = {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "acks": "all",
+            "enable.idempotence": True,
+            "partitioner": CONFLUENT_PARTITIONER,
+            "linger.ms": 5,
+        }
+        config.update(producer_config)
+        self._producer = Producer(config)
+        self._errors: list[str] = []
+        self._intents_topic = settings.topic("notification.intents")
+        self._users_topic = settings.topic("notification.users")
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+
+    def _produce(self, topic: str, key: bytes, value: bytes | None, wait: bool) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+        if wait:
+            self.flush()
+
+    def publish_intent(
+        self,
+        *,
+        notification_type: str,
+        producer: str,
+        idempotency_key: str,
+        recipient_user_ids: Iterable[str] = (),
+        audience_kind: str = "user",
+        payload: Mapping[str, Any] | None = None,
+        occurred_at_ms: int | None = None,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+        tenant_id: str | None = None,
+        priority: str = "normal",
+        wait: bool = True,
+    ) -> Intent:
+        """Publish one intent keyed by ``<producer>:<idempotency_key>``; returns it."""
+        intent = Intent(
+            notification_type=notification_type,
+            producer=producer,
+            audience_kind=audience_kind,
+            recipient_user_ids=list(recipient_user_ids),
+            idempotency_key=idempotency_key,
+            occurred_at_ms=occurred_at_ms or int(time.time() * 1000),
+            request_id=request_id,
+            trace_id=trace_id,
+            tenant_id=tenant_id,
+            priority=priority,
+            payload_json=json.dumps(dict(payload or {}), separators=(",", ":"), ensure_ascii=False),
+        )
+        self.publish(intent, wait=wait)
+        return intent
+
+    def publish(self, intent: Intent, *, wait: bool = True) -> None:
+        """Publish an already-built intent."""
+        value = self._contracts.intent.encode(intent)
+        self._produce(self._intents_topic, intent.idempotency_id.encode("utf-8"), value, wait)
+
+    def put_user(self, profile: UserProfile, *, wait: bool = True) -> None:
+        """Publish a user profile to the compacted users topic."""
+        value = self._contracts.user.encode(profile)
+        self._produce(self._users_topic, profile.user_id.encode("utf-8"), value, wait)
+
+    def delete_user(self, user_id: str, *, wait: bool = True) -> None:
+        """Publish a tombstone: the user is forgotten."""
+        self._produce(self._users_topic, user_id.encode("utf-8"), None, wait)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every record is acknowledged; BrokerUnavailableError if any was not."""
+        remaining = self._producer.flush(timeout_s)
+        errors, self._errors = self._errors, []
+        if remaining:
+            errors.append(f"{remaining} record(s) not acknowledged within {timeout_s}s")
+        if errors:
+            raise BrokerUnavailableError("; ".join(errors[:5]))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.flush()

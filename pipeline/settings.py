@@ -1,0 +1,106 @@
+"""Herald's one settings object.
+
+Every field is read from exactly one environment variable (``HERALD_<FIELD>``, or
+the ecosystem's standard name where one exists, such as ``KAFKA_BOOTSTRAP_SERVERS``)
+and validated once, at start-up. Code receives a ``Settings`` instance; nothing
+else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The repository root when running from a checkout; the defaults for data folders
+#: (schemas, topologies, templates) point here so that a fresh clone just works.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Validated configuration of a Herald process (worker, CLI or API)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HERALD_",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # --- Kafka -----------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Kafka bootstrap servers, comma-separated host:port.",
+    )
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "schema_registry_url"),
+        description=(
+            "Confluent-compatible schema registry. Unset: the embedded registry with "
+            "ids pinned in schemas/registry.json."
+        ),
+    )
+    topology_profile: Literal["local", "production"] = Field(
+        default="local",
+        description="Which profile of topologies/topics.yaml to apply (RF 1 or RF 3).",
+    )
+    topic_prefix: str = Field(
+        default="",
+        description="Prefix added to every topic name (isolates test runs and tenants).",
+    )
+    app_id: str = Field(
+        default="herald",
+        description="Faust application id; also the consumer group of the worker.",
+    )
+
+    # --- Data folders ------------------------------------------------------------
+    topology_dir: Path = Field(default=REPO_ROOT / "topologies")
+    schemas_dir: Path = Field(default=REPO_ROOT / "schemas")
+    templates_dir: Path = Field(default=REPO_ROOT / "templates")
+    state_dir: Path = Field(
+        default=REPO_ROOT / ".state",
+        description="Local state (broker data, worker table stores).",
+    )
+
+    # --- Intake ------------------------------------------------------------------
+    idempotency_window_s: int = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        description="How long an (producer, idempotency_key) pair is remembered.",
+    )
+    idempotency_sweep_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How often expired idempotency keys are deleted from the table.",
+    )
+    payload_max_bytes: int = Field(default=64 * 1024, gt=0)
+    max_recipients: int = Field(default=1000, gt=0)
+    batch_max: int = Field(
+        default=500,
+        gt=0,
+        description="Most events an agent handles before it waits for its outputs' acks.",
+    )
+
+    # --- Worker --------------------------------------------------------------------
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _non_empty_servers(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("KAFKA_BOOTSTRAP_SERVERS must name at least one host:port")
+        return ",".join(servers)
+
+    def topic(self, logical_name: str) -> str:
+        """The physical name of a topic declared in topologies/ under ``logical_name``."""
+        return f"{self.topic_prefix}{logical_name}"
+
+    @property
+    def worker_dir(self) -> Path:
+        """Where this app's worker keeps local table state."""
+        return self.state_dir / "worker" / self.app_id

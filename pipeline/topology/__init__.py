@@ -1,0 +1,6 @@
+"""Topics and catalog, declared in topologies/ and checked against the broker."""
+
+from pipeline.topology.catalog import Catalog, TypeSpec
+from pipeline.topology.model import RetryPolicy, TopicSpec, Topology
+
+__all__ = ["Catalog", "RetryPolicy", "TopicSpec", "Topology", "TypeSpec"]

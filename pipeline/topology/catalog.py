@@ -1,0 +1,98 @@
+"""The notification type catalog (topologies/catalog.yaml), kept as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigurationError
+from pipeline.settings import Settings
+
+AUDIENCES = ("user", "admin_email")
+CHANNELS = ("email", "push")
+PRIORITIES = ("critical", "high", "normal", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class TypeSpec:
+    """What the catalog says about one notification type."""
+
+    name: str
+    """The notification_type (and template_id)."""
+    category: str
+    """Category for opt-outs."""
+    channels: dict[str, tuple[str, ...]]
+    """Channels per audience kind the type accepts."""
+    required: tuple[str, ...]
+    """Payload fields an intent must carry."""
+    priority: str = "normal"
+    """Lowest priority the type is delivered with."""
+    push_ttl_s: int = 0
+    """Push older than this is expired (0: never)."""
+    admin_recipients: tuple[str, ...] = ()
+    """Addresses of the admin_email audience."""
+    produces_nothing: bool = False
+    """Accepted for idempotency, never delivered."""
+
+    def effective_priority(self, requested: str) -> str:
+        """The more urgent of the intent's priority and the type's floor."""
+        return min(requested, self.priority, key=PRIORITIES.index)
+
+
+class Catalog:
+    """All notification types, looked up by name."""
+
+    def __init__(self, types: dict[str, TypeSpec]) -> None:
+        self.types = types
+
+    def get(self, notification_type: str) -> TypeSpec | None:
+        """The type, or None when the catalog does not know it."""
+        return self.types.get(notification_type)
+
+    @classmethod
+    def load(cls, settings: Settings) -> Catalog:
+        path = settings.topology_dir / "catalog.yaml"
+        try:
+            doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigurationError(f"cannot read catalog {path}: {exc}") from exc
+        return cls.from_dict(doc, source=str(path))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], source: str = "catalog") -> Catalog:
+        lists: dict[str, list[str]] = doc.get("admin_lists") or {}
+        types: dict[str, TypeSpec] = {}
+        for name, entry in (doc.get("types") or {}).items():
+            where = f"{source}: type {name!r}"
+            channels = {str(a): tuple(c) for a, c in (entry.get("channels") or {}).items()}
+            if not channels:
+                raise ConfigurationError(f"{where} accepts no audience")
+            for audience, chans in channels.items():
+                if audience not in AUDIENCES:
+                    raise ConfigurationError(f"{where}: unknown audience {audience!r}")
+                if unknown := set(chans) - set(CHANNELS):
+                    raise ConfigurationError(f"{where}: unknown channels {sorted(unknown)}")
+            if channels.get("admin_email", ()) not in ((), ("email",)):
+                raise ConfigurationError(f"{where}: the admin_email audience is email only")
+            admin: tuple[str, ...] = ()
+            if "admin_email" in channels:
+                list_name = entry.get("admin_list")
+                if list_name not in lists or not lists[list_name]:
+                    raise ConfigurationError(f"{where}: admin_list {list_name!r} is not defined")
+                admin = tuple(lists[list_name])
+            priority = str(entry.get("priority", "normal"))
+            if priority not in PRIORITIES:
+                raise ConfigurationError(f"{where}: unknown priority {priority!r}")
+            types[name] = TypeSpec(
+                name=name,
+                category=str(entry.get("category", name.split(".")[0])),
+                channels=channels,
+                required=tuple(entry.get("required") or ()),
+                priority=priority,
+                push_ttl_s=int(entry.get("push_ttl_s", 0)),
+                admin_recipients=admin,
+                produces_nothing=bool(entry.get("produces_nothing", False)),
+            )
+        return cls(types)

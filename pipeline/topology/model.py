@@ -1,0 +1,160 @@
+"""The declared topology: topics.yaml parsed into immutable specs.
+
+Partition counts come from copartition groups, so a table and the streams that
+share its key can never be declared with different counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigurationError
+from pipeline.settings import Settings
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '5m', '2h' -> seconds."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise ConfigurationError(f"not a duration: {text!r} (use e.g. 500ms, 10s, 5m, 2h, 1d)")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One declared topic."""
+
+    name: str
+    """Logical name (the settings' topic_prefix is prepended on the broker)."""
+    partitions: int
+    """Partition count (from the copartition group)."""
+    replication_factor: int
+    """Replicas per partition (from the profile)."""
+    group: str
+    """Copartition group: topics in one group always have the same partition count."""
+    config: dict[str, str] = field(default_factory=dict)
+    """Topic-level configs Herald manages (cleanup.policy, retention.ms, ...)."""
+    doc: str = ""
+    """What the topic carries."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How one channel retries: a budget and one delay topic per tier."""
+
+    channel: str
+    """email or push."""
+    budget: int
+    """Total attempts, the first included."""
+    tiers: tuple[float, ...]
+    """Delay of each tier in seconds, shortest first."""
+    tier_topics: tuple[str, ...]
+    """Logical topic names, one per tier."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Every topic of one profile, plus the retry policies."""
+
+    profile: str
+    topics: dict[str, TopicSpec]
+    retry: dict[str, RetryPolicy]
+
+    def spec(self, logical_name: str) -> TopicSpec:
+        """The spec of a declared topic; ConfigurationError if it is not declared."""
+        try:
+            return self.topics[logical_name]
+        except KeyError:
+            raise ConfigurationError(
+                f"topic {logical_name!r} is not declared in topologies/"
+            ) from None
+
+    def groups(self) -> dict[str, list[TopicSpec]]:
+        """Topics by copartition group."""
+        out: dict[str, list[TopicSpec]] = {}
+        for spec in self.topics.values():
+            out.setdefault(spec.group, []).append(spec)
+        return out
+
+    @classmethod
+    def load(cls, settings: Settings) -> Topology:
+        """Parse topologies/topics.yaml for the settings' profile."""
+        return cls.from_file(settings.topology_dir / "topics.yaml", settings.topology_profile)
+
+    @classmethod
+    def from_file(cls, path: Path, profile: str) -> Topology:
+        try:
+            doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigurationError(f"cannot read topology {path}: {exc}") from exc
+        return cls.from_dict(doc, profile, source=str(path))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], profile: str, source: str = "topology") -> Topology:
+        profiles = doc.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigurationError(f"{source}: no profile {profile!r} (have {sorted(profiles)})")
+        prof = profiles[profile]
+        rf = int(prof["replication_factor"])
+        min_isr = str(prof["min_insync_replicas"])
+        if not 1 <= int(min_isr) <= rf:
+            raise ConfigurationError(f"{source}: min_insync_replicas must be 1..replication_factor")
+        group_sizes: dict[str, int] = {g: int(n) for g, n in (prof.get("groups") or {}).items()}
+
+        def make(name: str, entry: dict[str, Any]) -> TopicSpec:
+            group = entry.get("group")
+            if group not in group_sizes:
+                raise ConfigurationError(
+                    f"{source}: topic {name!r} names copartition group {group!r}, "
+                    f"which profile {profile!r} does not size"
+                )
+            if "partitions" in entry and int(entry["partitions"]) != group_sizes[group]:
+                raise ConfigurationError(
+                    f"{source}: topic {name!r} declares {entry['partitions']} partitions but "
+                    f"its group {group!r} has {group_sizes[group]}"
+                )
+            config = {str(k): str(v) for k, v in (entry.get("config") or {}).items()}
+            config.setdefault("min.insync.replicas", min_isr)
+            return TopicSpec(
+                name=name,
+                partitions=group_sizes[group],
+                replication_factor=rf,
+                group=group,
+                config=config,
+                doc=str(entry.get("doc", "")),
+            )
+
+        topics = {
+            name: make(name, entry or {}) for name, entry in (doc.get("topics") or {}).items()
+        }
+
+        retry: dict[str, RetryPolicy] = {}
+        retry_config = doc.get("retry_topic_config") or {}
+        for channel, entry in (doc.get("retry") or {}).items():
+            labels = [str(t) for t in entry["tiers"]]
+            delays = tuple(parse_duration(t) for t in labels)
+            if list(delays) != sorted(delays):
+                raise ConfigurationError(f"{source}: {channel} retry tiers must be ascending")
+            budget = int(entry["budget"])
+            if budget < 1:
+                raise ConfigurationError(f"{source}: {channel} retry budget must be >= 1")
+            names = tuple(f"notification.{channel}.retry.{label}" for label in labels)
+            for name in names:
+                topics[name] = make(
+                    name,
+                    {
+                        "group": "users",
+                        "config": retry_config,
+                        "doc": f"{channel} retry delay tier",
+                    },
+                )
+            retry[channel] = RetryPolicy(channel, budget, delays, names)
+        return cls(profile=profile, topics=topics, retry=retry)
