@@ -86,6 +86,11 @@ class Settings(BaseSettings):
 
     # --- Worker --------------------------------------------------------------------
     commit_interval_s: float = Field(default=1.0, gt=0)
+    session_timeout_s: float = Field(
+        default=10.0,
+        ge=6,
+        description="Consumer session timeout: how soon a dead worker's partitions move.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("kafka_bootstrap_servers")

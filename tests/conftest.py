@@ -1,13 +1,84 @@
-"""Shared fixtures for every test layer."""
+"""Shared fixtures for every test layer.
+
+Integration and end-to-end tests run against the real broker: the one named by
+KAFKA_BOOTSTRAP_SERVERS, or else the local one that ``scripts/kafka-local start``
+fetches and starts. If no broker can be had, those tests fail under CI (CI=true)
+and are skipped on a developer's machine.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
-from pipeline.settings import Settings
+from pipeline.settings import REPO_ROOT, Settings
+from pipeline.topology import Topology
+from pipeline.topology import admin as topology_admin
+from tests.support import WorkerProcess
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path)
+        if f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+        elif f"{os.sep}e2e{os.sep}" in path:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
 def settings() -> Settings:
     """Settings with defaults (no environment needed for unit tests)."""
     return Settings()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Bootstrap servers of a running broker (started here when none is configured)."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        return external
+    result = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "kafka-local"), "start"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        message = f"no Kafka broker: scripts/kafka-local start failed:\n{result.stderr[-3000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return "127.0.0.1:9092"
+
+
+@pytest.fixture
+def isolated(kafka_bootstrap: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own topic prefix, consumer group and state folder,
+    with every declared topic created on the broker."""
+    run = uuid.uuid4().hex[:10]
+    settings = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=f"t{run}.",
+        app_id=f"herald-t{run}",
+        state_dir=tmp_path / "state",
+        commit_interval_s=0.5,
+    )
+    report = topology_admin.apply(settings, Topology.load(settings))
+    assert not report.drift, report.drift
+    return settings
+
+
+@pytest.fixture
+def worker(isolated: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A running `herald worker` process for the isolated settings."""
+    process = WorkerProcess(isolated, tmp_path / "worker.log")
+    process.start()
+    yield process
+    process.stop()

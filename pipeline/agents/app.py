@@ -49,6 +49,10 @@ def create_faust_app(settings: Settings) -> faust.App:
         producer_linger=0.002,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=settings.commit_interval_s,
+        # A killed worker's partitions move after this long; Faust's 60 s default
+        # would stall a SIGKILLed worker's share of the stream for a minute.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 4,
         table_standby_replicas=0,
         autodiscover=False,
     )
@@ -81,14 +85,14 @@ class Worker:
         self.intake = Intake(settings, self.contracts, self.catalog, self.topology)
         self._wire_intake()
 
-    def topic(self, logical_name: str) -> Any:
+    def topic(self, logical_name: str, value_serializer: str = "raw") -> Any:
         """A Faust topic for a declared topic, with its declared partition count."""
         spec = self.topology.spec(logical_name)
         return self.app.topic(
             self.settings.topic(logical_name),
             partitions=spec.partitions,
             key_serializer="raw",
-            value_serializer="raw",
+            value_serializer=value_serializer,
         )
 
     async def _send(
@@ -112,7 +116,7 @@ class Worker:
                 default=None,
                 beacon=self.app.tables.beacon,
                 partitions=spec.partitions,
-                changelog_topic=self.topic("herald.intake.idempotency.changelog"),
+                changelog_topic=self.topic("herald.intake.idempotency.changelog", "json"),
                 key_type=bytes,  # raw bytes keys; values are JSON
             )
         )
@@ -159,23 +163,31 @@ class Worker:
             events: list[Any] = []
             outputs: list[Out] = []
             view = new_view()
+            # Highest offset handled per partition in this process. Faust may resume a
+            # stream before it seeks to the committed offsets (faust-streaming #216) and
+            # so hand us records twice; a record at or below this mark is already handled,
+            # and its outputs go out with their batch, so it is only acknowledged.
+            handled: dict[tuple[str, int], int] = {}
             async for event in unacked.events():
                 message = event.message
-                raw = RawRecord(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    timestamp_ms=int(message.timestamp * 1000) if message.timestamp else 0,
-                    key=message.key,
-                    value=message.value,
-                )
-                try:
-                    outputs.extend(handle(raw, view))
-                except Exception as exc:  # one record must never stop the stream
-                    log.exception(
-                        "unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset
+                tp = (message.topic, message.partition)
+                if message.offset > handled.get(tp, -1):
+                    handled[tp] = message.offset
+                    raw = RawRecord(
+                        topic=message.topic,
+                        partition=message.partition,
+                        offset=message.offset,
+                        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else 0,
+                        key=message.key,
+                        value=message.value,
                     )
-                    outputs.append(on_error(raw, exc, now_ms()))
+                    try:
+                        outputs.extend(handle(raw, view))
+                    except Exception as exc:  # one record must never stop the stream
+                        log.exception(
+                            "unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset
+                        )
+                        outputs.append(on_error(raw, exc, now_ms()))
                 events.append(event)
                 if len(events) >= batch_max or unacked.channel.empty():
                     await sink.deliver(outputs)

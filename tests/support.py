@@ -1,0 +1,118 @@
+"""Test helpers that drive real processes and read real topics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from pipeline.contracts import RecordCodec
+from pipeline.ops.reader import read_topic
+from pipeline.settings import Settings
+
+R = TypeVar("R")
+
+HERALD = str(Path(sys.executable).with_name("herald"))
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process see ``settings``."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "HERALD_TOPIC_PREFIX": settings.topic_prefix,
+            "HERALD_APP_ID": settings.app_id,
+            "HERALD_STATE_DIR": str(settings.state_dir),
+            "HERALD_COMMIT_INTERVAL_S": str(settings.commit_interval_s),
+            "HERALD_IDEMPOTENCY_WINDOW_S": str(settings.idempotency_window_s),
+        }
+    )
+    return env
+
+
+class WorkerProcess:
+    """One `herald worker` subprocess, its output in a log file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [HERALD, "worker"],
+            env=settings_env(self.settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit."""
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait(30)
+        self._close_log()
+
+    def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL after 30 s."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._close_log()
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._close_log()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def wait_for(
+    settings: Settings,
+    logical_topic: str,
+    codec: RecordCodec[Any],
+    done: Callable[[list[Any]], bool],
+    *,
+    timeout_s: float = 60.0,
+    what: str = "records",
+) -> list[Any]:
+    """Read ``logical_topic`` until ``done(records)`` holds; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout_s
+    records: list[Any] = []
+    while True:
+        records = [
+            codec.decode(value) for *_, value in read_topic(settings, settings.topic(logical_topic))
+        ]
+        if done(records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what} on {logical_topic}: have {len(records)}"
+            )
+        time.sleep(0.5)
+
+
+def read_all(settings: Settings, logical_topic: str, codec: RecordCodec[Any]) -> list[Any]:
+    """Everything on a topic right now, decoded."""
+    return [
+        codec.decode(value) for *_, value in read_topic(settings, settings.topic(logical_topic))
+    ]

@@ -1,0 +1,41 @@
+"""Builders shared by unit tests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.agents.base import RawRecord
+from pipeline.contracts.records import Intent
+
+TURN_READY_PAYLOAD = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 7}
+
+
+def make_intent(**overrides: Any) -> Intent:
+    """A valid game.turn.ready intent; keyword arguments replace fields."""
+    payload = overrides.pop("payload", TURN_READY_PAYLOAD)
+    fields: dict[str, Any] = {
+        "notification_type": "game.turn.ready",
+        "producer": "game-master",
+        "audience_kind": "user",
+        "recipient_user_ids": ["u1", "u2"],
+        "idempotency_key": "turn-7",
+        "occurred_at_ms": 1_700_000_000_000,
+        "payload_json": json.dumps(payload),
+    }
+    fields.update(overrides)
+    return Intent(**fields)
+
+
+def raw(
+    value: bytes | None,
+    *,
+    topic: str = "notification.intents",
+    partition: int = 0,
+    offset: int = 0,
+    key: bytes | None = None,
+) -> RawRecord:
+    """A raw record as an agent would receive it."""
+    return RawRecord(
+        topic=topic, partition=partition, offset=offset, timestamp_ms=1, key=key, value=value
+    )
