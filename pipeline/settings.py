@@ -57,9 +57,15 @@ class Settings(BaseSettings):
     )
 
     # --- Data folders ------------------------------------------------------------
-    topology_dir: Path = Field(default=REPO_ROOT / "topologies")
-    schemas_dir: Path = Field(default=REPO_ROOT / "schemas")
-    templates_dir: Path = Field(default=REPO_ROOT / "templates")
+    topology_dir: Path = Field(
+        default=REPO_ROOT / "topologies", description="Folder with topics.yaml and catalog.yaml."
+    )
+    schemas_dir: Path = Field(
+        default=REPO_ROOT / "schemas", description="Folder with the .avsc files and registry.json."
+    )
+    templates_dir: Path = Field(
+        default=REPO_ROOT / "templates", description="Folder with mail and push templates."
+    )
     state_dir: Path = Field(
         default=REPO_ROOT / ".state",
         description="Local state (broker data, worker table stores).",
@@ -76,8 +82,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How often expired idempotency keys are deleted from the table.",
     )
-    payload_max_bytes: int = Field(default=64 * 1024, gt=0)
-    max_recipients: int = Field(default=1000, gt=0)
+    payload_max_bytes: int = Field(
+        default=64 * 1024, gt=0, description="Largest payload_json an intent may carry (bytes)."
+    )
+    max_recipients: int = Field(
+        default=1000, gt=0, description="Most recipient_user_ids one intent may name."
+    )
     batch_max: int = Field(
         default=500,
         gt=0,
@@ -85,13 +95,17 @@ class Settings(BaseSettings):
     )
 
     # --- Worker --------------------------------------------------------------------
-    commit_interval_s: float = Field(default=1.0, gt=0)
+    commit_interval_s: float = Field(
+        default=1.0, gt=0, description="How often a worker commits the offsets it has finished."
+    )
     session_timeout_s: float = Field(
         default=10.0,
         ge=6,
         description="Consumer session timeout: how soon a dead worker's partitions move.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Worker log level."
+    )
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

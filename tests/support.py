@@ -31,6 +31,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "HERALD_STATE_DIR": str(settings.state_dir),
             "HERALD_COMMIT_INTERVAL_S": str(settings.commit_interval_s),
             "HERALD_IDEMPOTENCY_WINDOW_S": str(settings.idempotency_window_s),
+            "HERALD_IDEMPOTENCY_SWEEP_INTERVAL_S": str(settings.idempotency_sweep_interval_s),
         }
     )
     return env

@@ -16,6 +16,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import Intent, Malformed, StatusEvent
+from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from tests.support import WorkerProcess, read_all, wait_for
@@ -195,3 +196,45 @@ def test_restarted_worker_remembers_accepted_intents(isolated: Settings, tmp_pat
     assert outcomes(events)["accepted"] == count
     assert outcomes(events)["duplicate"] == count
     assert len(read_all(isolated, "notification.recipients", contracts.recipient)) == count
+
+
+def test_idempotency_keys_expire_and_are_swept(isolated: Settings, tmp_path: Path) -> None:
+    """After the window a key is forgotten: the sweep writes a tombstone to the changelog
+    (so the table does not grow without bound) and the intent is accepted again."""
+    short = isolated.model_copy(
+        update={"idempotency_window_s": 3, "idempotency_sweep_interval_s": 1.0}
+    )
+    contracts = Contracts(short)
+    process = WorkerProcess(short, tmp_path / "expiry.log")
+    process.start()
+    try:
+        with HeraldProducer(short, contracts) as herald:
+            herald.publish_intent(**turn_ready("k-expire", ["u1"]))
+        wait_for(
+            short,
+            "notification.status",
+            contracts.status,
+            lambda evs: outcomes(evs)["accepted"] == 1,
+            what="accepted",
+        )
+        changelog = short.topic("herald.intake.idempotency.changelog")
+        deadline = time.monotonic() + 30
+        tombstones: list[bytes | None] = []
+        while not tombstones and time.monotonic() < deadline:
+            time.sleep(1)
+            tombstones = [
+                key for _, _, _, key, value in read_topic(short, changelog) if value is None
+            ]
+        assert tombstones == [b"game-master:k-expire"]
+        with HeraldProducer(short, contracts) as herald:
+            herald.publish_intent(**turn_ready("k-expire", ["u1"]))
+        events = wait_for(
+            short,
+            "notification.status",
+            contracts.status,
+            lambda evs: len(evs) >= 2,
+            what="second outcome",
+        )
+    finally:
+        process.stop()
+    assert [e.status for e in events] == ["accepted", "accepted"]
