@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="Most events an agent handles before it waits for its outputs' acks.",
     )
 
+    batch_linger_s: float = Field(
+        default=0.05,
+        gt=0,
+        description="Longest a handled record waits for its batch to be written.",
+    )
+
     # --- Worker --------------------------------------------------------------------
     commit_interval_s: float = Field(
         default=1.0, gt=0, description="How often a worker commits the offsets it has finished."

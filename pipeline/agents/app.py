@@ -9,13 +9,13 @@ and inputs acked only after their outputs are acknowledged (see AckedSink).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Coroutine, MutableMapping, Sequence
 from typing import Any, cast
 
 import faust
 
 from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind
+from pipeline.agents.batching import BatchRun, Handle, OnError, now_ms
 from pipeline.agents.intake import Intake
 from pipeline.contracts import Contracts
 from pipeline.errors import ConfigurationError
@@ -25,11 +25,6 @@ from pipeline.topology import admin as topology_admin
 from pipeline.topology.partitioning import partition_for
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    """Wall-clock epoch milliseconds."""
-    return int(time.time() * 1000)
 
 
 def create_faust_app(settings: Settings) -> faust.App:
@@ -145,60 +140,20 @@ class Worker:
         self.app.timer(self.settings.idempotency_sweep_interval_s)(sweep_idempotency)
 
     def _batched(
-        self,
-        handle: Callable[[RawRecord, WriteBehind], Sequence[Out]],
-        new_view: Callable[[], WriteBehind],
-        on_error: Callable[[RawRecord, Exception, int], Out],
+        self, handle: Handle, new_view: Callable[[], WriteBehind], on_error: OnError
     ) -> Callable[[Any], Coroutine[Any, Any, None]]:
-        """An agent body that handles records one by one but writes and acks in batches.
-
-        A batch closes when ``batch_max`` records are in it or no further record is
-        waiting, so an idle stream is flushed at once and a busy one amortises acks.
-        """
-        batch_max = self.settings.batch_max
-        sink = self.sink
+        """An agent body running a fresh :class:`BatchRun` each time Faust starts it."""
 
         async def agent(stream: Any) -> None:
-            unacked = stream.noack()
-            events: list[Any] = []
-            outputs: list[Out] = []
-            view = new_view()
-            # Highest offset handled per partition in this process. Faust may resume a
-            # stream before it seeks to the committed offsets (faust-streaming #216) and
-            # so hand us records twice; a record at or below this mark is already handled,
-            # and its outputs go out with their batch, so it is only acknowledged.
-            handled: dict[tuple[str, int], int] = {}
-            async for event in unacked.events():
-                message = event.message
-                tp = (message.topic, message.partition)
-                if message.offset > handled.get(tp, -1):
-                    handled[tp] = message.offset
-                    raw = RawRecord(
-                        topic=message.topic,
-                        partition=message.partition,
-                        offset=message.offset,
-                        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else 0,
-                        key=message.key,
-                        value=message.value,
-                    )
-                    try:
-                        outputs.extend(handle(raw, view))
-                    except Exception as exc:  # one record must never stop the stream
-                        log.exception(
-                            "unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset
-                        )
-                        outputs.append(on_error(raw, exc, now_ms()))
-                events.append(event)
-                if len(events) >= batch_max or unacked.channel.empty():
-                    await sink.deliver(outputs)
-                    try:
-                        view.commit()
-                    except Exception:  # outputs are out; a lost entry only costs a re-accept
-                        log.exception("could not record a batch in the table")
-                    for done in events:
-                        await unacked.ack(done)
-                    events.clear()
-                    outputs.clear()
+            run = BatchRun(
+                handle,
+                on_error,
+                self.sink,
+                new_view(),
+                batch_max=self.settings.batch_max,
+                linger_s=self.settings.batch_linger_s,
+            )
+            await run.run(stream)
 
         return agent
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,9 +126,6 @@ class AckedSink:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_s)
             pending = [record for record, _ in failed]
-
-
-Handler = Callable[[RawRecord], Sequence[Out]]
 
 
 class WriteBehind(MutableMapping[bytes, Any]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +154,31 @@ def apply(settings: Settings, topology: Topology, admin: AdminClient | None = No
                 ):
                     continue
                 raise BrokerUnavailableError(f"cannot create topic {name}: {exc}") from exc
+    _wait_visible(admin, created)
     report = check(settings, topology, admin)
     report.created = sorted(created)
     return report
+
+
+def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float = _TIMEOUT_S) -> None:
+    """Wait until created topics are in the broker's metadata with a leader per partition.
+
+    KRaft answers CreateTopics once the controller committed it; brokers learn of the
+    topic a moment later, and a worker that checks in between would see it missing.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = set(names)
+    while pending:
+        topics = _describe(admin)
+        pending = {
+            name
+            for name in pending
+            if name not in topics
+            or topics[name].error is not None
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        }
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise BrokerUnavailableError(f"created topics not visible yet: {sorted(pending)}")
+        time.sleep(0.2)
