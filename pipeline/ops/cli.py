@@ -19,7 +19,7 @@ from pydantic import ValidationError as SettingsError
 from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts.records import PushDevice, QuietHours, UserProfile
 from pipeline.errors import HeraldError
-from pipeline.settings import Settings
+from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin
 
@@ -277,6 +277,21 @@ def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
 
 
 # --- running -----------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument(
+    "action", type=click.Choice(["start", "stop", "status", "restart", "logs", "wipe", "fetch"])
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def broker(action: str, args: tuple[str, ...]) -> None:
+    """Manage the local Kafka broker of this checkout (scripts/kafka-local)."""
+    import subprocess
+
+    script = REPO_ROOT / "scripts" / "kafka-local"
+    if not script.exists():
+        raise click.ClickException(f"{script} not found: the local broker needs a checkout")
+    sys.exit(subprocess.call([str(script), action, *args]))
 
 
 @cli.command()
