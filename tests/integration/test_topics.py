@@ -20,6 +20,16 @@ def fresh(kafka_bootstrap: str) -> Settings:
     )
 
 
+def topics_check(settings: Settings) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HERALD, "topics", "check"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def test_apply_creates_everything_once_and_check_agrees(kafka_bootstrap: str) -> None:
     settings = fresh(kafka_bootstrap)
     topology = Topology.load(settings)
@@ -28,13 +38,7 @@ def test_apply_creates_everything_once_and_check_agrees(kafka_bootstrap: str) ->
     assert first.drift == []
     second = topology_admin.apply(settings, topology)
     assert (second.created, second.drift) == ([], [])
-    check = subprocess.run(
-        [HERALD, "topics", "check"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    check = topics_check(settings)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -59,13 +63,7 @@ def test_drift_is_reported_never_repaired_by_deletion(kafka_bootstrap: str) -> N
     meta = admin.list_topics(wrong, timeout=10).topics[wrong]
     assert len(meta.partitions) == 2  # left as it was: apply never deletes or re-creates
 
-    check = subprocess.run(
-        [HERALD, "topics", "check"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    check = topics_check(settings)
     assert check.returncode != 0
     assert "partitions expected 6, found 2" in check.stdout
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.agents.base import RawRecord
@@ -39,3 +41,33 @@ def raw(
     return RawRecord(
         topic=topic, partition=partition, offset=offset, timestamp_ms=1, key=key, value=value
     )
+
+
+class FakeBroker:
+    """Stands in for a producer's send: records what is acknowledged, can refuse the
+    first ``failures`` sends to ``refuse_topic`` and can hold every answer back."""
+
+    def __init__(self, failures: int = 0, refuse_topic: str = "") -> None:
+        self.failures = failures
+        self.refuse_topic = refuse_topic
+        self.acked: list[bytes | None] = []
+        self.answering = asyncio.Event()
+        self.answering.set()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> Any:
+        await self.answering.wait()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if topic == self.refuse_topic and self.failures > 0:
+            self.failures -= 1
+            future.set_exception(RuntimeError("not enough replicas"))
+        else:
+            self.acked.append(value)
+            future.set_result(None)
+        return future

@@ -4,12 +4,13 @@ and records Faust hands over twice are handled once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind
 from pipeline.agents.batching import BatchRun
+from tests.unit.helpers import FakeBroker
 
 
 @dataclass
@@ -55,27 +56,6 @@ class FakeStream:
         return True
 
 
-class RecordingBroker:
-    def __init__(self) -> None:
-        self.sent: list[bytes | None] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: Sequence[tuple[str, bytes]],
-    ) -> Any:
-        await self.gate.wait()
-        self.sent.append(value)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 def echo(raw: RawRecord, view: WriteBehind) -> list[Out]:
     view[str(raw.offset).encode()] = raw.offset
     return [Out("out", None, str(raw.offset).encode())]
@@ -86,7 +66,7 @@ def failing_error(raw: RawRecord, exc: Exception, now: int) -> Out:
 
 
 async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
-    stream, broker = FakeStream(), RecordingBroker()
+    stream, broker = FakeStream(), FakeBroker()
     table: dict[bytes, Any] = {}
     run = BatchRun(
         echo,
@@ -96,16 +76,16 @@ async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
         batch_max=100,
         linger_s=0.02,
     )
-    broker.gate.clear()  # Kafka does not answer yet
+    broker.answering.clear()  # Kafka does not answer yet
     for offset in (0, 1, 2, 1, 2):  # 1 and 2 again, as after Faust's late seek
         stream.queue.put_nowait(Event(Message("in", 0, offset)))
     task = asyncio.ensure_future(run.run(stream))
     await asyncio.sleep(0.1)
     assert stream.acked == []  # nothing acked while outputs are unacknowledged
     assert table == {}  # nor written to the table
-    broker.gate.set()
+    broker.answering.set()
     await asyncio.sleep(0.1)
-    assert broker.sent == [b"0", b"1", b"2"]
+    assert broker.acked == [b"0", b"1", b"2"]
     assert sorted(stream.acked) == [0, 1, 1, 2, 2]
     assert table == {b"0": 0, b"1": 1, b"2": 2}
     stream.queue.put_nowait(None)
@@ -113,7 +93,7 @@ async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
 
 
 async def test_a_batch_is_written_within_the_linger_time() -> None:
-    stream, broker = FakeStream(), RecordingBroker()
+    stream, broker = FakeStream(), FakeBroker()
     stream.channel.empty = lambda: False  # type: ignore[method-assign]  # never looks idle
     run = BatchRun(
         echo, failing_error, AckedSink(broker.send), WriteBehind({}), batch_max=100, linger_s=0.05
@@ -121,7 +101,7 @@ async def test_a_batch_is_written_within_the_linger_time() -> None:
     task = asyncio.ensure_future(run.run(stream))
     stream.queue.put_nowait(Event(Message("in", 3, 7)))
     await asyncio.sleep(0.2)
-    assert broker.sent == [b"7"]
+    assert broker.acked == [b"7"]
     assert stream.acked == [7]
     stream.queue.put_nowait(None)
     await task
@@ -136,7 +116,7 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
     def to_malformed(raw: RawRecord, exc: Exception, now: int) -> Out:
         return Out("malformed", None, f"{raw.offset}:{exc}".encode())
 
-    stream, broker = FakeStream(), RecordingBroker()
+    stream, broker = FakeStream(), FakeBroker()
     run = BatchRun(
         explode, to_malformed, AckedSink(broker.send), WriteBehind({}), batch_max=100, linger_s=0.02
     )
@@ -144,5 +124,5 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
         stream.queue.put_nowait(Event(Message("in", 0, offset)))
     stream.queue.put_nowait(None)
     await run.run(stream)
-    assert broker.sent == [b"0:bad record", b"1"]
+    assert broker.acked == [b"0:bad record", b"1"]
     assert stream.acked == [0, 1]

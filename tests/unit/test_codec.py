@@ -14,31 +14,18 @@ from fastavro import parse_schema, schemaless_writer
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.avro import EmbeddedRegistry, RemoteRegistry
-from pipeline.contracts.records import Intent, Malformed, PushDevice, QuietHours, UserProfile
+from pipeline.contracts.records import Malformed, PushDevice, QuietHours, UserProfile
 from pipeline.errors import DecodeError, UnknownSchemaError
 from pipeline.settings import Settings
-
-
-def sample_intent(**overrides: object) -> Intent:
-    fields: dict[str, object] = {
-        "notification_type": "game.turn.ready",
-        "producer": "game-master",
-        "audience_kind": "user",
-        "recipient_user_ids": ["u1", "u2"],
-        "idempotency_key": "k-1",
-        "occurred_at_ms": 1_700_000_000_123,
-        "payload_json": json.dumps({"game_id": "g", "game_name": "G", "turn_number": 3}),
-    }
-    fields.update(overrides)
-    return Intent(**fields)  # type: ignore[arg-type]
+from tests.unit.helpers import make_intent
 
 
 def test_round_trip_with_pinned_header(settings: Settings) -> None:
     contracts = Contracts(settings)
-    data = contracts.intent.encode(sample_intent())
+    data = contracts.intent.encode(make_intent())
     assert data[0] == 0
     assert struct.unpack(">I", data[1:5])[0] == 1  # the intent envelope is pinned at id 1
-    assert contracts.intent.decode(data) == sample_intent()
+    assert contracts.intent.decode(data) == make_intent()
 
 
 def test_every_record_type_round_trips(settings: Settings) -> None:
@@ -79,7 +66,7 @@ def test_decode_rejects_with_a_reason(settings: Settings, data: bytes | None, re
 
 def test_truncated_body_and_trailing_bytes_are_rejected(settings: Settings) -> None:
     codec = Contracts(settings).intent
-    data = codec.encode(sample_intent())
+    data = codec.encode(make_intent())
     with pytest.raises(DecodeError):
         codec.decode(data[:-3])
     with pytest.raises(DecodeError, match="trailing"):
@@ -93,9 +80,9 @@ def test_standard_serializer_with_mock_registry_is_readable(settings: Settings) 
     client = SchemaRegistryClient.new_client({"url": "mock://herald-codec-test"})
     serializer = AvroSerializer(client, schema_str)
     ctx = SerializationContext("notification.intents", MessageField.VALUE)
-    data = serializer(sample_intent().to_avro(), ctx)
+    data = serializer(make_intent().to_avro(), ctx)
     assert data is not None
-    assert Contracts(settings).intent.decode(data) == sample_intent()
+    assert Contracts(settings).intent.decode(data) == make_intent()
 
 
 def test_remote_registry_resolves_an_older_writer_schema() -> None:
@@ -106,7 +93,7 @@ def test_remote_registry_resolves_an_older_writer_schema() -> None:
     registry = RemoteRegistry("mock://herald-evolution")
     old_id = registry.id_for("herald.Intent", old)
     record = {
-        k: v for k, v in sample_intent().to_avro().items() if k not in ("tenant_id", "priority")
+        k: v for k, v in make_intent().to_avro().items() if k not in ("tenant_id", "priority")
     }
     buffer = io.BytesIO()
     buffer.write(struct.pack(">bI", 0, old_id))
