@@ -14,9 +14,12 @@ from typing import Any, cast
 
 import faust
 
-from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind
+from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind, malformed
 from pipeline.agents.batching import BatchRun, Handle, OnError, now_ms
+from pipeline.agents.delay import DelayRun, DelayTiers
 from pipeline.agents.intake import Intake
+from pipeline.agents.route import Router, TemplateLocales
+from pipeline.agents.users import UserDirectory
 from pipeline.contracts import Contracts
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
@@ -27,7 +30,7 @@ from pipeline.topology.partitioning import partition_for
 log = logging.getLogger(__name__)
 
 
-def create_faust_app(settings: Settings) -> faust.App:
+def create_faust_app(settings: Settings, longest_hold_s: float) -> faust.App:
     """A Faust app configured from ``settings`` (no agents yet)."""
     brokers = [f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")]
     return faust.App(
@@ -50,6 +53,12 @@ def create_faust_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=settings.session_timeout_s / 4,
         table_standby_replicas=0,
         autodiscover=False,
+        # Delay agents hold a record for up to their tier's delay. Rebalances must not
+        # wait for them (their records are simply re-read by the next owner), and
+        # holding is not a stall worth a warning.
+        stream_wait_empty=False,
+        stream_processing_timeout=longest_hold_s + 60,
+        broker_commit_livelock_soft_timeout=longest_hold_s + 60,
     )
 
 
@@ -75,10 +84,21 @@ class Worker:
         self.topology = Topology.load(settings)
         self.catalog = Catalog.load(settings)
         self.contracts = Contracts(settings)
-        self.app = create_faust_app(settings)
+        longest_hold_s = max(t for r in self.topology.retry.values() for t in r.tiers)
+        self.app = create_faust_app(settings, longest_hold_s)
         self.sink = AckedSink(self._send)
         self.intake = Intake(settings, self.contracts, self.catalog, self.topology)
+        self.users = UserDirectory(settings, self.contracts, self.topology)
+        self.router = Router(
+            settings,
+            self.contracts,
+            self.catalog,
+            self.topology,
+            TemplateLocales(settings.templates_dir),
+        )
         self._wire_intake()
+        self._wire_routing()
+        self._wire_delays()
 
     def topic(self, logical_name: str, value_serializer: str = "raw") -> Any:
         """A Faust topic for a declared topic, with its declared partition count."""
@@ -103,24 +123,10 @@ class Worker:
         )
 
     def _wire_intake(self) -> None:
-        spec = self.topology.spec("herald.intake.idempotency.changelog")
-        self.idempotency = self.app.tables.add(
-            KeyPartitionedTable(
-                self.app,
-                name="intake-idempotency",
-                default=None,
-                beacon=self.app.tables.beacon,
-                partitions=spec.partitions,
-                changelog_topic=self.topic("herald.intake.idempotency.changelog", "json"),
-                key_type=bytes,  # raw bytes keys; values are JSON
-            )
+        self.idempotency = self._table(
+            "intake-idempotency", "herald.intake.idempotency.changelog", "json"
         )
-        source = self.app.topic(
-            self.intake.intents_topic,
-            self.intake.keyed_topic,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
+        source = self._source(self.intake.intents_topic, self.intake.keyed_topic)
         table = cast(MutableMapping[bytes, Any], self.idempotency)
 
         def handle(raw: RawRecord, view: WriteBehind) -> list[Out]:
@@ -138,6 +144,67 @@ class Worker:
                 log.info("idempotency sweep: %d expired keys deleted", len(expired))
 
         self.app.timer(self.settings.idempotency_sweep_interval_s)(sweep_idempotency)
+
+    def _table(self, name: str, changelog: str, value_serializer: str) -> Any:
+        """A KeyPartitionedTable on a declared changelog topic."""
+        spec = self.topology.spec(changelog)
+        return self.app.tables.add(
+            KeyPartitionedTable(
+                self.app,
+                name=name,
+                default=None,
+                beacon=self.app.tables.beacon,
+                partitions=spec.partitions,
+                changelog_topic=self.topic(changelog, value_serializer),
+                key_type=bytes,
+                value_type=bytes if value_serializer == "raw" else None,
+            )
+        )
+
+    def _wire_routing(self) -> None:
+        users = cast(
+            MutableMapping[bytes, Any], self._table("users", "herald.users.changelog", "raw")
+        )
+        self.users_table = users
+        directory, router = self.users, self.router
+
+        def apply_profile(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return directory.handle(raw, view, now_ms())
+
+        def route(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return router.handle(raw, view, now_ms())
+
+        self.app.agent(
+            self._source(directory.users_topic, directory.keyed_topic),
+            name="herald.users",
+            concurrency=1,
+        )(self._batched(apply_profile, lambda: WriteBehind(users), self._malformed_other))
+        self.app.agent(self._source(router.recipients_topic), name="herald.route", concurrency=1)(
+            self._batched(route, lambda: WriteBehind(users), self._malformed_other)
+        )
+
+    def _wire_delays(self) -> None:
+        malformed_topic = self.settings.topic("notification.malformed")
+        for stage, policy in self.topology.retry.items():
+            tiers = DelayTiers.of(policy, self.settings)
+            for index, topic in enumerate(tiers.topics):
+                run = DelayRun(tiers, index, self.sink, self.contracts, malformed_topic)
+                self.app.agent(
+                    self._source(topic), name=f"herald.delay.{stage}.{index}", concurrency=1
+                )(run.run)
+
+    def _source(self, *topics: str) -> Any:
+        return self.app.topic(*topics, key_serializer="raw", value_serializer="raw")
+
+    def _malformed_other(self, raw: RawRecord, exc: Exception, now: int) -> Out:
+        return malformed(
+            self.contracts,
+            self.settings.topic("notification.malformed"),
+            raw,
+            "processing_error",
+            f"{type(exc).__name__}: {exc}",
+            now,
+        )
 
     def _batched(
         self, handle: Handle, new_view: Callable[[], WriteBehind], on_error: OnError

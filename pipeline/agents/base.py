@@ -20,6 +20,22 @@ from pipeline.contracts.records import Malformed
 log = logging.getLogger(__name__)
 
 
+def normalize_headers(headers: Any) -> tuple[tuple[str, bytes], ...]:
+    """Kafka headers as (name, bytes) pairs, from a list of pairs or a mapping."""
+    if not headers:
+        return ()
+    items = headers.items() if hasattr(headers, "items") else headers
+    return tuple((str(k), bytes(v)) for k, v in items if v is not None)
+
+
+def header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+    """The first header called ``name``, or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class RawRecord:
     """A Kafka record as an agent received it, before any decoding."""
@@ -30,6 +46,7 @@ class RawRecord:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +145,9 @@ class AckedSink:
             pending = [record for record, _ in failed]
 
 
+_DELETED = object()
+
+
 class WriteBehind(MutableMapping[bytes, Any]):
     """A table view whose writes reach the table only on :meth:`commit`.
 
@@ -142,29 +162,36 @@ class WriteBehind(MutableMapping[bytes, Any]):
 
     def __getitem__(self, key: bytes) -> Any:
         if key in self._pending:
-            return self._pending[key]
+            value = self._pending[key]
+            if value is _DELETED:
+                raise KeyError(key)
+            return value
         return self._table[key]
 
     def __setitem__(self, key: bytes, value: Any) -> None:
         self._pending[key] = value
 
     def __delitem__(self, key: bytes) -> None:
-        raise NotImplementedError("deletes go to the table directly")
+        self._pending[key] = _DELETED
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._pending
+        yield from (k for k, v in self._pending.items() if v is not _DELETED)
         yield from (k for k in self._table if k not in self._pending)
 
     def __len__(self) -> int:
-        return len(self._table) + sum(1 for k in self._pending if k not in self._table)
+        return sum(1 for _ in self)
 
     def get(self, key: bytes, default: Any = None) -> Any:
-        if key in self._pending:
-            return self._pending[key]
-        return self._table.get(key, default)
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
     def commit(self) -> None:
-        """Write the pending entries to the table."""
+        """Write the pending entries (and deletions) to the table."""
         for key, value in self._pending.items():
-            self._table[key] = value
+            if value is _DELETED:
+                self._table.pop(key, None)
+            else:
+                self._table[key] = value
         self._pending.clear()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind
+from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind, normalize_headers
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,8 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def raw_record(event: Any) -> RawRecord:
-    """The RawRecord of a Faust event."""
-    message = event.message
+def raw_record_of(message: Any) -> RawRecord:
+    """The RawRecord of a Faust message."""
     return RawRecord(
         topic=message.topic,
         partition=message.partition,
@@ -37,6 +36,7 @@ def raw_record(event: Any) -> RawRecord:
         timestamp_ms=int(message.timestamp * 1000) if message.timestamp else 0,
         key=message.key,
         value=message.value,
+        headers=normalize_headers(message.headers),
     )
 
 
@@ -95,7 +95,7 @@ class BatchRun:
         if message.offset <= self._handled.get(tp, -1):
             return
         self._handled[tp] = message.offset
-        raw = raw_record(event)
+        raw = raw_record_of(message)
         try:
             self._outputs.extend(self._handle(raw, self._view))
         except Exception as exc:  # one record must never stop the stream

@@ -10,30 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import uuid
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.agents.base import Out, RawRecord, malformed
 from pipeline.contracts import Contracts
+from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import Intent, Recipient, StatusEvent
 from pipeline.errors import DecodeError, ValidationError
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology, TypeSpec
 from pipeline.topology.partitioning import partition_for
 
-#: Namespace of Herald's deterministic ids (uuid5).
-HERALD_NS = uuid.UUID("6f1c2f4e-8a0b-5d7e-9c3a-2b4d6e8f0a1c")
-
 _PRODUCER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _MAX_KEY_LEN = 256
 _MAX_USER_ID_LEN = 128
-
-
-def deterministic_id(*parts: object) -> str:
-    """A uuid5 of ``parts``: the same inputs always give the same id."""
-    return str(uuid.uuid5(HERALD_NS, "\x1f".join(map(str, parts))))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,9 @@ from pipeline.settings import Settings
 AUDIENCES = ("user", "admin_email")
 CHANNELS = ("email", "push")
 PRIORITIES = ("critical", "high", "normal", "low")
+#: How a type treats a user's opt-outs: always honoured; honoured except at critical
+#: priority; or ignored (transactional mail such as login codes).
+OPT_OUT_POLICIES = ("honoured", "optional", "ignored")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,8 @@ class TypeSpec:
     """Addresses of the admin_email audience."""
     produces_nothing: bool = False
     """Accepted for idempotency, never delivered."""
+    opt_out: str = "honoured"
+    """honoured, optional (critical bypasses it) or ignored (see OPT_OUT_POLICIES)."""
 
     def effective_priority(self, requested: str) -> str:
         """The more urgent of the intent's priority and the type's floor."""
@@ -85,6 +90,9 @@ class Catalog:
             priority = str(entry.get("priority", "normal"))
             if priority not in PRIORITIES:
                 raise ConfigurationError(f"{where}: unknown priority {priority!r}")
+            opt_out = str(entry.get("opt_out", "honoured"))
+            if opt_out not in OPT_OUT_POLICIES:
+                raise ConfigurationError(f"{where}: opt_out must be one of {OPT_OUT_POLICIES}")
             types[name] = TypeSpec(
                 name=name,
                 category=str(entry.get("category", name.split(".")[0])),
@@ -94,5 +102,6 @@ class Catalog:
                 push_ttl_s=int(entry.get("push_ttl_s", 0)),
                 admin_recipients=admin,
                 produces_nothing=bool(entry.get("produces_nothing", False)),
+                opt_out=opt_out,
             )
         return cls(types)

@@ -36,10 +36,17 @@ def raw(
     partition: int = 0,
     offset: int = 0,
     key: bytes | None = None,
+    headers: tuple[tuple[str, bytes], ...] = (),
 ) -> RawRecord:
     """A raw record as an agent would receive it."""
     return RawRecord(
-        topic=topic, partition=partition, offset=offset, timestamp_ms=1, key=key, value=value
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp_ms=1,
+        key=key,
+        value=value,
+        headers=headers,
     )
 
 

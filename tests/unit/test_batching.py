@@ -21,6 +21,7 @@ class Message:
     key: bytes | None = None
     value: bytes | None = b"v"
     timestamp: float = 1.0
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass

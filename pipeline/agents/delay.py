@@ -1,0 +1,146 @@
+"""Delay tiers: how a record waits (retries, late users, quiet hours) without blocking.
+
+A record that must wait goes, unchanged, to one of its stage's tier topics
+(``notification.<stage>.retry.<tier>``) with three headers: where it goes next, when
+it is due and its attempt number. Every record in a tier topic waits the same time,
+so each partition is a FIFO queue: the tier agent holds the head record until it is
+due (at most the tier's delay), then forwards it, or, if it is due later than one
+more tier allows (a quiet-hours window of several hours), places it in a tier again.
+Only the tier topic's partition waits; the stream the record came from never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.agents.base import AckedSink, Out, RawRecord, header, malformed
+from pipeline.agents.batching import raw_record_of
+from pipeline.contracts import Contracts
+from pipeline.settings import Settings
+from pipeline.topology import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+TARGET = "herald-target"
+DUE_AT = "herald-due-at-ms"
+ATTEMPT = "herald-attempt"
+#: Released this much early rather than sent round a tier again for a few ms.
+_EARLY_MS = 50
+
+
+def attempt_of(headers: Sequence[tuple[str, bytes]]) -> int:
+    """The attempt number a delayed record carries (0 when it never waited)."""
+    value = header(headers, ATTEMPT)
+    return int(value) if value else 0
+
+
+@dataclass(frozen=True, slots=True)
+class DelayTiers:
+    """One stage's tier topics, physical names, shortest delay first."""
+
+    policy: RetryPolicy
+    topics: tuple[str, ...]
+
+    @classmethod
+    def of(cls, policy: RetryPolicy, settings: Settings) -> DelayTiers:
+        return cls(policy, tuple(settings.topic(t) for t in policy.tier_topics))
+
+    def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Exponential backoff from the first tier, capped at the last, with full jitter
+        over the upper half so that a burst of failures does not return as a burst."""
+        base = self.policy.tiers[0] * float(2 ** max(attempt - 1, 0))
+        capped = min(base, self.policy.tiers[-1])
+        if rng is None:
+            return capped
+        return capped / 2 + rng.random() * capped / 2
+
+    def tier_for(self, delay_s: float) -> int:
+        """The longest tier that does not overshoot ``delay_s`` (the shortest if all do)."""
+        chosen = 0
+        for index, tier in enumerate(self.policy.tiers):
+            if tier <= delay_s:
+                chosen = index
+        return chosen
+
+    def schedule(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        target: str,
+        due_at_ms: int,
+        attempt: int,
+        now_ms: int,
+    ) -> Out:
+        """The record that makes ``value`` reach ``target`` at ``due_at_ms``."""
+        index = self.tier_for(max(due_at_ms - now_ms, 0) / 1000)
+        headers = (
+            (TARGET, target.encode()),
+            (DUE_AT, str(due_at_ms).encode()),
+            (ATTEMPT, str(attempt).encode()),
+        )
+        return Out(self.topics[index], key, value, headers=headers)
+
+
+class DelayRun:
+    """The agent loop of one tier topic: wait for the head record, then forward it."""
+
+    def __init__(
+        self,
+        tiers: DelayTiers,
+        tier_index: int,
+        sink: AckedSink,
+        contracts: Contracts,
+        malformed_topic: str,
+    ) -> None:
+        self._tiers = tiers
+        self._delay_ms = int(tiers.policy.tiers[tier_index] * 1000)
+        self._sink = sink
+        self._contracts = contracts
+        self._malformed_topic = malformed_topic
+
+    async def run(self, stream: Any) -> None:
+        unacked = stream.noack()
+        handled: dict[tuple[str, int], int] = {}  # see BatchRun: Faust may re-deliver
+        async for event in unacked.events():
+            message = event.message
+            tp = (message.topic, message.partition)
+            if message.offset > handled.get(tp, -1):
+                handled[tp] = message.offset
+                await self._sink.deliver([await self._release(raw_record_of(message))])
+            await unacked.ack(event)
+
+    async def _release(self, raw: RawRecord) -> Out:
+        target = header(raw.headers, TARGET)
+        due = header(raw.headers, DUE_AT)
+        if target is None or due is None:
+            # Only a foreign writer puts a record here without them: keep it, with why.
+            return malformed(
+                self._contracts,
+                self._malformed_topic,
+                raw,
+                "missing_delay_headers",
+                f"no {TARGET}/{DUE_AT} headers on a delay tier topic",
+                _now_ms(),
+            )
+        due_at_ms = int(due)
+        written_ms = raw.timestamp_ms or _now_ms()
+        wait_s = (min(due_at_ms, written_ms + self._delay_ms) - _now_ms()) / 1000
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        now = _now_ms()
+        if due_at_ms > now + _EARLY_MS:  # due beyond this tier's reach: wait in a tier again
+            return self._tiers.schedule(
+                raw.key, raw.value, target.decode(), due_at_ms, attempt_of(raw.headers), now
+            )
+        headers = tuple((k, v) for k, v in raw.headers if k not in (TARGET, DUE_AT))
+        return Out(target.decode(), raw.key, raw.value, headers=headers)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,361 @@
+"""Enrichment and routing: join each recipient with its user, decide per channel.
+
+For every recipient and every channel of its type, exactly one outcome: ``routed``
+(a ChannelRequest on the channel's topic), ``deferred`` (the same request, waiting
+out the user's quiet hours in the channel's delay tiers), ``skipped`` (with the
+reason) or ``recipient_unknown`` (the user never appeared within the wait budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pipeline.agents.base import Out, RawRecord, malformed
+from pipeline.agents.delay import DelayTiers, attempt_of
+from pipeline.contracts import Contracts
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import (
+    ChannelRequest,
+    QuietHours,
+    Recipient,
+    StatusEvent,
+    UserProfile,
+)
+from pipeline.errors import DecodeError
+from pipeline.settings import Settings
+from pipeline.topology import Catalog, Topology, TypeSpec
+
+DEFAULT_LOCALE = "en"
+
+
+class TemplateLocales:
+    """Which locales have templates, per template id (templates/<id>/<locale>/)."""
+
+    def __init__(self, templates_dir: Path) -> None:
+        self._by_template: dict[str, frozenset[str]] = {}
+        if templates_dir.is_dir():
+            for folder in templates_dir.iterdir():
+                if folder.is_dir():
+                    self._by_template[folder.name] = frozenset(
+                        sub.name.lower() for sub in folder.iterdir() if sub.is_dir()
+                    )
+
+    def resolve(self, template_id: str, preferred: str | None) -> tuple[str, bool]:
+        """(locale, fell_back): the preferred language if templates exist for it (also by
+        its base language, pt-BR -> pt), else en."""
+        available = self._by_template.get(template_id, frozenset({DEFAULT_LOCALE}))
+        if preferred:
+            wanted = preferred.replace("_", "-").lower()
+            for candidate in (wanted, wanted.split("-")[0]):
+                if candidate in available:
+                    return candidate, False
+            return DEFAULT_LOCALE, wanted.split("-")[0] != DEFAULT_LOCALE
+        return DEFAULT_LOCALE, False
+
+
+def quiet_until_ms(quiet: QuietHours | None, timezone: str | None, now_ms: int) -> int | None:
+    """End of the quiet window containing ``now_ms`` (epoch ms), or None outside one.
+
+    Times are wall-clock in the user's timezone (UTC when unset or unknown); a window
+    whose end is earlier than its start runs overnight.
+    """
+    if quiet is None:
+        return None
+    try:
+        zone = ZoneInfo(timezone) if timezone else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo("UTC")
+    start, end = _hhmm(quiet.start), _hhmm(quiet.end)
+    if start is None or end is None or start == end:
+        return None
+    local = datetime.fromtimestamp(now_ms / 1000, tz=UTC).astimezone(zone)
+    now_t = local.time().replace(tzinfo=None)
+    today: date = local.date()
+    if start < end:
+        if not start <= now_t < end:
+            return None
+        end_day = today
+    elif now_t >= start:
+        end_day = today + timedelta(days=1)
+    elif now_t < end:
+        end_day = today
+    else:
+        return None
+    end_at = datetime.combine(end_day, end, tzinfo=zone)
+    return int(end_at.timestamp() * 1000)
+
+
+def _hhmm(text: str) -> time | None:
+    try:
+        hours, minutes = text.split(":")
+        return time(int(hours), int(minutes))
+    except ValueError:
+        return None
+
+
+def opted_out(profile: UserProfile, spec: TypeSpec, channel: str, priority: str) -> str | None:
+    """Why ``profile`` does not want ``channel`` for this type, or None."""
+    if spec.opt_out == "ignored":
+        return None
+    if channel in profile.channels_disabled:
+        return "channel_disabled"
+    if spec.opt_out == "optional" and priority == "critical":
+        return None
+    wishes = set(profile.opt_outs)
+    if wishes & {spec.name, spec.category, f"{channel}:{spec.name}", f"{channel}:{spec.category}"}:
+        return "opted_out"
+    return None
+
+
+class Router:
+    """The routing decisions for one recipient record (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        contracts: Contracts,
+        catalog: Catalog,
+        topology: Topology,
+        locales: TemplateLocales,
+    ) -> None:
+        self._contracts = contracts
+        self._catalog = catalog
+        self._locales = locales
+        self.recipients_topic = settings.topic("notification.recipients")
+        self._status_topic = settings.topic("notification.status")
+        self._malformed_topic = settings.topic("notification.malformed")
+        self._channel_topics = {
+            "email": settings.topic("notification.email.requested"),
+            "push": settings.topic("notification.push.requested"),
+        }
+        self._wait = DelayTiers.of(topology.retry["recipients"], settings)
+        self._deferral = {
+            ch: DelayTiers.of(topology.retry[ch], settings) for ch in ("email", "push")
+        }
+
+    def handle(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
+        """Every output for one recipient record; ``users`` maps user_id to profile bytes."""
+        try:
+            recipient = self._contracts.recipient.decode(raw.value)
+        except DecodeError as exc:
+            return [
+                malformed(
+                    self._contracts, self._malformed_topic, raw, exc.reason, exc.detail, now_ms
+                )
+            ]
+        spec = self._catalog.get(recipient.notification_type)
+        if spec is None:  # the catalog lost the type after intake accepted it
+            return [self._status(recipient, "failed", now_ms, reason="unknown_notification_type")]
+        if recipient.audience_kind == "admin_email":
+            return self._admin_routes(recipient, spec, now_ms)
+        user_id = recipient.user_id or ""
+        profile_bytes = users.get(user_id.encode("utf-8"))
+        if profile_bytes is None:
+            return self._wait_for_user(raw, recipient, spec, now_ms)
+        profile = self._contracts.user.decode(profile_bytes)
+        return self._user_routes(recipient, spec, profile, now_ms)
+
+    def _wait_for_user(
+        self, raw: RawRecord, recipient: Recipient, spec: TypeSpec, now_ms: int
+    ) -> list[Out]:
+        attempt = attempt_of(raw.headers) + 1
+        if attempt < self._wait.policy.budget:
+            due = now_ms + int(self._wait.backoff_s(attempt) * 1000)
+            return [
+                self._wait.schedule(raw.key, raw.value, self.recipients_topic, due, attempt, now_ms)
+            ]
+        return [
+            self._status(
+                recipient,
+                "recipient_unknown",
+                now_ms,
+                channel=channel,
+                route_id=self.route_id(recipient, channel),
+                attempt=attempt,
+                detail=f"user not in the directory after {attempt} lookups",
+            )
+            for channel in spec.channels.get("user", ())
+        ]
+
+    def _user_routes(
+        self, recipient: Recipient, spec: TypeSpec, profile: UserProfile, now_ms: int
+    ) -> list[Out]:
+        locale, fell_back = self._locales.resolve(spec.name, profile.preferred_language)
+        quiet_end = None
+        if recipient.priority != "critical":
+            quiet_end = quiet_until_ms(profile.quiet_hours, profile.timezone, now_ms)
+        outputs: list[Out] = []
+        for channel in spec.channels.get("user", ()):
+            route_id = self.route_id(recipient, channel)
+            reason = opted_out(profile, spec, channel, recipient.priority)
+            if reason is None and channel == "email" and not profile.email:
+                reason = "no_email_address"
+            if reason is None and channel == "push" and not profile.push_devices:
+                reason = "no_push_device"
+            if reason is not None:
+                outputs.append(
+                    self._status(
+                        recipient,
+                        "skipped",
+                        now_ms,
+                        channel=channel,
+                        route_id=route_id,
+                        reason=reason,
+                    )
+                )
+                continue
+            request = self._request(
+                recipient,
+                spec,
+                channel,
+                route_id,
+                locale,
+                fell_back,
+                address=profile.email if channel == "email" else None,
+                tokens=[d.token for d in profile.push_devices] if channel == "push" else [],
+                due_at_ms=quiet_end or 0,
+            )
+            outputs.extend(
+                self._emit(
+                    recipient,
+                    request,
+                    quiet_end,
+                    now_ms,
+                    key=(recipient.user_id or "").encode("utf-8"),
+                )
+            )
+        return outputs
+
+    def _admin_routes(self, recipient: Recipient, spec: TypeSpec, now_ms: int) -> list[Out]:
+        outputs: list[Out] = []
+        for address in spec.admin_recipients:
+            route_id = deterministic_id(recipient.notification_id, "email", address)
+            request = self._request(
+                recipient,
+                spec,
+                "email",
+                route_id,
+                DEFAULT_LOCALE,
+                False,
+                address=address,
+                tokens=[],
+                due_at_ms=0,
+            )
+            outputs.extend(self._emit(recipient, request, None, now_ms, key=address.encode()))
+        return outputs
+
+    def _emit(
+        self,
+        recipient: Recipient,
+        request: ChannelRequest,
+        quiet_end: int | None,
+        now_ms: int,
+        key: bytes,
+    ) -> list[Out]:
+        value = self._contracts.channel_request.encode(request)
+        target = self._channel_topics[request.channel]
+        channel, route_id = request.channel, request.route_id
+        if quiet_end is not None:
+            return [
+                self._deferral[channel].schedule(key, value, target, quiet_end, 0, now_ms),
+                self._status(
+                    recipient,
+                    "deferred",
+                    now_ms,
+                    channel=channel,
+                    route_id=route_id,
+                    reason="quiet_hours",
+                    detail=f"until {quiet_end}",
+                ),
+            ]
+        return [
+            Out(target, key, value),
+            self._status(
+                recipient,
+                "routed",
+                now_ms,
+                channel=channel,
+                route_id=route_id,
+                detail=request.locale,
+            ),
+        ]
+
+    def _request(
+        self,
+        recipient: Recipient,
+        spec: TypeSpec,
+        channel: str,
+        route_id: str,
+        locale: str,
+        fell_back: bool,
+        *,
+        address: str | None,
+        tokens: list[str],
+        due_at_ms: int,
+    ) -> ChannelRequest:
+        deadline = 0
+        if channel == "push" and spec.push_ttl_s:
+            deadline = recipient.occurred_at_ms + spec.push_ttl_s * 1000
+        return ChannelRequest(
+            route_id=route_id,
+            notification_id=recipient.notification_id,
+            notification_type=recipient.notification_type,
+            channel=channel,
+            template_id=recipient.notification_type,
+            user_id=recipient.user_id,
+            address=address,
+            device_tokens=tokens,
+            locale=locale,
+            locale_fallback=fell_back,
+            variables_json=recipient.payload_json,
+            priority=recipient.priority,
+            deadline_ms=deadline,
+            due_at_ms=due_at_ms,
+            occurred_at_ms=recipient.occurred_at_ms,
+            produced_at_ms=recipient.produced_at_ms,
+            request_id=recipient.request_id,
+            trace_id=recipient.trace_id,
+            tenant_id=recipient.tenant_id,
+        )
+
+    @staticmethod
+    def route_id(recipient: Recipient, channel: str) -> str:
+        """Deterministic id of (notification, channel, recipient)."""
+        return deterministic_id(recipient.notification_id, channel, recipient.user_id)
+
+    def _status(
+        self,
+        recipient: Recipient,
+        status: str,
+        now_ms: int,
+        *,
+        channel: str | None = None,
+        route_id: str | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+        attempt: int = 0,
+    ) -> Out:
+        event = StatusEvent(
+            event_id=deterministic_id(
+                recipient.notification_id, route_id or recipient.user_id, status
+            ),
+            status=status,
+            at_ms=now_ms,
+            notification_id=recipient.notification_id,
+            notification_type=recipient.notification_type,
+            producer=recipient.producer,
+            idempotency_key=recipient.idempotency_key,
+            route_id=route_id,
+            channel=channel,
+            user_id=recipient.user_id,
+            attempt=attempt,
+            reason=reason,
+            detail=detail,
+            request_id=recipient.request_id,
+            trace_id=recipient.trace_id,
+        )
+        key = recipient.notification_id.encode("utf-8")
+        return Out(self._status_topic, key, self._contracts.status.encode(event))

@@ -1,0 +1,298 @@
+"""Routing decisions per recipient and channel, quiet hours, locales and delay tiers."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.agents.base import Out, WriteBehind
+from pipeline.agents.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
+from pipeline.agents.route import Router, TemplateLocales, quiet_until_ms
+from pipeline.agents.users import UserDirectory
+from pipeline.contracts import Contracts
+from pipeline.contracts.records import PushDevice, QuietHours, Recipient, UserProfile
+from pipeline.settings import Settings
+from pipeline.topology import Catalog, Topology
+from pipeline.topology.partitioning import partition_for
+from tests.unit.helpers import raw
+
+NOON_UTC = int(datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
+
+
+@pytest.fixture
+def contracts(settings: Settings) -> Contracts:
+    return Contracts(settings)
+
+
+@pytest.fixture
+def router(settings: Settings, contracts: Contracts) -> Router:
+    return Router(
+        settings,
+        contracts,
+        Catalog.load(settings),
+        Topology.load(settings),
+        TemplateLocales(settings.templates_dir),
+    )
+
+
+def recipient(**overrides: Any) -> Recipient:
+    fields: dict[str, Any] = {
+        "notification_id": "n-1",
+        "notification_type": "game.turn.ready",
+        "audience_kind": "user",
+        "user_id": "u1",
+        "producer": "gm",
+        "idempotency_key": "k",
+        "occurred_at_ms": NOON_UTC,
+        "accepted_at_ms": NOON_UTC,
+        "payload_json": json.dumps({"game_id": "g", "game_name": "G", "turn_number": 2}),
+    }
+    fields.update(overrides)
+    return Recipient(**fields)
+
+
+def profile(**overrides: Any) -> UserProfile:
+    fields: dict[str, Any] = {
+        "user_id": "u1",
+        "email": "u1@example.org",
+        "push_devices": [PushDevice(token="tok-1", platform="ios")],
+    }
+    fields.update(overrides)
+    return UserProfile(**fields)
+
+
+def route(
+    router: Router,
+    contracts: Contracts,
+    rec: Recipient,
+    user: UserProfile | None,
+    now: int = NOON_UTC,
+    headers: tuple[tuple[str, bytes], ...] = (),
+) -> list[Out]:
+    users = {} if user is None else {user.user_id.encode(): contracts.user.encode(user)}
+    record = raw(
+        contracts.recipient.encode(rec),
+        topic="notification.recipients",
+        key=(rec.user_id or "").encode(),
+        headers=headers,
+    )
+    return router.handle(record, users, now)
+
+
+def outcomes(outputs: list[Out], contracts: Contracts) -> dict[str, tuple[str, str | None]]:
+    """channel -> (status, reason) from the status events among ``outputs``."""
+    events = [contracts.status.decode(o.value) for o in outputs if o.topic == "notification.status"]
+    return {e.channel or "": (e.status, e.reason) for e in events}
+
+
+def test_known_user_is_routed_on_every_channel(router: Router, contracts: Contracts) -> None:
+    outputs = route(router, contracts, recipient(), profile(preferred_language="de"))
+    assert outcomes(outputs, contracts) == {"push": ("routed", None), "email": ("routed", None)}
+    requests = {
+        o.topic: contracts.channel_request.decode(o.value)
+        for o in outputs
+        if o.topic.endswith(".requested")
+    }
+    email = requests["notification.email.requested"]
+    push = requests["notification.push.requested"]
+    assert (email.address, email.locale, email.locale_fallback) == ("u1@example.org", "de", False)
+    assert push.device_tokens == ["tok-1"]
+    assert push.deadline_ms == NOON_UTC + 3600 * 1000  # the type's push TTL
+    assert email.template_id == "game.turn.ready"
+    assert email.route_id != push.route_id
+    assert all(o.key == b"u1" for o in outputs if o.topic.endswith(".requested"))
+
+
+def test_route_ids_are_deterministic(router: Router, contracts: Contracts) -> None:
+    first = route(router, contracts, recipient(), profile())
+    assert first == route(router, contracts, recipient(), profile())
+
+
+def test_unsupported_language_falls_back_to_en(router: Router, contracts: Contracts) -> None:
+    outputs = route(router, contracts, recipient(), profile(preferred_language="fr"))
+    email = next(
+        contracts.channel_request.decode(o.value)
+        for o in outputs
+        if o.topic == "notification.email.requested"
+    )
+    assert (email.locale, email.locale_fallback) == ("en", True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"channels_disabled": ["push"]},
+            {"push": ("skipped", "channel_disabled"), "email": ("routed", None)},
+        ),
+        (
+            {"opt_outs": ["game"]},
+            {"push": ("skipped", "opted_out"), "email": ("skipped", "opted_out")},
+        ),
+        (
+            {"opt_outs": ["email:game.turn.ready"]},
+            {"push": ("routed", None), "email": ("skipped", "opted_out")},
+        ),
+        ({"email": None}, {"push": ("routed", None), "email": ("skipped", "no_email_address")}),
+        ({"push_devices": []}, {"push": ("skipped", "no_push_device"), "email": ("routed", None)}),
+    ],
+)
+def test_preferences_and_endpoints_skip_with_a_reason(
+    router: Router,
+    contracts: Contracts,
+    changes: dict[str, Any],
+    expected: dict[str, tuple[str, str | None]],
+) -> None:
+    assert (
+        outcomes(route(router, contracts, recipient(), profile(**changes)), contracts) == expected
+    )
+
+
+def test_critical_bypasses_optional_opt_outs_only(router: Router, contracts: Contracts) -> None:
+    user = profile(opt_outs=["game"])
+    finished = recipient(notification_type="game.finished", priority="critical")
+    assert outcomes(route(router, contracts, finished, user), contracts)["email"] == (
+        "routed",
+        None,
+    )
+    turn = recipient(priority="critical")  # game.turn.ready honours opt-outs always
+    assert outcomes(route(router, contracts, turn, user), contracts)["email"] == (
+        "skipped",
+        "opted_out",
+    )
+    login = recipient(notification_type="auth.login_code", payload_json='{"code": "1"}')
+    disabled = profile(channels_disabled=["email"], opt_outs=["auth"])
+    assert outcomes(route(router, contracts, login, disabled), contracts) == {
+        "email": ("routed", None)
+    }
+
+
+def test_quiet_hours_defer_to_the_window_end(router: Router, contracts: Contracts) -> None:
+    user = profile(timezone="Europe/Berlin", quiet_hours=QuietHours(start="13:00", end="15:00"))
+    outputs = route(router, contracts, recipient(), user)  # 14:00 in Berlin (CEST)
+    assert {c: s for c, (s, _) in outcomes(outputs, contracts).items()} == {
+        "push": "deferred",
+        "email": "deferred",
+    }
+    window_end = int(datetime(2026, 6, 1, 13, 0, tzinfo=UTC).timestamp() * 1000)
+    delayed = [o for o in outputs if ".retry." in o.topic]
+    assert {dict(o.headers)[TARGET] for o in delayed} == {
+        b"notification.email.requested",
+        b"notification.push.requested",
+    }
+    assert {dict(o.headers)[DUE_AT] for o in delayed} == {str(window_end).encode()}
+    critical = route(router, contracts, recipient(priority="critical"), user)
+    assert {s for s, _ in outcomes(critical, contracts).values()} == {"routed"}
+
+
+@pytest.mark.parametrize(
+    ("local_time", "window", "inside"),
+    [
+        ("23:30", ("22:00", "07:00"), True),
+        ("06:59", ("22:00", "07:00"), True),
+        ("07:00", ("22:00", "07:00"), False),
+        ("12:00", ("22:00", "07:00"), False),
+        ("12:00", ("12:00", "12:00"), False),
+        ("12:00", ("bad", "07:00"), False),
+    ],
+)
+def test_quiet_windows(local_time: str, window: tuple[str, str], inside: bool) -> None:
+    hour, minute = map(int, local_time.split(":"))
+    now = int(datetime(2026, 1, 10, hour, minute, tzinfo=UTC).timestamp() * 1000)
+    until = quiet_until_ms(QuietHours(start=window[0], end=window[1]), "UTC", now)
+    assert (until is not None) == inside
+    if until is not None:
+        assert datetime.fromtimestamp(until / 1000, UTC).strftime("%H:%M") == window[1]
+        assert until > now
+
+
+def test_unknown_user_waits_then_is_recorded(
+    router: Router, contracts: Contracts, settings: Settings
+) -> None:
+    [wait] = route(router, contracts, recipient(), None)
+    assert wait.topic.startswith("notification.recipients.retry.")
+    assert dict(wait.headers)[TARGET] == b"notification.recipients"
+    assert attempt_of(wait.headers) == 1
+    budget = Topology.load(settings).retry["recipients"].budget
+    last = ((ATTEMPT, str(budget - 1).encode()),)
+    outputs = route(router, contracts, recipient(), None, headers=last)
+    assert outcomes(outputs, contracts) == {
+        "push": ("recipient_unknown", None),
+        "email": ("recipient_unknown", None),
+    }
+
+
+def test_admin_route_uses_the_configured_list(router: Router, contracts: Contracts) -> None:
+    admin = recipient(
+        notification_type="geo.review_recommended", audience_kind="admin_email", user_id=None
+    )
+    outputs = route(router, contracts, admin, None)
+    [request] = [
+        contracts.channel_request.decode(o.value)
+        for o in outputs
+        if o.topic == "notification.email.requested"
+    ]
+    assert (request.channel, request.address, request.user_id) == (
+        "email",
+        "moderation@herald.invalid",
+        None,
+    )
+    assert outcomes(outputs, contracts) == {"email": ("routed", None)}
+
+
+def test_locales_resolve_by_base_language(tmp_path: Path) -> None:
+    for locale in ("en", "pt", "de"):
+        (tmp_path / "t" / locale).mkdir(parents=True)
+    locales = TemplateLocales(tmp_path)
+    assert locales.resolve("t", "pt-BR") == ("pt", False)
+    assert locales.resolve("t", "DE") == ("de", False)
+    assert locales.resolve("t", "ja") == ("en", True)
+    assert locales.resolve("t", None) == ("en", False)
+    assert locales.resolve("missing", "de") == ("en", True)
+
+
+def test_delay_tiers_pick_and_back_off(settings: Settings) -> None:
+    tiers = DelayTiers.of(Topology.load(settings).retry["email"], settings)
+    assert tiers.tier_for(0) == 0
+    assert tiers.tier_for(59) == 0
+    assert tiers.tier_for(60) == 1
+    assert tiers.tier_for(8 * 3600) == 3
+    assert [tiers.backoff_s(a) for a in (1, 2, 3, 4, 9)] == [10, 20, 40, 80, 1800]
+    rng = random.Random(7)
+    assert all(5 <= tiers.backoff_s(1, rng) <= 10 for _ in range(100))
+
+
+def test_user_directory_keeps_latest_profile_and_forgets_on_tombstone(
+    settings: Settings, contracts: Contracts
+) -> None:
+    directory = UserDirectory(settings, contracts, Topology.load(settings))
+    table: dict[bytes, Any] = {}
+    view = WriteBehind(table)
+    home = partition_for(b"u1", Topology.load(settings).spec("notification.users").partitions)
+    value = contracts.user.encode(profile())
+    assert (
+        directory.handle(
+            raw(value, topic="notification.users", key=b"u1", partition=home), view, NOON_UTC
+        )
+        == []
+    )
+    view.commit()
+    assert table == {b"u1": value}
+    [moved] = directory.handle(
+        raw(value, topic="notification.users", key=b"u1", partition=(home + 1) % 6), view, NOON_UTC
+    )
+    assert (moved.topic, moved.partition) == ("notification.users.keyed", home)
+    directory.handle(
+        raw(None, topic="notification.users", key=b"u1", partition=home), view, NOON_UTC
+    )
+    view.commit()
+    assert table == {}
+    [bad] = directory.handle(
+        raw(value, topic="notification.users.keyed", key=b"u2"), view, NOON_UTC
+    )
+    assert contracts.malformed.decode(bad.value).reason == "key_mismatch"
