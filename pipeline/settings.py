@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         description="Longest a handled record waits for its batch to be written.",
     )
 
+    clock_offset_ms: int = Field(
+        default=0,
+        description="Shifts the worker's notion of now (tests, drills); 0 in production.",
+    )
+
     # --- Worker --------------------------------------------------------------------
     commit_interval_s: float = Field(
         default=1.0, gt=0, description="How often a worker commits the offsets it has finished."
@@ -120,6 +125,22 @@ class Settings(BaseSettings):
         if not servers:
             raise ValueError("KAFKA_BOOTSTRAP_SERVERS must name at least one host:port")
         return ",".join(servers)
+
+    @classmethod
+    def env_var(cls, field_name: str) -> str:
+        """The environment variable that sets ``field_name``."""
+        alias = cls.model_fields[field_name].validation_alias
+        if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+            return alias.choices[0]
+        return f"HERALD_{field_name.upper()}"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables (to hand to a child process)."""
+        return {
+            self.env_var(name): str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
 
     def topic(self, logical_name: str) -> str:
         """The physical name of a topic declared in topologies/ under ``logical_name``."""

@@ -22,19 +22,7 @@ HERALD = str(Path(sys.executable).with_name("herald"))
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process see ``settings``."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-            "HERALD_TOPIC_PREFIX": settings.topic_prefix,
-            "HERALD_APP_ID": settings.app_id,
-            "HERALD_STATE_DIR": str(settings.state_dir),
-            "HERALD_COMMIT_INTERVAL_S": str(settings.commit_interval_s),
-            "HERALD_IDEMPOTENCY_WINDOW_S": str(settings.idempotency_window_s),
-            "HERALD_IDEMPOTENCY_SWEEP_INTERVAL_S": str(settings.idempotency_sweep_interval_s),
-        }
-    )
-    return env
+    return {**os.environ, **settings.as_env()}
 
 
 class WorkerProcess:

@@ -14,8 +14,8 @@ from typing import Any, cast
 
 import faust
 
-from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind, malformed
-from pipeline.agents.batching import BatchRun, Handle, OnError, now_ms
+from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
+from pipeline.agents.batching import BatchRun, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
 from pipeline.agents.intake import Intake
 from pipeline.agents.route import Router, TemplateLocales
@@ -87,6 +87,7 @@ class Worker:
         longest_hold_s = max(t for r in self.topology.retry.values() for t in r.tiers)
         self.app = create_faust_app(settings, longest_hold_s)
         self.sink = AckedSink(self._send)
+        self.clock = Clock(settings.clock_offset_ms)
         self.intake = Intake(settings, self.contracts, self.catalog, self.topology)
         self.users = UserDirectory(settings, self.contracts, self.topology)
         self.router = Router(
@@ -130,14 +131,14 @@ class Worker:
         table = cast(MutableMapping[bytes, Any], self.idempotency)
 
         def handle(raw: RawRecord, view: WriteBehind) -> list[Out]:
-            return self.intake.handle(raw, view, now_ms())
+            return self.intake.handle(raw, view, self.clock.now_ms())
 
         self.app.agent(source, name="herald.intake", concurrency=1)(
             self._batched(handle, lambda: WriteBehind(table), self.intake.processing_error)
         )
 
         async def sweep_idempotency() -> None:
-            expired = self.intake.expired_keys(table, now_ms())
+            expired = self.intake.expired_keys(table, self.clock.now_ms())
             for key in expired:
                 del table[key]
             if expired:
@@ -169,10 +170,10 @@ class Worker:
         directory, router = self.users, self.router
 
         def apply_profile(raw: RawRecord, view: WriteBehind) -> list[Out]:
-            return directory.handle(raw, view, now_ms())
+            return directory.handle(raw, view, self.clock.now_ms())
 
         def route(raw: RawRecord, view: WriteBehind) -> list[Out]:
-            return router.handle(raw, view, now_ms())
+            return router.handle(raw, view, self.clock.now_ms())
 
         self.app.agent(
             self._source(directory.users_topic, directory.keyed_topic),
@@ -188,7 +189,7 @@ class Worker:
         for stage, policy in self.topology.retry.items():
             tiers = DelayTiers.of(policy, self.settings)
             for index, topic in enumerate(tiers.topics):
-                run = DelayRun(tiers, index, self.sink, self.contracts, malformed_topic)
+                run = DelayRun(tiers, index, self.sink, self.contracts, malformed_topic, self.clock)
                 self.app.agent(
                     self._source(topic), name=f"herald.delay.{stage}.{index}", concurrency=1
                 )(run.run)
@@ -217,6 +218,7 @@ class Worker:
                 on_error,
                 self.sink,
                 new_view(),
+                clock=self.clock,
                 batch_max=self.settings.batch_max,
                 linger_s=self.settings.batch_linger_s,
             )

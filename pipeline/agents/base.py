@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +19,21 @@ from pipeline.contracts import Contracts
 from pipeline.contracts.records import Malformed
 
 log = logging.getLogger(__name__)
+
+
+class Clock:
+    """Herald's notion of now: wall-clock time, optionally shifted (tests and drills).
+
+    Only decisions use it (quiet hours, TTLs, due times, windows); how long a delay
+    tier holds a record is measured on the real clock against broker timestamps.
+    """
+
+    def __init__(self, offset_ms: int = 0) -> None:
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        """Epoch milliseconds, shifted by the offset."""
+        return int(time.time() * 1000) + self.offset_ms
 
 
 def normalize_headers(headers: Any) -> tuple[tuple[str, bytes], ...]:

@@ -14,17 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind, normalize_headers
+from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, normalize_headers
 
 log = logging.getLogger(__name__)
 
 Handle = Callable[[RawRecord, WriteBehind], Sequence[Out]]
 OnError = Callable[[RawRecord, Exception, int], Out]
-
-
-def now_ms() -> int:
-    """Wall-clock epoch milliseconds."""
-    return int(time.time() * 1000)
 
 
 def raw_record_of(message: Any) -> RawRecord:
@@ -50,9 +45,11 @@ class BatchRun:
         sink: AckedSink,
         view: WriteBehind,
         *,
+        clock: Clock,
         batch_max: int,
         linger_s: float,
     ) -> None:
+        self._clock = clock
         self._handle = handle
         self._on_error = on_error
         self._sink = sink
@@ -100,7 +97,7 @@ class BatchRun:
             self._outputs.extend(self._handle(raw, self._view))
         except Exception as exc:  # one record must never stop the stream
             log.exception("unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset)
-            self._outputs.append(self._on_error(raw, exc, now_ms()))
+            self._outputs.append(self._on_error(raw, exc, self._clock.now_ms()))
 
     async def _flush(self, stream: Any) -> None:
         if not self._events:

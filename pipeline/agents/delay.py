@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Out, RawRecord, header, malformed
+from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, header, malformed
 from pipeline.agents.batching import raw_record_of
 from pipeline.contracts import Contracts
 from pipeline.settings import Settings
@@ -97,7 +97,9 @@ class DelayRun:
         sink: AckedSink,
         contracts: Contracts,
         malformed_topic: str,
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._tiers = tiers
         self._delay_ms = int(tiers.policy.tiers[tier_index] * 1000)
         self._sink = sink
@@ -126,21 +128,23 @@ class DelayRun:
                 raw,
                 "missing_delay_headers",
                 f"no {TARGET}/{DUE_AT} headers on a delay tier topic",
-                _now_ms(),
+                self._clock.now_ms(),
             )
         due_at_ms = int(due)
-        written_ms = raw.timestamp_ms or _now_ms()
-        wait_s = (min(due_at_ms, written_ms + self._delay_ms) - _now_ms()) / 1000
+        # Due times are on Herald's clock; the tier's hold is on the real clock, from
+        # the broker's timestamp of the record.
+        until_due_s = (due_at_ms - self._clock.now_ms()) / 1000
+        real_now_ms = time.time() * 1000
+        until_hold_ends_s = (
+            (raw.timestamp_ms or real_now_ms) + self._delay_ms - real_now_ms
+        ) / 1000
+        wait_s = min(until_due_s, until_hold_ends_s)
         if wait_s > 0:
             await asyncio.sleep(wait_s)
-        now = _now_ms()
+        now = self._clock.now_ms()
         if due_at_ms > now + _EARLY_MS:  # due beyond this tier's reach: wait in a tier again
             return self._tiers.schedule(
                 raw.key, raw.value, target.decode(), due_at_ms, attempt_of(raw.headers), now
             )
         headers = tuple((k, v) for k, v in raw.headers if k not in (TARGET, DUE_AT))
         return Out(target.decode(), raw.key, raw.value, headers=headers)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

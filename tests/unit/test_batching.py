@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Out, RawRecord, WriteBehind
+from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind
 from pipeline.agents.batching import BatchRun
 from tests.unit.helpers import FakeBroker
 
@@ -74,6 +74,7 @@ async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
         failing_error,
         AckedSink(broker.send),
         WriteBehind(table),
+        clock=Clock(),
         batch_max=100,
         linger_s=0.02,
     )
@@ -97,7 +98,13 @@ async def test_a_batch_is_written_within_the_linger_time() -> None:
     stream, broker = FakeStream(), FakeBroker()
     stream.channel.empty = lambda: False  # type: ignore[method-assign]  # never looks idle
     run = BatchRun(
-        echo, failing_error, AckedSink(broker.send), WriteBehind({}), batch_max=100, linger_s=0.05
+        echo,
+        failing_error,
+        AckedSink(broker.send),
+        WriteBehind({}),
+        clock=Clock(),
+        batch_max=100,
+        linger_s=0.05,
     )
     task = asyncio.ensure_future(run.run(stream))
     stream.queue.put_nowait(Event(Message("in", 3, 7)))
@@ -119,7 +126,13 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
 
     stream, broker = FakeStream(), FakeBroker()
     run = BatchRun(
-        explode, to_malformed, AckedSink(broker.send), WriteBehind({}), batch_max=100, linger_s=0.02
+        explode,
+        to_malformed,
+        AckedSink(broker.send),
+        WriteBehind({}),
+        clock=Clock(),
+        batch_max=100,
+        linger_s=0.02,
     )
     for offset in (0, 1):
         stream.queue.put_nowait(Event(Message("in", 0, offset)))

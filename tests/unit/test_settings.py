@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import AliasChoices, ValidationError
+from pydantic import ValidationError
 
 from pipeline.settings import REPO_ROOT, Settings
 
 
-def env_name(field_name: str) -> str:
-    alias = Settings.model_fields[field_name].validation_alias
-    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
-        return alias.choices[0]
-    return f"HERALD_{field_name.upper()}"
-
-
 def test_every_setting_is_in_the_readme_table() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
-    missing = [env_name(n) for n in Settings.model_fields if f"| `{env_name(n)}` |" not in readme]
+    missing = [
+        Settings.env_var(n)
+        for n in Settings.model_fields
+        if f"| `{Settings.env_var(n)}` |" not in readme
+    ]
     assert missing == []
 
 
@@ -46,3 +43,12 @@ def test_bad_values_are_refused_at_start_up(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_settings_survive_the_trip_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = Settings(topic_prefix="x.", max_recipients=3, clock_offset_ms=-5)
+    for name, value in original.as_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == original
