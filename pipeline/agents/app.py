@@ -180,9 +180,11 @@ class Worker:
             name="herald.users",
             concurrency=1,
         )(self._batched(apply_profile, lambda: WriteBehind(users), self._malformed_other))
-        self.app.agent(self._source(router.recipients_topic), name="herald.route", concurrency=1)(
-            self._batched(route, lambda: WriteBehind(users), self._malformed_other)
-        )
+        self.app.agent(
+            self._source(router.recipients_topic, router.rejoin_topic),
+            name="herald.route",
+            concurrency=1,
+        )(self._batched(route, lambda: WriteBehind(users), self._malformed_other))
 
     def _wire_delays(self) -> None:
         malformed_topic = self.settings.topic("notification.malformed")

@@ -125,6 +125,9 @@ class Router:
         self._catalog = catalog
         self._locales = locales
         self.recipients_topic = settings.topic("notification.recipients")
+        # Waiting recipients come back here, so notification.recipients keeps exactly
+        # one record per accepted recipient.
+        self.rejoin_topic = settings.topic("notification.recipients.rejoin")
         self._status_topic = settings.topic("notification.status")
         self._malformed_topic = settings.topic("notification.malformed")
         self._channel_topics = {
@@ -165,7 +168,7 @@ class Router:
         if attempt < self._wait.policy.budget:
             due = now_ms + int(self._wait.backoff_s(attempt) * 1000)
             return [
-                self._wait.schedule(raw.key, raw.value, self.recipients_topic, due, attempt, now_ms)
+                self._wait.schedule(raw.key, raw.value, self.rejoin_topic, due, attempt, now_ms)
             ]
         return [
             self._status(

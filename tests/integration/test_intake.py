@@ -37,8 +37,12 @@ def turn_ready(key: str, recipients: list[str], **extra: Any) -> dict[str, Any]:
     }
 
 
+INTAKE_OUTCOMES = {"accepted", "duplicate", "rejected_conflict", "ignored"}
+
+
 def outcomes(events: list[StatusEvent]) -> Counter[str]:
-    return Counter(e.status for e in events)
+    """Intake's outcomes (routing adds its own statuses for the same notifications)."""
+    return Counter(e.status for e in events if e.status in INTAKE_OUTCOMES)
 
 
 def test_each_kind_of_intent_gets_exactly_its_outputs(
@@ -143,7 +147,7 @@ def test_standard_serializer_without_key_is_deduplicated_across_partitions(
         isolated,
         "notification.status",
         contracts.status,
-        lambda evs: len(evs) >= 12,
+        lambda evs: sum(outcomes(evs).values()) >= 12,
         what="12 status events",
     )
     time.sleep(1)
@@ -232,9 +236,9 @@ def test_idempotency_keys_expire_and_are_swept(isolated: Settings, tmp_path: Pat
             short,
             "notification.status",
             contracts.status,
-            lambda evs: len(evs) >= 2,
+            lambda evs: sum(outcomes(evs).values()) >= 2,
             what="second outcome",
         )
     finally:
         process.stop()
-    assert [e.status for e in events] == ["accepted", "accepted"]
+    assert [e.status for e in events if e.status in INTAKE_OUTCOMES] == ["accepted", "accepted"]

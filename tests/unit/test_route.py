@@ -216,7 +216,7 @@ def test_unknown_user_waits_then_is_recorded(
 ) -> None:
     [wait] = route(router, contracts, recipient(), None)
     assert wait.topic.startswith("notification.recipients.retry.")
-    assert dict(wait.headers)[TARGET] == b"notification.recipients"
+    assert dict(wait.headers)[TARGET] == b"notification.recipients.rejoin"
     assert attempt_of(wait.headers) == 1
     budget = Topology.load(settings).retry["recipients"].budget
     last = ((ATTEMPT, str(budget - 1).encode()),)
