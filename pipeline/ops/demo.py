@@ -9,6 +9,7 @@ from collections.abc import Callable
 from confluent_kafka import Producer
 
 from pipeline.contracts import Contracts
+from pipeline.contracts.records import PushDevice, UserProfile
 from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
@@ -26,6 +27,18 @@ def run_demo(settings: Settings, timeout_s: float, echo: Callable[[str], None]) 
     garbage = f"not avro at all ({key})".encode()
 
     with HeraldProducer(settings, contracts) as herald:
+        herald.put_user(
+            UserProfile(
+                user_id="demo-alice",
+                email="alice@example.org",
+                preferred_language="de",
+                push_devices=[PushDevice(token="alice-phone", platform="ios")],
+            )
+        )
+        herald.put_user(
+            UserProfile(user_id="demo-bob", email="bob@example.org", preferred_language="fr")
+        )
+        echo("published  users demo-alice (email, push device, de) and demo-bob (email, fr)")
         sent = herald.publish_intent(
             notification_type=_TYPE,
             producer=_PRODUCER,
@@ -72,6 +85,22 @@ def run_demo(settings: Settings, timeout_s: float, echo: Callable[[str], None]) 
         recipient = contracts.recipient.decode(value)
         if recipient.notification_id == notification_id:
             echo(f"recipient  {recipient.user_id} (key {rkey!r}) on notification.recipients")
+
+    routes: set[tuple[str | None, str | None]] = set()
+    while len(routes) < 4 and time.monotonic() < deadline:
+        for *_, value in read_topic(settings, settings.topic("notification.status")):
+            event = contracts.status.decode(value)
+            where = (event.user_id, event.channel)
+            if event.notification_id == notification_id and event.channel and where not in routes:
+                routes.add(where)
+                echo(
+                    f"route      {event.status:9} {event.channel:5} {event.user_id} "
+                    f"{event.reason or event.detail or ''}"
+                )
+        if len(routes) < 4:
+            time.sleep(0.5)
+    if len(routes) < 4:
+        return False
 
     while time.monotonic() < deadline:
         for *_, value in read_topic(settings, settings.topic("notification.intents.malformed")):

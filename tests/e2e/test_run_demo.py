@@ -8,7 +8,7 @@ from pipeline.settings import Settings
 from tests.support import HERALD, WorkerProcess, settings_env
 
 
-def test_demo_shows_every_intake_outcome(isolated: Settings, worker: WorkerProcess) -> None:
+def test_demo_shows_intake_and_routing_outcomes(isolated: Settings, worker: WorkerProcess) -> None:
     result = subprocess.run(
         [HERALD, "demo", "--timeout", "90"],
         env=settings_env(isolated),
@@ -24,6 +24,13 @@ def test_demo_shows_every_intake_outcome(isolated: Settings, worker: WorkerProce
     assert sorted(line.split()[1] for line in lines if line.startswith("recipient")) == [
         "demo-alice",
         "demo-bob",
+    ]
+    routes = sorted(tuple(line.split()[1:4]) for line in lines if line.startswith("route "))
+    assert routes == [
+        ("routed", "email", "demo-alice"),
+        ("routed", "email", "demo-bob"),
+        ("routed", "push", "demo-alice"),
+        ("skipped", "push", "demo-bob"),
     ]
     [malformed] = [line for line in lines if line.startswith("malformed")]
     assert "reason=undecodable" in malformed
