@@ -52,7 +52,7 @@ def read_topic(
         remaining: dict[int, int] = {}
         if not follow:
             for p in partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+                low, high = _watermarks(consumer, TopicPartition(topic, p))
                 if high > low and from_beginning:
                     remaining[p] = high
             if not remaining:
@@ -78,3 +78,17 @@ def read_topic(
                     return
     finally:
         consumer.close()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 15.0) -> tuple[int, int]:
+    """Low and high offsets, retried while leadership settles (a topic just created, a
+    broker just restarted); BrokerUnavailableError if it does not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            return int(low), int(high)
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailableError(f"cannot read offsets of {tp.topic}: {exc}") from exc
+            time.sleep(0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,3 +183,17 @@ def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float = _TIME
         if time.monotonic() > deadline:
             raise BrokerUnavailableError(f"created topics not visible yet: {sorted(pending)}")
         time.sleep(0.2)
+
+
+def delete_prefixed(settings: Settings, admin: AdminClient | None = None) -> list[str]:
+    """Delete every topic under the settings' (non-empty) prefix: test and drill cleanup."""
+    if not settings.topic_prefix:
+        raise ValueError("refusing to delete topics without a topic prefix")
+    admin = admin or admin_client(settings)
+    names = [n for n in _describe(admin) if n.startswith(settings.topic_prefix)]
+    if names:
+        for future in admin.delete_topics(names, request_timeout=_TIMEOUT_S).values():
+            # already gone, or the broker is going away: nothing left to clean
+            with contextlib.suppress(KafkaException):
+                future.result(timeout=_TIMEOUT_S)
+    return names

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import uuid
+from collections.abc import Iterator
 
+import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
@@ -14,10 +16,14 @@ from pipeline.topology import admin as topology_admin
 from tests.support import HERALD, settings_env
 
 
-def fresh(kafka_bootstrap: str) -> Settings:
-    return Settings(
+@pytest.fixture
+def fresh(kafka_bootstrap: str) -> Iterator[Settings]:
+    """Settings with a new prefix and nothing created yet; cleaned up afterwards."""
+    settings = Settings(
         kafka_bootstrap_servers=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}."
     )
+    yield settings
+    topology_admin.delete_prefixed(settings)
 
 
 def topics_check(settings: Settings) -> subprocess.CompletedProcess[str]:
@@ -30,8 +36,8 @@ def topics_check(settings: Settings) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_apply_creates_everything_once_and_check_agrees(kafka_bootstrap: str) -> None:
-    settings = fresh(kafka_bootstrap)
+def test_apply_creates_everything_once_and_check_agrees(fresh: Settings) -> None:
+    settings = fresh
     topology = Topology.load(settings)
     first = topology_admin.apply(settings, topology)
     assert sorted(first.created) == sorted(settings.topic(n) for n in topology.topics)
@@ -42,8 +48,8 @@ def test_apply_creates_everything_once_and_check_agrees(kafka_bootstrap: str) ->
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_drift_is_reported_never_repaired_by_deletion(kafka_bootstrap: str) -> None:
-    settings = fresh(kafka_bootstrap)
+def test_drift_is_reported_never_repaired_by_deletion(fresh: Settings) -> None:
+    settings = fresh
     admin = topology_admin.admin_client(settings)
     wrong = settings.topic("herald.intake.idempotency.changelog")
     admin.create_topics(
@@ -68,11 +74,13 @@ def test_drift_is_reported_never_repaired_by_deletion(kafka_bootstrap: str) -> N
     assert "partitions expected 6, found 2" in check.stdout
 
 
-def test_broker_does_not_create_topics_on_demand(kafka_bootstrap: str) -> None:
-    settings = fresh(kafka_bootstrap)
+def test_broker_does_not_create_topics_on_demand(fresh: Settings) -> None:
+    settings = fresh
     missing = settings.topic("never.declared")
     errors: list[str] = []
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.timeout.ms": 3000})
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "message.timeout.ms": 3000}
+    )
     producer.produce(missing, b"x", on_delivery=lambda err, msg: errors.append(str(err)))
     producer.flush(10)
     assert len(errors) == 1
