@@ -9,6 +9,7 @@ acknowledged, so no accepted work is lost between hops.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Iterator, MutableMapping, Sequence
@@ -50,6 +51,42 @@ def header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+class OffsetSet:
+    """The offsets of one partition an agent has handled, as merged intervals.
+
+    Offsets arrive mostly in order, so this stays a handful of intervals; a gap stays
+    a gap, so a record that was skipped once (faust can drop one in-process around a
+    rebalance and hand it over again after its seek) is still handled when it comes.
+    """
+
+    __slots__ = ("_spans",)
+
+    def __init__(self) -> None:
+        self._spans: list[list[int]] = []  # sorted, disjoint, non-adjacent [first, last]
+
+    def add(self, offset: int) -> bool:
+        """Record ``offset``; False if it was already there."""
+        spans = self._spans
+        if spans and spans[-1][1] + 1 == offset:  # the common case: the next offset
+            spans[-1][1] = offset
+            return True
+        index = bisect.bisect_right(spans, [offset, float("inf")])
+        if index and spans[index - 1][1] >= offset:
+            return False
+        joins_left = bool(index) and spans[index - 1][1] + 1 == offset
+        joins_right = index < len(spans) and spans[index][0] - 1 == offset
+        if joins_left and joins_right:
+            spans[index - 1][1] = spans[index][1]
+            del spans[index]
+        elif joins_left:
+            spans[index - 1][1] = offset
+        elif joins_right:
+            spans[index][0] = offset
+        else:
+            spans.insert(index, [offset, offset])
+        return True
 
 
 @dataclass(frozen=True, slots=True)

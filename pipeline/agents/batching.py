@@ -14,7 +14,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, normalize_headers
+from pipeline.agents.base import (
+    AckedSink,
+    Clock,
+    OffsetSet,
+    Out,
+    RawRecord,
+    WriteBehind,
+    normalize_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,12 @@ class BatchRun:
         self._outputs: list[Out] = []
         self._opened = 0.0
         self._lock = asyncio.Lock()
-        # Highest offset handled per partition in this run. Faust may resume a stream
-        # before it seeks to the committed offsets (faust-streaming #216) and so hand
-        # over records twice; one at or below this mark is already handled and its
-        # outputs go out with their batch, so it is only acknowledged.
-        self._handled: dict[tuple[str, int], int] = {}
+        # Offsets handled per partition in this run. Faust may resume a stream before
+        # it seeks to the committed offsets (faust-streaming #216) and so hand over
+        # records twice; one already handled has its outputs in a batch, so it is only
+        # acknowledged. Exact offsets, not a high mark: a record faust skipped the first
+        # time must still be handled when the seek brings it back.
+        self._handled: dict[tuple[str, int], OffsetSet] = {}
 
     async def run(self, stream: Any) -> None:
         """Consume ``stream`` until it ends (worker shutdown or rebalance cancel)."""
@@ -88,10 +97,9 @@ class BatchRun:
             self._opened = time.monotonic()
         self._events.append(event)
         message = event.message
-        tp = (message.topic, message.partition)
-        if message.offset <= self._handled.get(tp, -1):
+        seen = self._handled.setdefault((message.topic, message.partition), OffsetSet())
+        if not seen.add(message.offset):
             return
-        self._handled[tp] = message.offset
         raw = raw_record_of(message)
         try:
             self._outputs.extend(self._handle(raw, self._view))

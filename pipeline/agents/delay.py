@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, header, malformed
+from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, header, malformed
 from pipeline.agents.batching import raw_record_of
 from pipeline.contracts import Contracts
 from pipeline.settings import Settings
@@ -108,12 +108,11 @@ class DelayRun:
 
     async def run(self, stream: Any) -> None:
         unacked = stream.noack()
-        handled: dict[tuple[str, int], int] = {}  # see BatchRun: Faust may re-deliver
+        handled: dict[tuple[str, int], OffsetSet] = {}  # see BatchRun: Faust may re-deliver
         async for event in unacked.events():
             message = event.message
-            tp = (message.topic, message.partition)
-            if message.offset > handled.get(tp, -1):
-                handled[tp] = message.offset
+            seen = handled.setdefault((message.topic, message.partition), OffsetSet())
+            if seen.add(message.offset):
                 await self._sink.deliver([await self._release(raw_record_of(message))])
             await unacked.ack(event)
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind
+from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, WriteBehind
 from pipeline.agents.batching import BatchRun
 from tests.unit.helpers import FakeBroker
 
@@ -140,3 +140,45 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
     await run.run(stream)
     assert broker.acked == [b"0:bad record", b"1"]
     assert stream.acked == [0, 1]
+
+
+async def test_a_record_faust_skipped_is_handled_when_the_seek_brings_it_back() -> None:
+    stream, broker = FakeStream(), FakeBroker()
+    run = BatchRun(
+        echo,
+        failing_error,
+        AckedSink(broker.send),
+        WriteBehind({}),
+        clock=Clock(),
+        batch_max=100,
+        linger_s=0.02,
+    )
+    for offset in (0, 2, 0, 1, 2):  # 1 was dropped before the seek, then re-delivered
+        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+    stream.queue.put_nowait(None)
+    await run.run(stream)
+    assert sorted(v or b"" for v in broker.acked) == [b"0", b"1", b"2"]
+    assert sorted(stream.acked) == [0, 0, 1, 2, 2]
+
+
+def test_offset_set_keeps_gaps() -> None:
+    seen = OffsetSet()
+    assert [seen.add(o) for o in (5, 6, 7, 9, 8, 6, 3, 4, 4, 10)] == [
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
+    assert seen._spans == [[3, 10]]
+    gaps = OffsetSet()
+    for offset in (1, 3, 5):
+        gaps.add(offset)
+    assert gaps._spans == [[1, 1], [3, 3], [5, 5]]
+    assert gaps.add(2)
+    assert gaps._spans == [[1, 3], [5, 5]]
