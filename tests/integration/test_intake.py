@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -19,6 +19,8 @@ from pipeline.contracts.records import Intent, Malformed, StatusEvent
 from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
+from pipeline.topology import Topology
+from pipeline.topology.partitioning import partition_for
 from tests.support import WorkerProcess, read_all, wait_for
 
 PAYLOAD = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 3}
@@ -185,14 +187,17 @@ def test_restarted_worker_remembers_accepted_intents(isolated: Settings, tmp_pat
     second.start()
     try:
         publish_all()
-        events = wait_for(
-            isolated,
-            "notification.status",
-            contracts.status,
-            lambda evs: outcomes(evs)["duplicate"] >= count,
-            timeout_s=90,
-            what="N duplicates",
-        )
+        try:
+            events = wait_for(
+                isolated,
+                "notification.status",
+                contracts.status,
+                lambda evs: outcomes(evs)["duplicate"] >= count,
+                timeout_s=90,
+                what="N duplicates",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{missing_report(isolated, keys)}") from None
         time.sleep(2)
         events = read_all(isolated, "notification.status", contracts.status)
     finally:
@@ -242,3 +247,28 @@ def test_idempotency_keys_expire_and_are_swept(isolated: Settings, tmp_path: Pat
     finally:
         process.stop()
     assert [e.status for e in events if e.status in INTAKE_OUTCOMES] == ["accepted", "accepted"]
+
+
+def missing_report(settings: Settings, keys: list[str]) -> str:
+    """Which keys have no duplicate yet, with their partitions and the group's offsets."""
+    contracts = Contracts(settings)
+    events = read_all(settings, "notification.status", contracts.status)
+    done = {e.idempotency_key for e in events if e.status == "duplicate"}
+    partitions = Topology.load(settings).spec("notification.intents").partitions
+    missing = {
+        k: partition_for(f"game-master:{k}".encode(), partitions) for k in keys if k not in done
+    }
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.app_id}
+    )
+    topic = settings.topic("notification.intents")
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)
+        }
+    finally:
+        consumer.close()
+    return f"missing keys -> partition: {missing}; committed: {committed}; end offsets: {ends}"
