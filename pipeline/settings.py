@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         ge=6,
         description="Consumer session timeout: how soon a dead worker's partitions move.",
     )
+    stall_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A worker whose lagging partitions commit nothing this long exits (75).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Worker log level."
     )

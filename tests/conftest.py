@@ -70,6 +70,7 @@ def isolated(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
         app_id=f"herald-t{run}",
         state_dir=tmp_path / "state",
         commit_interval_s=0.5,
+        stall_timeout_s=20,
     )
     report = topology_admin.apply(settings, Topology.load(settings))
     assert not report.drift, report.drift

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from pipeline.agents.watchdog import EXIT_STALLED
 from pipeline.contracts import RecordCodec
 from pipeline.ops.reader import read_topic
 from pipeline.settings import Settings
@@ -26,16 +28,26 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One `herald worker` subprocess, its output in a log file."""
+    """One `herald worker` subprocess, its output in a log file, supervised like in
+    production: a worker that exits with EXIT_STALLED is started again."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._supervising = False
+        self._supervisor: threading.Thread | None = None
 
     def start(self) -> None:
         self._log = self.log_path.open("ab")
+        self._spawn()
+        self._supervising = True
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self) -> None:
         self._proc = subprocess.Popen(
             [HERALD, "worker"],
             env=settings_env(self.settings),
@@ -43,8 +55,17 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
         )
 
+    def _supervise(self) -> None:
+        while self._supervising:
+            proc = self._proc
+            if proc is not None and proc.poll() == EXIT_STALLED and self._supervising:
+                self.restarts += 1
+                self._spawn()
+            time.sleep(0.5)
+
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no final commit."""
+        """SIGKILL: no shutdown, no final commit (and no restart)."""
+        self._supervising = False
         assert self._proc is not None
         self._proc.kill()
         self._proc.wait(30)
@@ -52,6 +73,9 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """SIGTERM and wait; SIGKILL after 30 s."""
+        self._supervising = False
+        if self._supervisor is not None:
+            self._supervisor.join(5)
         if self._proc is None or self._proc.poll() is not None:
             self._close_log()
             return

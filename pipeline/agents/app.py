@@ -8,7 +8,9 @@ and inputs acked only after their outputs are acknowledged (see AckedSink).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine, MutableMapping, Sequence
 from typing import Any, cast
 
@@ -20,6 +22,7 @@ from pipeline.agents.delay import DelayRun, DelayTiers
 from pipeline.agents.intake import Intake
 from pipeline.agents.route import Router, TemplateLocales
 from pipeline.agents.users import UserDirectory
+from pipeline.agents.watchdog import EXIT_STALLED, StallWatchdog
 from pipeline.contracts import Contracts
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
@@ -100,6 +103,7 @@ class Worker:
         self._wire_intake()
         self._wire_routing()
         self._wire_delays()
+        self._wire_watchdog()
 
     def topic(self, logical_name: str, value_serializer: str = "raw") -> Any:
         """A Faust topic for a declared topic, with its declared partition count."""
@@ -195,6 +199,30 @@ class Worker:
                 self.app.agent(
                     self._source(topic), name=f"herald.delay.{stage}.{index}", concurrency=1
                 )(run.run)
+
+    def _wire_watchdog(self) -> None:
+        watchdog = StallWatchdog(self.settings, self.settings.stall_timeout_s)
+        streams = {
+            self.intake.intents_topic,
+            self.intake.keyed_topic,
+            self.users.users_topic,
+            self.users.keyed_topic,
+            self.router.recipients_topic,
+            self.router.rejoin_topic,
+        }
+
+        async def watch() -> None:
+            owned = [
+                (tp.topic, tp.partition)
+                for tp in self.app.consumer.assignment()
+                if tp.topic in streams
+            ]
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(None, watchdog.stalled, owned):
+                log.critical("worker stalled; exiting %d so that it is restarted", EXIT_STALLED)
+                os._exit(EXIT_STALLED)  # no shutdown commits: what is unfinished is re-read
+
+        self.app.timer(5.0)(watch)
 
     def _source(self, *topics: str) -> Any:
         return self.app.topic(*topics, key_serializer="raw", value_serializer="raw")

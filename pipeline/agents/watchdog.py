@@ -1,0 +1,84 @@
+"""Liveness: a worker that owns lagging partitions but commits nothing exits to be restarted.
+
+Rarely, a freshly (re)started faust-streaming worker stops fetching a partition it
+owns while reporting itself ready (seen after a SIGKILL and a quick restart; the
+records stay uncommitted, so nothing is lost, but nothing moves either). The broker
+is the judge here, not Faust's own bookkeeping: end offsets and the group's committed
+offsets are read with confluent-kafka. When an owned stream partition has records
+beyond its committed offset and no committed offset of this worker has moved for
+``stall_timeout_s``, the worker exits with :data:`EXIT_STALLED` so that its
+supervisor (Kubernetes, systemd, the test harness) starts it again; uncommitted
+records are re-read and their deterministic outputs absorbed downstream.
+Delay-tier topics are left out: they lag by design while records wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a stalled worker (EX_TEMPFAIL): "restart me".
+EXIT_STALLED = 75
+
+
+class StallWatchdog:
+    """Decides, from the broker's offsets, whether this worker has stalled."""
+
+    def __init__(self, settings: Settings, stall_timeout_s: float) -> None:
+        self._settings = settings
+        self._stall_timeout_s = stall_timeout_s
+        self._last: dict[tuple[str, int], int] = {}
+        self._moved_at = time.monotonic()
+        self._consumer: Consumer | None = None
+
+    def stalled(self, owned: Iterable[tuple[str, int]]) -> bool:
+        """True when ``owned`` partitions lag and none of their commits moved lately.
+
+        Blocking (broker round trips): run it in an executor.
+        """
+        tps = [TopicPartition(topic, partition) for topic, partition in owned]
+        if not tps:
+            self._moved_at = time.monotonic()
+            return False
+        try:
+            committed, ends = self._offsets(tps)
+        except KafkaException as exc:  # the broker is away: readiness reports that
+            log.debug("watchdog cannot read offsets: %s", exc)
+            return False
+        lagging = [tp for tp in committed if ends.get(tp, 0) > max(committed[tp], 0)]
+        if committed != self._last or not lagging:
+            self._last = committed
+            self._moved_at = time.monotonic()
+            return False
+        idle_s = time.monotonic() - self._moved_at
+        if idle_s < self._stall_timeout_s:
+            return False
+        log.error("no progress for %.0fs on lagging partitions %s", idle_s, sorted(lagging))
+        return True
+
+    def _offsets(
+        self, tps: list[TopicPartition]
+    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    "bootstrap.servers": self._settings.kafka_bootstrap_servers,
+                    "group.id": self._settings.app_id,  # reads the group's commits, never joins
+                    "enable.auto.commit": False,
+                }
+            )
+        committed = {
+            (tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=10)
+        }
+        ends = {}
+        for tp in tps:
+            _, high = self._consumer.get_watermark_offsets(tp, timeout=10)
+            ends[(tp.topic, tp.partition)] = high
+        return committed, ends

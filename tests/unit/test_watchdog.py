@@ -1,0 +1,41 @@
+"""The stall watchdog's decision, on offsets it is handed."""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import TopicPartition
+
+from pipeline.agents.watchdog import StallWatchdog
+from pipeline.settings import Settings
+
+Offsets = dict[tuple[str, int], int]
+
+
+class ScriptedWatchdog(StallWatchdog):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(Settings(), timeout_s)
+        self.committed: Offsets = {}
+        self.ends: Offsets = {}
+
+    def _offsets(self, tps: list[TopicPartition]) -> tuple[Offsets, Offsets]:
+        return dict(self.committed), dict(self.ends)
+
+
+def test_lag_without_commits_for_the_timeout_is_a_stall() -> None:
+    dog = ScriptedWatchdog(timeout_s=0.05)
+    owned = [("t", 0)]
+    dog.committed, dog.ends = {("t", 0): 5}, {("t", 0): 9}
+    assert not dog.stalled(owned)  # first look: the clock starts
+    time.sleep(0.1)
+    assert dog.stalled(owned)
+    dog.committed = {("t", 0): 6}  # progress resets it
+    assert not dog.stalled(owned)
+
+
+def test_no_lag_or_no_partitions_is_never_a_stall() -> None:
+    dog = ScriptedWatchdog(timeout_s=0.0)
+    dog.committed, dog.ends = {("t", 0): 9}, {("t", 0): 9}
+    assert not dog.stalled([("t", 0)])
+    assert not dog.stalled([("t", 0)])
+    assert not dog.stalled([])
