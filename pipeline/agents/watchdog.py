@@ -34,34 +34,44 @@ class StallWatchdog:
     def __init__(self, settings: Settings, stall_timeout_s: float) -> None:
         self._settings = settings
         self._stall_timeout_s = stall_timeout_s
-        self._last: dict[tuple[str, int], int] = {}
-        self._moved_at = time.monotonic()
+        # Per partition: its last committed offset and since when it is stuck there
+        # with records beyond it.
+        self._seen: dict[tuple[str, int], tuple[int, float]] = {}
         self._consumer: Consumer | None = None
 
     def stalled(self, owned: Iterable[tuple[str, int]]) -> bool:
-        """True when ``owned`` partitions lag and none of their commits moved lately.
+        """True when an ``owned`` partition has had records beyond its committed offset,
+        and that offset has not moved, for ``stall_timeout_s``.
 
         Blocking (broker round trips): run it in an executor.
         """
         tps = [TopicPartition(topic, partition) for topic, partition in owned]
         if not tps:
-            self._moved_at = time.monotonic()
+            self._seen.clear()
             return False
         try:
             committed, ends = self._offsets(tps)
         except KafkaException as exc:  # the broker is away: readiness reports that
             log.debug("watchdog cannot read offsets: %s", exc)
             return False
-        lagging = [tp for tp in committed if ends.get(tp, 0) > max(committed[tp], 0)]
-        if committed != self._last or not lagging:
-            self._last = committed
-            self._moved_at = time.monotonic()
-            return False
-        idle_s = time.monotonic() - self._moved_at
-        if idle_s < self._stall_timeout_s:
-            return False
-        log.error("no progress for %.0fs on lagging partitions %s", idle_s, sorted(lagging))
-        return True
+        now = time.monotonic()
+        stuck: list[tuple[str, int]] = []
+        seen: dict[tuple[str, int], tuple[int, float]] = {}
+        for tp, offset in committed.items():
+            lagging = ends.get(tp, 0) > max(offset, 0)
+            previous = self._seen.get(tp)
+            since = previous[1] if previous and previous[0] == offset and lagging else now
+            seen[tp] = (offset, since)
+            if lagging and now - since >= self._stall_timeout_s:
+                stuck.append(tp)
+        self._seen = seen
+        if stuck:
+            log.error(
+                "no progress for %.0fs on lagging partitions %s",
+                self._stall_timeout_s,
+                sorted(stuck),
+            )
+        return bool(stuck)
 
     def _offsets(
         self, tps: list[TopicPartition]

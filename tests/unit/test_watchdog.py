@@ -39,3 +39,13 @@ def test_no_lag_or_no_partitions_is_never_a_stall() -> None:
     assert not dog.stalled([("t", 0)])
     assert not dog.stalled([("t", 0)])
     assert not dog.stalled([])
+
+
+def test_one_stuck_partition_is_a_stall_while_others_move() -> None:
+    dog = ScriptedWatchdog(timeout_s=0.05)
+    owned = [("t", 0), ("t", 1)]
+    dog.committed, dog.ends = {("t", 0): 5, ("t", 1): 0}, {("t", 0): 9, ("t", 1): 100}
+    assert not dog.stalled(owned)
+    time.sleep(0.1)
+    dog.committed[("t", 1)] = 50  # partition 1 moves on, partition 0 does not
+    assert dog.stalled(owned)
