@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, WriteBehind
-from pipeline.agents.batching import BatchRun
+from pipeline.agents.batching import BatchRun, Handle, OnError
 from tests.unit.helpers import FakeBroker
 
 
@@ -57,6 +57,26 @@ class FakeStream:
         return True
 
 
+def batch_run(
+    handle: Handle,
+    on_error: OnError,
+    broker: FakeBroker,
+    *,
+    table: dict[bytes, Any] | None = None,
+    linger_s: float = 0.02,
+) -> BatchRun:
+    """A BatchRun writing through ``broker`` into ``table``."""
+    return BatchRun(
+        handle,
+        on_error,
+        AckedSink(broker.send),
+        WriteBehind({} if table is None else table),
+        clock=Clock(),
+        batch_max=100,
+        linger_s=linger_s,
+    )
+
+
 def echo(raw: RawRecord, view: WriteBehind) -> list[Out]:
     view[str(raw.offset).encode()] = raw.offset
     return [Out("out", None, str(raw.offset).encode())]
@@ -69,15 +89,7 @@ def failing_error(raw: RawRecord, exc: Exception, now: int) -> Out:
 async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
     stream, broker = FakeStream(), FakeBroker()
     table: dict[bytes, Any] = {}
-    run = BatchRun(
-        echo,
-        failing_error,
-        AckedSink(broker.send),
-        WriteBehind(table),
-        clock=Clock(),
-        batch_max=100,
-        linger_s=0.02,
-    )
+    run = batch_run(echo, failing_error, broker, table=table)
     broker.answering.clear()  # Kafka does not answer yet
     for offset in (0, 1, 2, 1, 2):  # 1 and 2 again, as after Faust's late seek
         stream.queue.put_nowait(Event(Message("in", 0, offset)))
@@ -97,15 +109,7 @@ async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
 async def test_a_batch_is_written_within_the_linger_time() -> None:
     stream, broker = FakeStream(), FakeBroker()
     stream.channel.empty = lambda: False  # type: ignore[method-assign]  # never looks idle
-    run = BatchRun(
-        echo,
-        failing_error,
-        AckedSink(broker.send),
-        WriteBehind({}),
-        clock=Clock(),
-        batch_max=100,
-        linger_s=0.05,
-    )
+    run = batch_run(echo, failing_error, broker, linger_s=0.05)
     task = asyncio.ensure_future(run.run(stream))
     stream.queue.put_nowait(Event(Message("in", 3, 7)))
     await asyncio.sleep(0.2)
@@ -125,15 +129,7 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
         return Out("malformed", None, f"{raw.offset}:{exc}".encode())
 
     stream, broker = FakeStream(), FakeBroker()
-    run = BatchRun(
-        explode,
-        to_malformed,
-        AckedSink(broker.send),
-        WriteBehind({}),
-        clock=Clock(),
-        batch_max=100,
-        linger_s=0.02,
-    )
+    run = batch_run(explode, to_malformed, broker)
     for offset in (0, 1):
         stream.queue.put_nowait(Event(Message("in", 0, offset)))
     stream.queue.put_nowait(None)
@@ -144,15 +140,7 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
 
 async def test_a_record_faust_skipped_is_handled_when_the_seek_brings_it_back() -> None:
     stream, broker = FakeStream(), FakeBroker()
-    run = BatchRun(
-        echo,
-        failing_error,
-        AckedSink(broker.send),
-        WriteBehind({}),
-        clock=Clock(),
-        batch_max=100,
-        linger_s=0.02,
-    )
+    run = batch_run(echo, failing_error, broker)
     for offset in (0, 2, 0, 1, 2):  # 1 was dropped before the seek, then re-delivered
         stream.queue.put_nowait(Event(Message("in", 0, offset)))
     stream.queue.put_nowait(None)
