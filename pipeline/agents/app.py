@@ -170,7 +170,6 @@ class Worker:
         users = cast(
             MutableMapping[bytes, Any], self._table("users", "herald.users.changelog", "raw")
         )
-        self.users_table = users
         directory, router = self.users, self.router
 
         def apply_profile(raw: RawRecord, view: WriteBehind) -> list[Out]:
