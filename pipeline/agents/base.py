@@ -164,7 +164,7 @@ class AckedSink:
     def __init__(self, send: SendFn, *, max_backoff_s: float = 5.0) -> None:
         self._send = send
         self._max_backoff_s = max_backoff_s
-        #: True while a write keeps failing (readiness reports it).
+        #: True while a write keeps failing (for the readiness check still to come).
         self.stalled = False
 
     async def deliver(self, records: Sequence[Out]) -> None:

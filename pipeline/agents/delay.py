@@ -12,7 +12,6 @@ Only the tier topic's partition waits; the stream the record came from never doe
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Sequence
@@ -24,8 +23,6 @@ from pipeline.agents.batching import raw_record_of
 from pipeline.contracts import Contracts
 from pipeline.settings import Settings
 from pipeline.topology import RetryPolicy
-
-log = logging.getLogger(__name__)
 
 TARGET = "herald-target"
 DUE_AT = "herald-due-at-ms"

@@ -235,7 +235,7 @@ class Router:
     def _admin_routes(self, recipient: Recipient, spec: TypeSpec, now_ms: int) -> list[Out]:
         outputs: list[Out] = []
         for address in spec.admin_recipients:
-            route_id = deterministic_id(recipient.notification_id, "email", address)
+            route_id = self.route_id(recipient, "email", address)
             request = self._request(
                 recipient,
                 spec,
@@ -325,9 +325,10 @@ class Router:
         )
 
     @staticmethod
-    def route_id(recipient: Recipient, channel: str) -> str:
-        """Deterministic id of (notification, channel, recipient)."""
-        return deterministic_id(recipient.notification_id, channel, recipient.user_id)
+    def route_id(recipient: Recipient, channel: str, address: str | None = None) -> str:
+        """Deterministic id of (notification, channel, recipient): the user, or the
+        address on the admin route."""
+        return deterministic_id(recipient.notification_id, channel, address or recipient.user_id)
 
     def _status(
         self,
