@@ -16,11 +16,15 @@ class HeraldError(Exception):
     #: Machine-readable reason, stable across releases (used in topics and metrics).
     reason: str = "error"
 
-    def __init__(self, detail: str = "", *, reason: str | None = None) -> None:
+    def __init__(
+        self, detail: str = "", *, reason: str | None = None, code: int | None = None
+    ) -> None:
         super().__init__(detail or self.__class__.__doc__ or self.reason)
-        self.detail = detail
+        self.detail = detail or str(self)
         if reason is not None:
             self.reason = reason
+        #: The remote side's reply code (SMTP), when the failure came with one.
+        self.code = code
 
 
 class TransientError(HeraldError):
@@ -76,3 +80,39 @@ class SchemaRegistryUnavailableError(TransientError):
     """The configured schema registry did not answer."""
 
     reason = "schema_registry_unavailable"
+
+
+class RenderError(PermanentError):
+    """A template is missing, fails to render, or lacks required variables."""
+
+    reason = "render_failed"
+
+
+class InvalidAddressError(PermanentError):
+    """A recipient address that is not one plain mailbox (or could smuggle headers)."""
+
+    reason = "invalid_address"
+
+
+class SmtpDeferredError(TransientError):
+    """The SMTP server answered 4xx: try again later."""
+
+    reason = "smtp_deferred"
+
+
+class SmtpRejectedError(PermanentError):
+    """The SMTP server answered 5xx: this message will not be accepted."""
+
+    reason = "smtp_rejected"
+
+
+class SmtpTimeoutError(TransientError):
+    """The SMTP server did not answer within the timeout."""
+
+    reason = "smtp_timeout"
+
+
+class SmtpConnectionError(TransientError):
+    """The SMTP server could not be reached or dropped the connection."""
+
+    reason = "smtp_connection"

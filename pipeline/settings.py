@@ -8,10 +8,11 @@ else reads the environment.
 
 from __future__ import annotations
 
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The repository root when running from a checkout; the defaults for data folders
@@ -123,6 +124,55 @@ class Settings(BaseSettings):
         default="INFO", description="Worker log level."
     )
 
+    # --- Email channel -----------------------------------------------------------
+    email_provider: Literal["smtp", "stub"] = Field(
+        default="smtp",
+        description="smtp delivers over SMTP; stub only logs, with scriptable outcomes.",
+    )
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP server host.")
+    smtp_port: int = Field(
+        default=1025, gt=0, lt=65536, description="SMTP server port (1025: `herald smtp-sink`)."
+    )
+    smtp_security: Literal["none", "starttls", "tls"] = Field(
+        default="none", description="none, starttls (upgrade after connect) or tls (implicit TLS)."
+    )
+    smtp_validate_certs: bool = Field(
+        default=True, description="Verify the SMTP server's TLS certificate."
+    )
+    smtp_username: str | None = Field(default=None, description="SMTP AUTH user (unset: no AUTH).")
+    smtp_password: SecretStr | None = Field(default=None, description="SMTP AUTH password.")
+    smtp_timeout_s: float = Field(
+        default=15.0, gt=0, description="Longest wait for any one SMTP reply (timeout: transient)."
+    )
+    smtp_from: str = Field(
+        default="Herald <no-reply@herald.invalid>", description="From header and envelope sender."
+    )
+    smtp_reply_to: str | None = Field(default=None, description="Reply-To header (unset: none).")
+    stub_outcomes: str = Field(
+        default="",
+        description=(
+            "Stub provider script: `pattern=outcome[,outcome...]` rules separated by `;`, "
+            "outcomes accept, defer, reject, timeout (e.g. `*@bounce.invalid=reject`)."
+        ),
+    )
+    suppress_hard_bounces: bool = Field(
+        default=True,
+        description="Add an address to the suppression list when SMTP rejects it (550/551/553).",
+    )
+
+    # --- HTTP API ------------------------------------------------------------------
+    api_host: str = Field(default="127.0.0.1", description="Address `herald api` listens on.")
+    api_port: int = Field(default=8080, gt=0, lt=65536, description="Port `herald api` listens on.")
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the API requires (unset: no token; keep the API internal).",
+    )
+    api_kafka_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest the API waits for Kafka to acknowledge a request before a 503.",
+    )
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _non_empty_servers(cls, value: str) -> str:
@@ -130,6 +180,16 @@ class Settings(BaseSettings):
         if not servers:
             raise ValueError("KAFKA_BOOTSTRAP_SERVERS must name at least one host:port")
         return ",".join(servers)
+
+    @field_validator("smtp_from", "smtp_reply_to")
+    @classmethod
+    def _mailbox(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _, address = parseaddr(value)
+        if "@" not in address or any(c in value for c in "\r\n"):
+            raise ValueError(f"not a mailbox (Name <user@domain> or user@domain): {value!r}")
+        return value
 
     @classmethod
     def env_var(cls, field_name: str) -> str:
@@ -142,7 +202,9 @@ class Settings(BaseSettings):
     def as_env(self) -> dict[str, str]:
         """These settings as environment variables (to hand to a child process)."""
         return {
-            self.env_var(name): str(value)
+            self.env_var(name): value.get_secret_value()
+            if isinstance(value, SecretStr)
+            else str(value)
             for name, value in self.model_dump().items()
             if value is not None
         }
@@ -150,6 +212,11 @@ class Settings(BaseSettings):
     def topic(self, logical_name: str) -> str:
         """The physical name of a topic declared in topologies/ under ``logical_name``."""
         return f"{self.topic_prefix}{logical_name}"
+
+    @property
+    def message_id_domain(self) -> str:
+        """Right-hand side of the Message-IDs Herald writes: the From address's domain."""
+        return parseaddr(self.smtp_from)[1].rsplit("@", 1)[-1]
 
     @property
     def worker_dir(self) -> Path:

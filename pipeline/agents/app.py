@@ -19,16 +19,20 @@ import faust
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
 from pipeline.agents.batching import BatchRun, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
+from pipeline.agents.email import LANES, EmailChannel
 from pipeline.agents.intake import Intake
-from pipeline.agents.route import Router, TemplateLocales
+from pipeline.agents.route import Router
 from pipeline.agents.users import UserDirectory
 from pipeline.agents.watchdog import EXIT_STALLED, StallWatchdog
 from pipeline.contracts import Contracts
 from pipeline.errors import ConfigurationError
+from pipeline.providers import email_provider
+from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology
 from pipeline.topology import admin as topology_admin
 from pipeline.topology.partitioning import partition_for
+from pipeline.views import SuppressionList
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class Worker:
         self.topology = Topology.load(settings)
         self.catalog = Catalog.load(settings)
         self.contracts = Contracts(settings)
+        self.templates = TemplateCatalog(settings.templates_dir)
         longest_hold_s = max(t for r in self.topology.retry.values() for t in r.tiers)
         self.app = create_faust_app(settings, longest_hold_s)
         self.sink = AckedSink(self._send)
@@ -98,10 +103,12 @@ class Worker:
             self.contracts,
             self.catalog,
             self.topology,
-            TemplateLocales(settings.templates_dir),
+            self.templates,
         )
+        self.suppressions = SuppressionList(settings)
         self._wire_intake()
         self._wire_routing()
+        self._wire_email()
         self._wire_delays()
         self._wire_watchdog()
 
@@ -189,6 +196,50 @@ class Worker:
             concurrency=1,
         )(self._batched(route, lambda: WriteBehind(users), self._malformed_other))
 
+    def _wire_email(self) -> None:
+        table = self._table("email-deliveries", "herald.email.deliveries.changelog", "raw")
+        channels = []
+        for lane, logical_topic in LANES.items():
+            # One provider (connection) per lane: login codes never wait behind bulk mail.
+            channel = EmailChannel(
+                self.settings,
+                self.contracts,
+                self.catalog,
+                self.topology,
+                self.templates,
+                email_provider(self.settings),
+                self.suppressions,
+                self.clock,
+            )
+            channels.append(channel)
+
+            def registry_view() -> WriteBehind:
+                # The channel writes each entry's changelog record itself and waits
+                # for it (see pipeline.agents.email), so the view writes the store
+                # directly, without Faust's own (unawaited) changelog send.
+                return WriteBehind(cast(MutableMapping[bytes, Any], table.data))
+
+            self.app.agent(
+                self._source(self.settings.topic(logical_topic)),
+                name=f"herald.email.{lane}",
+                concurrency=1,
+            )(self._batched(channel.handle, registry_view, self._malformed_other, batch_max=1))
+
+        async def follow_suppressions() -> None:
+            await self.suppressions.run()
+
+        self.app.task(follow_suppressions)
+
+        async def sweep_registry() -> None:
+            expired = channels[0].expired(
+                cast(MutableMapping[bytes, Any], table.data), self.clock.now_ms()
+            )
+            if expired:
+                await self.sink.deliver(expired)
+                log.info("delivery registry sweep: %d expired routes dropped", len(expired))
+
+        self.app.timer(self.settings.idempotency_sweep_interval_s)(sweep_registry)
+
     def _wire_delays(self) -> None:
         malformed_topic = self.settings.topic("notification.malformed")
         for stage, policy in self.topology.retry.items():
@@ -237,7 +288,12 @@ class Worker:
         )
 
     def _batched(
-        self, handle: Handle, new_view: Callable[[], WriteBehind], on_error: OnError
+        self,
+        handle: Handle,
+        new_view: Callable[[], WriteBehind],
+        on_error: OnError,
+        *,
+        batch_max: int | None = None,
     ) -> Callable[[Any], Coroutine[Any, Any, None]]:
         """An agent body running a fresh :class:`BatchRun` each time Faust starts it."""
 
@@ -248,7 +304,7 @@ class Worker:
                 self.sink,
                 new_view(),
                 clock=self.clock,
-                batch_max=self.settings.batch_max,
+                batch_max=batch_max or self.settings.batch_max,
                 linger_s=self.settings.batch_linger_s,
             )
             await run.run(stream)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pipeline.agents.base import (
@@ -26,7 +27,8 @@ from pipeline.agents.base import (
 
 log = logging.getLogger(__name__)
 
-Handle = Callable[[RawRecord, WriteBehind], Sequence[Out]]
+#: Handles one record: its outputs, computed at once or awaited (the email channel).
+Handle = Callable[[RawRecord, WriteBehind], Sequence[Out] | Awaitable[Sequence[Out]]]
 OnError = Callable[[RawRecord, Exception, int], Out]
 
 
@@ -82,7 +84,7 @@ class BatchRun:
         try:
             async for event in unacked.events():
                 async with self._lock:
-                    self._take(event)
+                    await self._take(event)
                     if len(self._events) >= self._batch_max or unacked.channel.empty():
                         await self._flush(unacked)
             async with self._lock:  # the stream ended (shutdown): write what was handled
@@ -92,7 +94,7 @@ class BatchRun:
             with contextlib.suppress(asyncio.CancelledError):
                 await lingering
 
-    def _take(self, event: Any) -> None:
+    async def _take(self, event: Any) -> None:
         if not self._events:
             self._opened = time.monotonic()
         self._events.append(event)
@@ -102,7 +104,10 @@ class BatchRun:
             return
         raw = raw_record_of(message)
         try:
-            self._outputs.extend(self._handle(raw, self._view))
+            outputs = self._handle(raw, self._view)
+            if inspect.isawaitable(outputs):
+                outputs = await outputs
+            self._outputs.extend(outputs)
         except Exception as exc:  # one record must never stop the stream
             log.exception("unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset)
             self._outputs.append(self._on_error(raw, exc, self._clock.now_ms()))

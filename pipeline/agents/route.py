@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.agents.base import Out, RawRecord, malformed
@@ -25,35 +24,9 @@ from pipeline.contracts.records import (
     UserProfile,
 )
 from pipeline.errors import DecodeError
+from pipeline.rendering import DEFAULT_LOCALE, TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology, TypeSpec
-
-DEFAULT_LOCALE = "en"
-
-
-class TemplateLocales:
-    """Which locales have templates, per template id (templates/<id>/<locale>/)."""
-
-    def __init__(self, templates_dir: Path) -> None:
-        self._by_template: dict[str, frozenset[str]] = {}
-        if templates_dir.is_dir():
-            for folder in templates_dir.iterdir():
-                if folder.is_dir():
-                    self._by_template[folder.name] = frozenset(
-                        sub.name.lower() for sub in folder.iterdir() if sub.is_dir()
-                    )
-
-    def resolve(self, template_id: str, preferred: str | None) -> tuple[str, bool]:
-        """(locale, fell_back): the preferred language if templates exist for it (also by
-        its base language, pt-BR -> pt), else en."""
-        available = self._by_template.get(template_id, frozenset({DEFAULT_LOCALE}))
-        if preferred:
-            wanted = preferred.replace("_", "-").lower()
-            for candidate in (wanted, wanted.split("-")[0]):
-                if candidate in available:
-                    return candidate, False
-            return DEFAULT_LOCALE, wanted.split("-")[0] != DEFAULT_LOCALE
-        return DEFAULT_LOCALE, False
 
 
 def quiet_until_ms(quiet: QuietHours | None, timezone: str | None, now_ms: int) -> int | None:
@@ -119,11 +92,11 @@ class Router:
         contracts: Contracts,
         catalog: Catalog,
         topology: Topology,
-        locales: TemplateLocales,
+        templates: TemplateCatalog,
     ) -> None:
         self._contracts = contracts
         self._catalog = catalog
-        self._locales = locales
+        self._templates = templates
         self.recipients_topic = settings.topic("notification.recipients")
         # Waiting recipients come back here, so notification.recipients keeps exactly
         # one record per accepted recipient.
@@ -134,6 +107,8 @@ class Router:
             "email": settings.topic("notification.email.requested"),
             "push": settings.topic("notification.push.requested"),
         }
+        # Critical mail (login codes) has its own lane so it never queues behind bulk.
+        self._priority_email_topic = settings.topic("notification.email.priority")
         self._wait = DelayTiers.of(topology.retry["recipients"], settings)
         self._deferral = {
             ch: DelayTiers.of(topology.retry[ch], settings) for ch in ("email", "push")
@@ -186,7 +161,7 @@ class Router:
     def _user_routes(
         self, recipient: Recipient, spec: TypeSpec, profile: UserProfile, now_ms: int
     ) -> list[Out]:
-        locale, fell_back = self._locales.resolve(spec.name, profile.preferred_language)
+        locale, fell_back = self._templates.resolve(spec.name, profile.preferred_language)
         quiet_end = None
         if recipient.priority != "critical":
             quiet_end = quiet_until_ms(profile.quiet_hours, profile.timezone, now_ms)
@@ -260,6 +235,8 @@ class Router:
     ) -> list[Out]:
         value = self._contracts.channel_request.encode(request)
         target = self._channel_topics[request.channel]
+        if request.channel == "email" and request.priority == "critical":
+            target = self._priority_email_topic
         channel, route_id = request.channel, request.route_id
         if quiet_end is not None:
             return [

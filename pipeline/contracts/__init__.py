@@ -8,6 +8,7 @@ from pipeline.contracts.avro import AvroCodec, SchemaRegistry, load_schema, regi
 from pipeline.contracts.records import (
     AvroRecord,
     ChannelRequest,
+    DeadLetter,
     Intent,
     Malformed,
     Recipient,
@@ -48,3 +49,4 @@ class Contracts:
         self.malformed = RecordCodec(Malformed, self.registry, settings)
         self.user = RecordCodec(UserProfile, self.registry, settings)
         self.channel_request = RecordCodec(ChannelRequest, self.registry, settings)
+        self.dead_letter = RecordCodec(DeadLetter, self.registry, settings)

@@ -294,3 +294,122 @@ class ChannelRequest(AvroRecord):
     """Trace id."""
     tenant_id: str | None = None
     """Tenant."""
+    payload_mode: str = "template"
+    """``template`` (render template_id with variables) or ``rendered`` (use content)."""
+    content: RenderedContent | None = None
+    """The mail itself, for payload_mode ``rendered``."""
+    attachments: list[Attachment] = field(default_factory=list)
+    """Files attached to the mail (both modes)."""
+    attempts: list[Attempt] = field(default_factory=list)
+    """Every attempt so far, oldest first."""
+    replay_of: str | None = None
+    """The dead letter this route was replayed from, if any."""
+
+    def to_avro(self) -> dict[str, Any]:
+        data = AvroRecord.to_avro(self)
+        data["content"] = dataclasses.asdict(self.content) if self.content else None
+        data["attachments"] = [dataclasses.asdict(a) for a in self.attachments]
+        data["attempts"] = [dataclasses.asdict(a) for a in self.attempts]
+        return data
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        data = dict(data)
+        content = data.get("content")
+        data["content"] = RenderedContent(**content) if content else None
+        data["attachments"] = [Attachment(**a) for a in data.get("attachments", [])]
+        data["attempts"] = [Attempt(**a) for a in data.get("attempts", [])]
+        return cls(**data)
+
+
+@dataclass(slots=True, kw_only=True)
+class RenderedContent:
+    """A mail its producer rendered already (payload_mode ``rendered``)."""
+
+    subject: str
+    """Subject line; line breaks are folded into spaces."""
+    text: str
+    """Plain-text body."""
+    html: str | None = None
+    """Optional HTML body (sent as multipart/alternative with the text)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Attachment:
+    """A file attached to a mail."""
+
+    filename: str
+    """File name shown to the recipient."""
+    data: bytes
+    """The file's bytes."""
+    content_type: str = "application/octet-stream"
+    """MIME type."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Attempt:
+    """One delivery attempt of a route."""
+
+    number: int
+    """1 for the first attempt."""
+    at_ms: int
+    """When the attempt ended (epoch ms)."""
+    outcome: str
+    """accepted, suppressed, transient or permanent."""
+    reason: str
+    """Machine-readable reason (smtp_deferred, smtp_rejected, render_failed, ...)."""
+    code: int | None = None
+    """SMTP reply code, when there was one."""
+    message: str = ""
+    """The server's reply or the error, truncated."""
+
+
+@dataclass(slots=True, kw_only=True)
+class DeadLetter(AvroRecord):
+    """A route Herald gave up on, with its history (schemas/dead_letter.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "dead_letter.avsc"
+
+    dead_letter_id: str
+    """Deterministic id (route and final attempt); replay tools dedupe on it."""
+    channel: str
+    """email or push."""
+    route_id: str
+    """The route."""
+    notification_id: str
+    """The notification."""
+    notification_type: str
+    """Catalog type."""
+    reason: str
+    """``permanent_failure`` or ``budget_exhausted``."""
+    error_class: str
+    """Last attempt's class: transient or permanent."""
+    last_reason: str
+    """Last attempt's machine-readable reason."""
+    last_error: str
+    """Last error message."""
+    dead_lettered_at_ms: int
+    """When the route was dead-lettered."""
+    origin_topic: str
+    """The lane topic the route was read from (where a replay sends it)."""
+    request: bytes
+    """The ChannelRequest in the Confluent wire format, history included."""
+    user_id: str | None = None
+    """Recipient user (None on admin routes)."""
+    address: str | None = None
+    """Email address (email routes)."""
+    last_code: int | None = None
+    """Last SMTP reply code, when there was one."""
+    attempts: list[Attempt] = field(default_factory=list)
+    """Every attempt, oldest first."""
+
+    def to_avro(self) -> dict[str, Any]:
+        data = AvroRecord.to_avro(self)
+        data["attempts"] = [dataclasses.asdict(a) for a in self.attempts]
+        return data
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        data = dict(data)
+        data["attempts"] = [Attempt(**a) for a in data.get("attempts", [])]
+        return cls(**data)

@@ -1,0 +1,47 @@
+"""Delivery providers: what actually hands a message to the outside world.
+
+An email provider takes one MIME message for one recipient and either returns a
+receipt (the server accepted it) or raises a classified :mod:`pipeline.errors` error:
+transient (4xx, timeouts, connection trouble) or permanent (5xx).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Protocol
+
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """The server's acceptance of one message."""
+
+    code: int
+    """SMTP reply code (250)."""
+    message: str
+    """The server's reply text (often with its queue id)."""
+
+
+class EmailProvider(Protocol):
+    """Sends one message to one recipient."""
+
+    async def send(self, message: EmailMessage, recipient: str) -> SendReceipt:
+        """Deliver ``message`` to ``recipient``; raise a classified error otherwise."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def email_provider(settings: Settings) -> EmailProvider:
+    """The provider the settings select (one instance per delivery lane)."""
+    if settings.email_provider == "stub":
+        from pipeline.providers.stub import StubEmailProvider
+
+        return StubEmailProvider(settings.stub_outcomes)
+    from pipeline.providers.smtp import SmtpProvider
+
+    return SmtpProvider(settings)

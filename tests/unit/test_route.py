@@ -12,10 +12,11 @@ import pytest
 
 from pipeline.agents.base import Out, WriteBehind
 from pipeline.agents.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
-from pipeline.agents.route import Router, TemplateLocales, quiet_until_ms
+from pipeline.agents.route import Router, quiet_until_ms
 from pipeline.agents.users import UserDirectory
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import PushDevice, QuietHours, Recipient, UserProfile
+from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.partitioning import partition_for
@@ -36,7 +37,7 @@ def router(settings: Settings, contracts: Contracts) -> Router:
         contracts,
         Catalog.load(settings),
         Topology.load(settings),
-        TemplateLocales(settings.templates_dir),
+        TemplateCatalog(settings.templates_dir),
     )
 
 
@@ -248,7 +249,7 @@ def test_admin_route_uses_the_configured_list(router: Router, contracts: Contrac
 def test_locales_resolve_by_base_language(tmp_path: Path) -> None:
     for locale in ("en", "pt", "de"):
         (tmp_path / "t" / locale).mkdir(parents=True)
-    locales = TemplateLocales(tmp_path)
+    locales = TemplateCatalog(tmp_path)
     assert locales.resolve("t", "pt-BR") == ("pt", False)
     assert locales.resolve("t", "DE") == ("de", False)
     assert locales.resolve("t", "ja") == ("en", True)

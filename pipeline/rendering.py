@@ -1,0 +1,156 @@
+"""Templates: which locales exist, and rendering them safely.
+
+Layout: ``templates/<template_id>/<locale>/<part>.j2`` where template_id is the
+notification type and the mail parts are ``subject``, ``text`` and optional ``html``.
+Every template is compiled once, when the catalog is built (a syntax error stops
+start-up, not a delivery). Rendering runs in Jinja2's immutable sandbox with strict
+undefined variables; only ``html`` is autoescaped (escaping a plain-text body would
+show ``&amp;`` to readers). The subject is folded to one line, so no variable can
+start a new header.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pipeline.errors import ConfigurationError, RenderError
+
+DEFAULT_LOCALE = "en"
+SUFFIX = ".j2"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMail:
+    """One mail's text, ready for MIME."""
+
+    subject: str
+    """One line."""
+    text: str
+    """Plain-text body."""
+    html: str | None
+    """HTML body, when the template has one."""
+    locale: str
+    """The locale actually rendered."""
+    locale_fallback: bool
+    """True when ``en`` stood in for a locale without templates."""
+
+
+def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=autoescape,
+        auto_reload=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+class TemplateCatalog:
+    """Every template under ``templates_dir``, compiled once."""
+
+    def __init__(self, templates_dir: Path) -> None:
+        self._text_env = _environment(autoescape=False)
+        self._html_env = _environment(autoescape=True)
+        self._templates: dict[tuple[str, str, str], jinja2.Template] = {}
+        self._locales: dict[str, frozenset[str]] = {}
+        if not templates_dir.is_dir():
+            return
+        for template_dir in sorted(p for p in templates_dir.iterdir() if p.is_dir()):
+            locales = []
+            for locale_dir in sorted(p for p in template_dir.iterdir() if p.is_dir()):
+                locale = locale_dir.name.lower()
+                locales.append(locale)
+                for path in sorted(locale_dir.glob(f"*{SUFFIX}")):
+                    part = path.name.removesuffix(SUFFIX)
+                    self._templates[(template_dir.name, locale, part)] = self._compile(path, part)
+            self._locales[template_dir.name] = frozenset(locales)
+
+    def _compile(self, path: Path, part: str) -> jinja2.Template:
+        env = self._html_env if part == "html" else self._text_env
+        try:
+            return env.from_string(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as exc:
+            raise ConfigurationError(f"template {path}: {exc}") from exc
+
+    def template_ids(self) -> list[str]:
+        """Every template id found."""
+        return sorted(self._locales)
+
+    def has(self, template_id: str, locale: str, part: str) -> bool:
+        """Whether ``<template_id>/<locale>/<part>.j2`` exists."""
+        return (template_id, locale, part) in self._templates
+
+    def resolve(self, template_id: str, preferred: str | None) -> tuple[str, bool]:
+        """(locale, fell_back): the preferred language if templates exist for it (also by
+        its base language, pt-BR -> pt), else en."""
+        available = self._locales.get(template_id, frozenset({DEFAULT_LOCALE}))
+        if preferred:
+            wanted = preferred.replace("_", "-").lower()
+            for candidate in (wanted, wanted.split("-")[0]):
+                if candidate in available:
+                    return candidate, False
+            return DEFAULT_LOCALE, wanted.split("-")[0] != DEFAULT_LOCALE
+        return DEFAULT_LOCALE, False
+
+    def render_mail(
+        self,
+        template_id: str,
+        locale: str,
+        variables: Mapping[str, Any],
+        required: Iterable[str] = (),
+    ) -> RenderedMail:
+        """Subject, text and html of one mail; RenderError when that is not possible."""
+        missing = sorted(name for name in required if name not in variables)
+        if missing:
+            raise RenderError(f"{template_id}: missing required variables {missing}")
+        resolved, fell_back = self.resolve(template_id, locale)
+        if not self.has(template_id, resolved, "subject"):
+            raise RenderError(f"no mail template {template_id}/{resolved} (subject{SUFFIX})")
+        subject = self._render(template_id, resolved, "subject", variables)
+        text = self._render(template_id, resolved, "text", variables)
+        html = None
+        if self.has(template_id, resolved, "html"):
+            html = self._render(template_id, resolved, "html", variables)
+        return RenderedMail(
+            subject=one_line(subject),
+            text=text,
+            html=html,
+            locale=resolved,
+            locale_fallback=fell_back or resolved != locale.lower(),
+        )
+
+    def _render(
+        self, template_id: str, locale: str, part: str, variables: Mapping[str, Any]
+    ) -> str:
+        template = self._templates.get((template_id, locale, part))
+        if template is None:
+            raise RenderError(f"no template {template_id}/{locale}/{part}{SUFFIX}")
+        try:
+            return template.render(variables)
+        except jinja2.UndefinedError as exc:
+            raise RenderError(f"{template_id}/{locale}/{part}: {exc.message}") from exc
+        except jinja2.TemplateError as exc:  # sandbox violations included
+            raise RenderError(f"{template_id}/{locale}/{part}: {exc}") from exc
+
+
+def variables_of(variables_json: str) -> dict[str, Any]:
+    """A route's template variables; RenderError unless they are a JSON object."""
+    try:
+        variables = json.loads(variables_json or "{}")
+    except ValueError as exc:
+        raise RenderError(f"variables are not JSON: {exc}") from exc
+    if not isinstance(variables, dict):
+        raise RenderError("variables must be a JSON object")
+    return variables
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (line breaks included) folded to a space."""
+    return " ".join(text.split())

@@ -1,0 +1,168 @@
+"""Small compacted topics read whole into memory and followed: the suppression list
+and the login-code intake's idempotency records.
+
+Every process that needs one reads every partition from the beginning (no consumer
+group, nothing committed) and is ``ready`` once it has reached the end offsets it
+saw at start. Such topics are small (one record per address or request key), so a
+full read at start is cheap and needs no table recovery machinery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from pipeline.agents.base import Out
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+class CompactedView(Generic[V]):
+    """The latest value per key of one compacted topic; tombstones delete."""
+
+    def __init__(
+        self, settings: Settings, topic: str, decode: Callable[[bytes], V], *, name: str
+    ) -> None:
+        self._settings = settings
+        self.topic = topic
+        self._decode = decode
+        self._name = name
+        self.items: dict[bytes, V] = {}
+        #: Set once the view holds everything the topic held when it was started.
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, key: bytes) -> V | None:
+        """The value for ``key``, or None."""
+        return self.items.get(key)
+
+    def put(self, key: bytes, value: V | None) -> None:
+        """Apply a write this process made (before it comes back from the topic)."""
+        if value is None:
+            self.items.pop(key, None)
+        else:
+            self.items[key] = value
+
+    def start(self) -> None:
+        """Start following the topic in the background."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self) -> None:
+        """Stop following."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self) -> None:
+        """Follow the topic forever, reconnecting after broker trouble."""
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except (KafkaError, OSError) as exc:
+                log.warning("%s view: %s; reconnecting in 2s", self._name, exc)
+                await asyncio.sleep(2.0)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            await consumer.topics()  # loads the cluster metadata
+            partitions = consumer.partitions_for_topic(self.topic)
+            if not partitions:
+                raise KafkaError(f"topic {self.topic} does not exist (run `herald topics apply`)")
+            assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        self._apply(record.key, record.value)
+                if not self.ready.is_set() and all(
+                    await asyncio.gather(*(self._reached(consumer, tp, ends[tp]) for tp in ends))
+                ):
+                    log.info("%s view ready (%d keys)", self._name, len(self.items))
+                    self.ready.set()
+        finally:
+            await consumer.stop()
+
+    @staticmethod
+    async def _reached(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> bool:
+        return bool(await consumer.position(tp) >= end)
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        if value is None:
+            self.items.pop(key, None)
+            return
+        try:
+            self.items[key] = self._decode(value)
+        except ValueError:
+            log.warning("%s view: undecodable value for key %r ignored", self._name, key)
+
+
+def json_value(data: bytes) -> dict[str, Any]:
+    """A JSON object value; ValueError otherwise."""
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def address_key(address: str) -> bytes:
+    """Suppression-list key of an address: trimmed and lower-cased."""
+    return address.strip().lower().encode("utf-8")
+
+
+class SuppressionList(CompactedView[dict[str, Any]]):
+    """Addresses Herald must not mail (notification.email.suppressions)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            settings,
+            settings.topic("notification.email.suppressions"),
+            json_value,
+            name="suppressions",
+        )
+
+    def reason(self, address: str) -> str | None:
+        """Why ``address`` is suppressed, or None when it is not."""
+        entry = self.get(address_key(address))
+        return None if entry is None else str(entry.get("reason", "suppressed"))
+
+    def entry(self, address: str, reason: str, source: str, now_ms: int | None = None) -> Out:
+        """The record that suppresses ``address``."""
+        value = {
+            "address": address.strip().lower(),
+            "reason": reason,
+            "source": source,
+            "at_ms": now_ms if now_ms is not None else int(time.time() * 1000),
+        }
+        return Out(self.topic, address_key(address), json.dumps(value).encode())
+
+    def lift(self, address: str) -> Out:
+        """The tombstone that lifts the suppression of ``address``."""
+        return Out(self.topic, address_key(address), None)
