@@ -116,3 +116,9 @@ class SmtpConnectionError(TransientError):
     """The SMTP server could not be reached or dropped the connection."""
 
     reason = "smtp_connection"
+
+
+class IdempotencyConflictError(PermanentError):
+    """An idempotency key reused with a different request body."""
+
+    reason = "idempotency_conflict"

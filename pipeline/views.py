@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.agents.base import Out
 from pipeline.settings import Settings
+from pipeline.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ class CompactedView(Generic[V]):
     """The latest value per key of one compacted topic; tombstones delete."""
 
     def __init__(
-        self, settings: Settings, topic: str, decode: Callable[[bytes], V], *, name: str
+        self, settings: Settings, logical_topic: str, decode: Callable[[bytes], V], *, name: str
     ) -> None:
         self._settings = settings
-        self.topic = topic
+        self.topic = settings.topic(logical_topic)
+        # The declared count: the worker refuses to run on a broker that differs.
+        self._partitions = Topology.load(settings).spec(logical_topic).partitions
         self._decode = decode
         self._name = name
         self.items: dict[bytes, V] = {}
@@ -87,11 +90,7 @@ class CompactedView(Generic[V]):
         )
         await consumer.start()
         try:
-            await consumer.topics()  # loads the cluster metadata
-            partitions = consumer.partitions_for_topic(self.topic)
-            if not partitions:
-                raise KafkaError(f"topic {self.topic} does not exist (run `herald topics apply`)")
-            assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            assigned = [TopicPartition(self.topic, p) for p in range(self._partitions)]
             consumer.assign(assigned)
             await consumer.seek_to_beginning(*assigned)
             ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
@@ -143,7 +142,7 @@ class SuppressionList(CompactedView[dict[str, Any]]):
     def __init__(self, settings: Settings) -> None:
         super().__init__(
             settings,
-            settings.topic("notification.email.suppressions"),
+            "notification.email.suppressions",
             json_value,
             name="suppressions",
         )

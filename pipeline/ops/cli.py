@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import click
@@ -225,7 +226,8 @@ _TAILS = {
     "users": ("notification.users", "user"),
     "email-requests": ("notification.email.requested", "channel_request"),
     "push-requests": ("notification.push.requested", "channel_request"),
-    "email-dlq": ("notification.email.dlq", "channel_request"),
+    "email-priority": ("notification.email.priority", "channel_request"),
+    "email-dlq": ("notification.email.dlq", "dead_letter"),
     "push-dlq": ("notification.push.dlq", "channel_request"),
 }
 
@@ -300,6 +302,85 @@ def worker() -> None:
     from pipeline.agents.app import Worker
 
     Worker(_settings()).run()
+
+
+@cli.command()
+def api() -> None:
+    """Run the HTTP API (login-code intake, health) on HERALD_API_HOST:HERALD_API_PORT."""
+    from pipeline.web.server import run
+
+    run(_settings())
+
+
+@cli.command("smtp-sink")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=1025, show_default=True)
+@click.option(
+    "--save-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep every mail as an .eml file here.",
+)
+def smtp_sink(host: str, port: int, save_dir: Path | None) -> None:
+    """A local SMTP server that accepts and prints every mail (for local runs only)."""
+    from pipeline.ops.smtp_sink import run_sink
+
+    run_sink(host, port, save_dir, click.echo)
+
+
+# --- suppression list ------------------------------------------------------------
+
+
+@cli.group()
+def suppress() -> None:
+    """Addresses Herald must not mail (notification.email.suppressions)."""
+
+
+def _write_suppression(add: bool, address: str, reason: str) -> None:
+    from confluent_kafka import Producer
+
+    from pipeline.views import SuppressionList
+
+    settings = _settings()
+    suppressions = SuppressionList(settings)
+    out = suppressions.entry(address, reason, "operator") if add else suppressions.lift(address)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    producer.produce(out.topic, key=out.key, value=out.value)
+    if producer.flush(15):
+        raise click.ClickException("Kafka did not acknowledge the write")
+
+
+@suppress.command("add")
+@click.argument("address")
+@click.option("--reason", default="operator", show_default=True)
+def suppress_add(address: str, reason: str) -> None:
+    """Stop mailing ADDRESS."""
+    _write_suppression(True, address, reason)
+    click.echo(f"suppressed {address.strip().lower()} ({reason})")
+
+
+@suppress.command("remove")
+@click.argument("address")
+def suppress_remove(address: str) -> None:
+    """Mail ADDRESS again."""
+    _write_suppression(False, address, "")
+    click.echo(f"lifted {address.strip().lower()}")
+
+
+@suppress.command("list")
+def suppress_list() -> None:
+    """Every suppressed address with its reason."""
+    from pipeline.ops.reader import read_topic
+
+    settings = _settings()
+    current: dict[bytes, bytes | None] = {}
+    for *_, key, value in read_topic(settings, settings.topic("notification.email.suppressions")):
+        if key is not None:
+            current[key] = value
+    for value in current.values():
+        if value is not None:
+            entry = json.loads(value)
+            click.echo(f"{entry.get('address')}\t{entry.get('reason')}\t{entry.get('source')}")
 
 
 @cli.command()

@@ -1,0 +1,114 @@
+"""Herald's HTTP API (aiohttp): the login-code intake, liveness and readiness.
+
+Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with stable codes:
+``invalid_request`` (400), ``unauthorized`` (401), ``idempotency_conflict`` (409),
+``service_unavailable`` (503) and ``internal_error`` (500).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from pipeline.agents.base import Clock
+from pipeline.contracts import Contracts
+from pipeline.errors import BrokerUnavailableError, IdempotencyConflictError, ValidationError
+from pipeline.rendering import TemplateCatalog
+from pipeline.settings import Settings
+from pipeline.views import SuppressionList
+from pipeline.web.login_codes import KafkaWriter, LoginCodeIntake, parse_request
+
+log = logging.getLogger(__name__)
+
+LOGIN_CODES = "/api/v1/internal/login-code-deliveries"
+INTAKE = web.AppKey("intake", LoginCodeIntake)
+SETTINGS = web.AppKey("settings", Settings)
+#: Paths a load balancer or kubelet probes without a token.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    """A JSON error response."""
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[SETTINGS].api_token
+    if token is not None and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return error(401, "unauthorized", "a valid bearer token is required")
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:  # never a stack trace to a caller
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal_error", "internal error")
+
+
+async def login_code_deliveries(request: web.Request) -> web.Response:
+    """POST: accept one login-code mail (see pipeline.web.login_codes)."""
+    intake = request.app[INTAKE]
+    try:
+        key, body = parse_request(request.headers.get("Idempotency-Key"), await request.read())
+        outcome = await intake.submit(key, body)
+    except ValidationError as exc:
+        return error(400, "invalid_request", f"{exc.reason}: {exc.detail}")
+    except IdempotencyConflictError as exc:
+        return error(409, "idempotency_conflict", exc.detail)
+    except BrokerUnavailableError as exc:
+        log.warning("login code not accepted: %s", exc)
+        return error(503, "service_unavailable", "Kafka is unavailable; nothing was accepted")
+    return web.json_response({"outcome": outcome})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the intake has loaded its state from Kafka."""
+    ready = request.app[INTAKE].ready
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The API application; its Kafka views start with it and stop with it."""
+    app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
+    intake = LoginCodeIntake(
+        settings,
+        Contracts(settings),
+        TemplateCatalog(settings.templates_dir),
+        SuppressionList(settings),
+        KafkaWriter(settings),
+        Clock(settings.clock_offset_ms),
+    )
+    app[SETTINGS] = settings
+    app[INTAKE] = intake
+    app.router.add_post(LOGIN_CODES, login_code_deliveries)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+    async def start(_: web.Application) -> None:
+        intake.start()
+
+    async def stop(_: web.Application) -> None:
+        await intake.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Serve the API until SIGINT/SIGTERM (blocking)."""
+    web.run_app(create_app(settings), host=settings.api_host, port=settings.api_port)
