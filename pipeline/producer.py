@@ -16,17 +16,30 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 from confluent_kafka import KafkaError, Message, Producer
 
 from pipeline.contracts import Contracts
-from pipeline.contracts.records import Intent, UserProfile
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import (
+    Attachment,
+    ChannelRequest,
+    Intent,
+    RenderedContent,
+    UserProfile,
+    intent_key,
+)
 from pipeline.errors import BrokerUnavailableError
+from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
+from pipeline.views import address_key
+
+#: notification_type of mails sent with :meth:`HeraldProducer.send_email`.
+RENDERED_TYPE = "email.rendered"
 
 
 class HeraldProducer:
@@ -102,6 +115,59 @@ class HeraldProducer:
         """Publish an already-built intent."""
         value = self._contracts.intent.encode(intent)
         self._produce(self._intents_topic, intent.idempotency_id.encode("utf-8"), value, wait)
+
+    def send_email(
+        self,
+        *,
+        producer: str,
+        idempotency_key: str,
+        to: str,
+        subject: str,
+        text: str,
+        html: str | None = None,
+        attachments: Sequence[Attachment] = (),
+        locale: str = "en",
+        priority: str = "normal",
+        request_id: str | None = None,
+        trace_id: str | None = None,
+        wait: bool = True,
+    ) -> ChannelRequest:
+        """Send a mail the caller rendered itself (payload mode ``rendered``) straight to
+        the email channel: no catalog type, no user lookup. Suppression, retries, the
+        DLQ and the never-twice registry apply as to every route; the route id comes
+        from (producer, idempotency_key, to), so a retried call never mails twice."""
+        address = checked_address(to.strip())
+        notification_id = deterministic_id(intent_key(producer, idempotency_key))
+        now = int(time.time() * 1000)
+        request = ChannelRequest(
+            route_id=deterministic_id(notification_id, "email", address.lower()),
+            notification_id=notification_id,
+            notification_type=RENDERED_TYPE,
+            channel="email",
+            template_id=RENDERED_TYPE,
+            address=address,
+            locale=locale,
+            priority=priority,
+            payload_mode="rendered",
+            content=RenderedContent(subject=subject, text=text, html=html),
+            attachments=list(attachments),
+            occurred_at_ms=now,
+            produced_at_ms=now,
+            request_id=request_id,
+            trace_id=trace_id,
+        )
+        lane = (
+            "notification.email.priority"
+            if priority == "critical"
+            else "notification.email.requested"
+        )
+        self._produce(
+            self._settings.topic(lane),
+            address_key(address),
+            self._contracts.channel_request.encode(request),
+            wait,
+        )
+        return request
 
     def put_user(self, profile: UserProfile, *, wait: bool = True) -> None:
         """Publish a user profile to the compacted users topic."""

@@ -65,7 +65,6 @@ def build_message(
     message["Subject"] = one_line(subject)
     message["Date"] = formatdate(now_ms / 1000, usegmt=True)
     message["Message-ID"] = message_id(route_id, settings.message_id_domain)
-    message["Content-Language"] = _token(locale)
     # RFC 3834: tells vacation responders not to answer.
     message["Auto-Submitted"] = "auto-generated"
     message["X-Herald-Route-Id"] = _token(route_id)
@@ -85,6 +84,8 @@ def build_message(
             subtype=subtype,
             filename=_filename(attachment.filename),
         )
+    # After the body: set_content() drops every Content-* header set before it.
+    message["Content-Language"] = _token(locale)
     return message
 
 

@@ -1,0 +1,128 @@
+"""A real SMTP server for tests (aiosmtpd in a thread) whose answers are scripted per
+recipient, and which records exactly the mails it accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+#: What the server does with one attempt to one recipient.
+#:   accept: 250 at DATA (after ``delay_s``), the mail is recorded
+#:   defer:  421 at DATA;  reject: 550 at RCPT
+#:   stall:  no answer at DATA for ``stall_s``, then 451 (the mail is not recorded)
+STEPS = ("accept", "defer", "reject", "stall")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ScriptedSmtp:
+    """``script`` maps an address to its steps, one per attempt (the last repeats);
+    addresses not in it are accepted."""
+
+    def __init__(
+        self,
+        script: dict[str, list[str]] | None = None,
+        *,
+        delay_s: float = 0.0,
+        stall_s: float = 30.0,
+    ) -> None:
+        self.script = {k.lower(): v for k, v in (script or {}).items()}
+        self.delay_s = delay_s
+        self.stall_s = stall_s
+        self.port = free_port()
+        self.received: list[tuple[str, EmailMessage]] = []
+        self.attempts: Counter[str] = Counter()
+        self.hold_at: int | None = None
+        """Block the n-th RCPT (1-based, all recipients) until ``release`` is set."""
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self._rcpts = 0
+        self._lock = threading.Lock()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> ScriptedSmtp:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self._controller.stop()
+
+    # --- aiosmtpd handler hooks ---------------------------------------------------
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        with self._lock:
+            self._rcpts += 1
+            hold = self.hold_at == self._rcpts
+            steps = self.script.get(address.lower(), ["accept"])
+            step = steps[min(self.attempts[address.lower()], len(steps) - 1)]
+            self.attempts[address.lower()] += 1
+        if hold:
+            self.held.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.05)
+            return "451 4.3.0 held by the test"
+        if step == "reject":
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        envelope.step = step
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        step = getattr(envelope, "step", "accept")
+        if step == "defer":
+            return "421 4.3.0 try again later"
+        if step == "stall":
+            await asyncio.sleep(self.stall_s)
+            return "451 4.4.2 too late"
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        message = message_from_bytes(envelope.original_content, policy=default)
+        with self._lock:
+            for rcpt in envelope.rcpt_tos:
+                self.received.append((rcpt, message))
+        return "250 2.0.0 Ok: queued"
+
+    # --- for assertions -------------------------------------------------------------
+
+    def mails_to(self, address: str) -> list[EmailMessage]:
+        with self._lock:
+            return [m for rcpt, m in self.received if rcpt.lower() == address.lower()]
+
+    def message_ids(self) -> list[str]:
+        with self._lock:
+            return [str(m["Message-ID"]) for _, m in self.received]
+
+    def wait_for(self, count: int, timeout_s: float = 60.0) -> list[tuple[str, EmailMessage]]:
+        """Wait until at least ``count`` mails were accepted; AssertionError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.received) >= count:
+                    return list(self.received)
+            time.sleep(0.1)
+        raise AssertionError(f"SMTP server got {len(self.received)} mails, expected {count}")
+
+
+def smtp_server(
+    script: dict[str, list[str]] | None = None, **options: Any
+) -> Iterator[ScriptedSmtp]:
+    """A started server for a fixture (stopped afterwards)."""
+    with ScriptedSmtp(script, **options) as server:
+        yield server
