@@ -277,3 +277,47 @@ def test_localized_mail_from_an_intent_with_rendered_mode_and_attachments(
     (attachment,) = list(invoice.iter_attachments())
     assert attachment.get_filename() == "invoice.pdf"
     assert attachment.get_content() == b"%PDF-1"
+
+
+def test_killed_worker_resends_nothing_the_server_accepted(
+    fast_mail: Settings, tmp_path: Path
+) -> None:
+    """SIGKILL while the 16th route is in its SMTP transaction: the restarted worker
+    re-reads the routes whose offsets were not committed yet, and the delivery
+    registry keeps it from mailing any of the 15 the server already accepted."""
+    contracts = Contracts(fast_mail)
+    with ScriptedSmtp() as smtp:
+        smtp.hold_at = 16
+        settings = fast_mail.model_copy(
+            update={"smtp_port": smtp.port}
+        )
+        routes = [route(f"u{i}", f"user{i}@example.org") for i in range(40)]
+        first = WorkerProcess(settings, tmp_path / "first.log")
+        first.start()
+        try:
+            publish_routes(settings, contracts, routes)
+            assert smtp.held.wait(90), "the worker never reached the 16th route"
+            assert len(smtp.received) == 15
+        finally:
+            first.kill()
+        smtp.release.set()  # the held transaction ends without a mail
+
+        second = WorkerProcess(settings, tmp_path / "second.log")
+        second.start()
+        try:
+            smtp.wait_for(40, timeout_s=120)
+            events = wait_for(
+                settings,
+                "notification.status",
+                contracts.status,
+                lambda evs: len({e.route_id for e in evs if e.status == "sent"}) == 40,
+                what="40 sent routes",
+            )
+        finally:
+            second.stop()
+        ids = smtp.message_ids()
+        assert len(ids) == 40, f"{len(ids) - len(set(ids))} mails were sent twice"
+        assert set(ids) == {f"<{r.route_id}@herald.invalid>" for r in routes}
+        sent = [e.route_id for e in events if e.status == "sent"]
+        assert len(sent) == len(set(sent)) == 40
+        assert "already handled" in second.log()
