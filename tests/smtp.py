@@ -75,8 +75,7 @@ class ScriptedSmtp:
             self.attempts[address.lower()] += 1
         if hold:
             self.held.set()
-            while not self.release.is_set():
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(self.release.wait)
             return "451 4.3.0 held by the test"
         if step == "reject":
             return "550 5.1.1 no such mailbox"
@@ -109,14 +108,18 @@ class ScriptedSmtp:
         with self._lock:
             return [str(m["Message-ID"]) for _, m in self.received]
 
-    def wait_for(self, count: int, timeout_s: float = 60.0) -> list[tuple[str, EmailMessage]]:
-        """Wait until at least ``count`` mails were accepted; AssertionError on timeout."""
+    def wait_for(
+        self, count: int, timeout_s: float = 60.0, to: str | None = None
+    ) -> list[tuple[str, EmailMessage]]:
+        """Wait until at least ``count`` mails (to ``to``, if given) were accepted;
+        AssertionError on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if len(self.received) >= count:
+                matching = [m for m in self.received if to is None or m[0] == to]
+                if len(matching) >= count:
                     return list(self.received)
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise AssertionError(f"SMTP server got {len(self.received)} mails, expected {count}")
 
 

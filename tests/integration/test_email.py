@@ -178,13 +178,17 @@ def test_every_route_ends_sent_suppressed_or_dead_lettered(
     assert mail.get_content_type() == "multipart/alternative"
     plain = mail.get_body(("plain",))
     html = mail.get_body(("html",))
-    assert plain is not None and "turn 4" in plain.get_content()
-    assert html is not None and "Andromeda" in html.get_content()
+    assert plain is not None
+    assert "turn 4" in plain.get_content()
+    assert html is not None
+    assert "Andromeda" in html.get_content()
 
     # A producer's line breaks never become headers.
     injected = smtp.mails_to("inject@example.org")[0]
-    assert injected["Bcc"] is None and injected["X-Evil"] is None
-    assert "\n" not in str(injected["Subject"]) and "Bcc" in str(injected["Subject"])
+    assert injected["Bcc"] is None
+    assert injected["X-Evil"] is None
+    assert "\n" not in str(injected["Subject"])
+    assert "Bcc" in str(injected["Subject"])
     assert [rcpt for rcpt, _ in smtp.received].count("evil@example.org") == 0
 
     # Dead letters carry the request and every attempt.
@@ -206,7 +210,8 @@ def test_every_route_ends_sent_suppressed_or_dead_lettered(
         550,
     )
     novar = letters[routes["novar"].route_id]
-    assert novar.last_reason == "render_failed" and "turn_number" in novar.last_error
+    assert novar.last_reason == "render_failed"
+    assert "turn_number" in novar.last_error
     assert len(letters) == 3
 
     # The hard bounce put the address on the suppression list: the next route to it
@@ -268,8 +273,10 @@ def test_localized_mail_from_an_intent_with_rendered_mode_and_attachments(
     assert anna["Subject"] == "<b>A&B</b>: Zug 4 ist bereit"
     assert anna["Content-Language"] == "de"
     plain, html = anna.get_body(("plain",)), anna.get_body(("html",))
-    assert plain is not None and "<b>A&B</b>" in plain.get_content()  # text is not escaped
-    assert html is not None and "&lt;b&gt;A&amp;B&lt;/b&gt;" in html.get_content()
+    assert plain is not None
+    assert "<b>A&B</b>" in plain.get_content()
+    assert html is not None
+    assert "&lt;b&gt;A&amp;B&lt;/b&gt;" in html.get_content()
     assert "<b>A&B</b>" not in html.get_content()
 
     (invoice,) = smtp.mails_to("payer@example.org")
@@ -288,9 +295,7 @@ def test_killed_worker_resends_nothing_the_server_accepted(
     contracts = Contracts(fast_mail)
     with ScriptedSmtp() as smtp:
         smtp.hold_at = 16
-        settings = fast_mail.model_copy(
-            update={"smtp_port": smtp.port}
-        )
+        settings = fast_mail.model_copy(update={"smtp_port": smtp.port})
         routes = [route(f"u{i}", f"user{i}@example.org") for i in range(40)]
         first = WorkerProcess(settings, tmp_path / "first.log")
         first.start()
