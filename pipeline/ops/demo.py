@@ -102,6 +102,25 @@ def run_demo(settings: Settings, timeout_s: float, echo: Callable[[str], None]) 
     if len(routes) < 4:
         return False
 
+    mailed: set[str | None] = set()
+    while len(mailed) < 2 and time.monotonic() < deadline:
+        for *_, value in read_topic(settings, settings.topic("notification.status")):
+            event = contracts.status.decode(value)
+            if (
+                event.notification_id == notification_id
+                and event.status in ("sent", "dead_lettered")
+                and event.user_id not in mailed
+            ):
+                mailed.add(event.user_id)
+                echo(
+                    f"email      {event.status:9} {event.user_id} attempt {event.attempt}: "
+                    f"{event.detail or event.reason or ''}"
+                )
+        if len(mailed) < 2:
+            time.sleep(0.5)
+    if len(mailed) < 2:
+        return False
+
     while time.monotonic() < deadline:
         for *_, value in read_topic(settings, settings.topic("notification.intents.malformed")):
             bad = contracts.malformed.decode(value)
