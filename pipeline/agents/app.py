@@ -259,6 +259,10 @@ class Worker:
             self.users.keyed_topic,
             self.router.recipients_topic,
             self.router.rejoin_topic,
+            # Email lanes commit after every route (a timeout is at most
+            # HERALD_SMTP_TIMEOUT_S per reply), so a lane that commits nothing for the
+            # stall timeout is stuck. Delay tiers hold records on purpose: not watched.
+            *(self.settings.topic(t) for t in LANES.values()),
         }
 
         async def watch() -> None:

@@ -310,7 +310,7 @@ def test_killed_worker_resends_nothing_the_server_accepted(
         second = WorkerProcess(settings, tmp_path / "second.log")
         second.start()
         try:
-            smtp.wait_for(40, timeout_s=120)
+            smtp.wait_for(40, timeout_s=200)
             events = wait_for(
                 settings,
                 "notification.status",

@@ -166,7 +166,12 @@ def test_users_are_joined_updated_forgotten_and_waited_for(
         ("u2", "email"): ("recipient_unknown", None),
     }
     second = [r for r in requests(fast, contracts, "email") if r.user_id == "u1"]
-    assert sorted(r.address or "" for r in second) == ["new-u1@example.org", "u1@example.org"]
+    # At least once: a route may be written twice (the email registry sends it once).
+    addresses = {(r.route_id, r.address) for r in second}
+    assert sorted(address or "" for _, address in addresses) == [
+        "new-u1@example.org",
+        "u1@example.org",
+    ]
 
 
 def test_quiet_hours_defer_until_the_window_ends(fast: Settings, tmp_path: Path) -> None:
