@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         ge=6,
         description="Consumer session timeout: how soon a dead worker's partitions move.",
     )
+    kafka_ack_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A write Kafka has not acknowledged after this long is sent again.",
+    )
     stall_timeout_s: float = Field(
         default=120.0,
         gt=0,

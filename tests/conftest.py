@@ -71,6 +71,7 @@ def isolated(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
         state_dir=tmp_path / "state",
         commit_interval_s=0.5,
         stall_timeout_s=20,
+        kafka_ack_timeout_s=10,
     )
     report = topology_admin.apply(settings, Topology.load(settings))
     assert not report.drift, report.drift

@@ -94,7 +94,7 @@ class Worker:
         self.templates = TemplateCatalog(settings.templates_dir)
         longest_hold_s = max(t for r in self.topology.retry.values() for t in r.tiers)
         self.app = create_faust_app(settings, longest_hold_s)
-        self.sink = AckedSink(self._send)
+        self.sink = AckedSink(self._send, ack_timeout_s=settings.kafka_ack_timeout_s)
         self.clock = Clock(settings.clock_offset_ms)
         self.intake = Intake(settings, self.contracts, self.catalog, self.topology)
         self.users = UserDirectory(settings, self.contracts, self.topology)

@@ -161,9 +161,12 @@ class AckedSink:
     writes is deterministic, so a repeat is absorbed downstream.
     """
 
-    def __init__(self, send: SendFn, *, max_backoff_s: float = 5.0) -> None:
+    def __init__(
+        self, send: SendFn, *, max_backoff_s: float = 5.0, ack_timeout_s: float = 30.0
+    ) -> None:
         self._send = send
         self._max_backoff_s = max_backoff_s
+        self._ack_timeout_s = ack_timeout_s
         #: True while a write keeps failing (for the readiness check still to come).
         self.stalled = False
 
@@ -173,9 +176,22 @@ class AckedSink:
         backoff = 0.1
         while pending:
             futures = [
-                await self._send(r.topic, r.key, r.value, r.partition, r.headers) for r in pending
+                asyncio.ensure_future(
+                    await self._send(r.topic, r.key, r.value, r.partition, r.headers)
+                )
+                for r in pending
             ]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            _, waiting = await asyncio.wait(futures, timeout=self._ack_timeout_s)
+            for future in waiting:
+                # A send Kafka never answered (seen after a worker restart): give up on it
+                # and send the record again rather than wait forever.
+                future.cancel()
+            results = [
+                TimeoutError(f"no acknowledgement in {self._ack_timeout_s}s")
+                if future in waiting
+                else future.exception() or future.result()
+                for future in futures
+            ]
             failed = [
                 (record, result)
                 for record, result in zip(pending, results, strict=True)

@@ -54,9 +54,11 @@ class FakeBroker:
     """Stands in for a producer's send: records what is acknowledged, can refuse the
     first ``failures`` sends to ``refuse_topic`` and can hold every answer back."""
 
-    def __init__(self, failures: int = 0, refuse_topic: str = "") -> None:
+    def __init__(self, failures: int = 0, refuse_topic: str = "", unanswered: int = 0) -> None:
         self.failures = failures
         self.refuse_topic = refuse_topic
+        #: The first ``unanswered`` sends get a future that never resolves.
+        self.unanswered = unanswered
         self.acked: list[bytes | None] = []
         self.answering = asyncio.Event()
         self.answering.set()
@@ -71,6 +73,9 @@ class FakeBroker:
     ) -> Any:
         await self.answering.wait()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.unanswered > 0:
+            self.unanswered -= 1
+            return future
         if topic == self.refuse_topic and self.failures > 0:
             self.failures -= 1
             future.set_exception(RuntimeError("not enough replicas"))

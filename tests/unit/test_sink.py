@@ -13,3 +13,10 @@ async def test_refused_records_are_resent_until_acknowledged() -> None:
     assert sorted(v or b"" for v in broker.acked) == [b"1", b"2", b"3"]
     assert broker.acked.count(b"1") == 1  # what was acknowledged is not sent again
     assert not sink.stalled
+
+
+async def test_a_send_never_answered_is_sent_again() -> None:
+    broker = FakeBroker(unanswered=1)
+    sink = AckedSink(broker.send, max_backoff_s=0.01, ack_timeout_s=0.05)
+    await sink.deliver([Out("a", None, b"1"), Out("a", None, b"2")])
+    assert sorted(v or b"" for v in broker.acked) == [b"1", b"2"]
