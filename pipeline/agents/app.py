@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, MutableMapping, Sequence
 from typing import Any, cast
 
 import faust
+from faust.types import TP
 
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
 from pipeline.agents.batching import BatchRun, Handle, OnError
@@ -265,6 +266,8 @@ class Worker:
             *(self.settings.topic(t) for t in LANES.values()),
         }
 
+        reseeked: dict[tuple[str, int], int] = {}
+
         async def watch() -> None:
             owned = [
                 (tp.topic, tp.partition)
@@ -272,7 +275,16 @@ class Worker:
                 if tp.topic in streams
             ]
             loop = asyncio.get_running_loop()
-            if await loop.run_in_executor(None, watchdog.stalled, owned):
+            stuck = await loop.run_in_executor(None, watchdog.stalled, owned)
+            fresh = {tp: offset for tp, offset in stuck.items() if reseeked.get(tp) != offset}
+            if fresh:
+                # First cure: read them again from the committed offset, in-process.
+                log.warning("re-reading stalled partitions from their committed offsets: %s", fresh)
+                for (topic, partition), offset in fresh.items():
+                    await self.app.consumer.seek(TP(topic, partition), max(offset, 0))
+                reseeked.update(fresh)
+                watchdog.restart_clock(fresh)
+            elif stuck:
                 log.critical("worker stalled; exiting %d so that it is restarted", EXIT_STALLED)
                 os._exit(EXIT_STALLED)  # no shutdown commits: what is unfinished is re-read
 

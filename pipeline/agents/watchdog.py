@@ -5,10 +5,15 @@ owns while reporting itself ready (seen after a SIGKILL and a quick restart; the
 records stay uncommitted, so nothing is lost, but nothing moves either). The broker
 is the judge here, not Faust's own bookkeeping: end offsets and the group's committed
 offsets are read with confluent-kafka. When an owned stream partition has records
-beyond its committed offset and no committed offset of this worker has moved for
-``stall_timeout_s``, the worker exits with :data:`EXIT_STALLED` so that its
-supervisor (Kubernetes, systemd, the test harness) starts it again; uncommitted
-records are re-read and their deterministic outputs absorbed downstream.
+beyond its committed offset and that offset has not moved for ``stall_timeout_s``,
+the worker first seeks the partition back to its committed offset (the cause found
+so far: faust-streaming resumes fetching before it seeks after an assignment, and a
+stream silently skips records it fetched in between, e.g. of a stale generation,
+while the read offset has already passed them). If the partition is still stuck at
+the same offset after another ``stall_timeout_s``, the worker exits with
+:data:`EXIT_STALLED` so that its supervisor (Kubernetes, systemd, the test harness)
+starts it again; uncommitted records are re-read and their deterministic outputs
+absorbed downstream.
 Delay-tier topics are left out: they lag by design while records wait.
 """
 
@@ -39,23 +44,24 @@ class StallWatchdog:
         self._seen: dict[tuple[str, int], tuple[int, float]] = {}
         self._consumer: Consumer | None = None
 
-    def stalled(self, owned: Iterable[tuple[str, int]]) -> bool:
-        """True when an ``owned`` partition has had records beyond its committed offset,
-        and that offset has not moved, for ``stall_timeout_s``.
+    def stalled(self, owned: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The ``owned`` partitions (with their committed offsets) that have had records
+        beyond their committed offset, and that offset has not moved, for
+        ``stall_timeout_s``; empty when the worker is fine.
 
         Blocking (broker round trips): run it in an executor.
         """
         tps = [TopicPartition(topic, partition) for topic, partition in owned]
         if not tps:
             self._seen.clear()
-            return False
+            return {}
         try:
             committed, ends = self._offsets(tps)
         except KafkaException as exc:  # the broker is away: readiness reports that
             log.debug("watchdog cannot read offsets: %s", exc)
-            return False
+            return {}
         now = time.monotonic()
-        stuck: list[tuple[str, int]] = []
+        stuck: dict[tuple[str, int], int] = {}
         seen: dict[tuple[str, int], tuple[int, float]] = {}
         for tp, offset in committed.items():
             lagging = ends.get(tp, 0) > max(offset, 0)
@@ -63,7 +69,7 @@ class StallWatchdog:
             since = previous[1] if previous and previous[0] == offset and lagging else now
             seen[tp] = (offset, since)
             if lagging and now - since >= self._stall_timeout_s:
-                stuck.append(tp)
+                stuck[tp] = offset
         self._seen = seen
         if stuck:
             log.error(
@@ -71,7 +77,12 @@ class StallWatchdog:
                 self._stall_timeout_s,
                 sorted(stuck),
             )
-        return bool(stuck)
+        return stuck
+
+    def restart_clock(self, tps: Iterable[tuple[str, int]]) -> None:
+        """Judge ``tps`` afresh from now (after the worker re-read them)."""
+        for tp in tps:
+            self._seen.pop(tp, None)
 
     def _offsets(
         self, tps: list[TopicPartition]
