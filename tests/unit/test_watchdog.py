@@ -49,3 +49,16 @@ def test_one_stuck_partition_is_a_stall_while_others_move() -> None:
     time.sleep(0.1)
     dog.committed[("t", 1)] = 50  # partition 1 moves on, partition 0 does not
     assert dog.stalled(owned)
+
+
+def test_a_reread_partition_is_judged_afresh() -> None:
+    dog = ScriptedWatchdog(timeout_s=0.05)
+    owned = [("t", 0)]
+    dog.committed, dog.ends = {("t", 0): 5}, {("t", 0): 9}
+    dog.stalled(owned)
+    time.sleep(0.1)
+    assert dog.stalled(owned) == {("t", 0): 5}
+    dog.restart_clock(owned)
+    assert dog.stalled(owned) == {}
+    time.sleep(0.1)
+    assert dog.stalled(owned) == {("t", 0): 5}
