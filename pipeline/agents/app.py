@@ -20,7 +20,7 @@ from faust.types import TP
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
 from pipeline.agents.batching import BatchRun, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
-from pipeline.agents.email import LANES, EmailChannel
+from pipeline.agents.email import LANES, EmailChannel, expired_entries
 from pipeline.agents.intake import Intake
 from pipeline.agents.route import Router
 from pipeline.agents.users import UserDirectory
@@ -199,7 +199,14 @@ class Worker:
 
     def _wire_email(self) -> None:
         table = self._table("email-deliveries", "herald.email.deliveries.changelog", "raw")
-        channels = []
+        registry_topic = self.settings.topic("herald.email.deliveries.changelog")
+
+        def registry_view() -> WriteBehind:
+            # The channel writes each entry's changelog record itself and waits for it
+            # (see pipeline.agents.email), so the view writes the store directly,
+            # without Faust's own (unawaited) changelog send.
+            return WriteBehind(cast(MutableMapping[bytes, Any], table.data))
+
         for lane, logical_topic in LANES.items():
             # One provider (connection) per lane: login codes never wait behind bulk mail.
             channel = EmailChannel(
@@ -212,14 +219,6 @@ class Worker:
                 self.suppressions,
                 self.clock,
             )
-            channels.append(channel)
-
-            def registry_view() -> WriteBehind:
-                # The channel writes each entry's changelog record itself and waits
-                # for it (see pipeline.agents.email), so the view writes the store
-                # directly, without Faust's own (unawaited) changelog send.
-                return WriteBehind(cast(MutableMapping[bytes, Any], table.data))
-
             self.app.agent(
                 self._source(self.settings.topic(logical_topic)),
                 name=f"herald.email.{lane}",
@@ -232,8 +231,11 @@ class Worker:
         self.app.task(follow_suppressions)
 
         async def sweep_registry() -> None:
-            expired = channels[0].expired(
-                cast(MutableMapping[bytes, Any], table.data), self.clock.now_ms()
+            expired = expired_entries(
+                cast(MutableMapping[bytes, Any], table.data),
+                registry_topic,
+                self.settings.idempotency_window_s * 1000,
+                self.clock.now_ms(),
             )
             if expired:
                 await self.sink.deliver(expired)

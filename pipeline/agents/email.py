@@ -69,6 +69,20 @@ def already_handled(entry: dict[str, Any] | None, request: ChannelRequest) -> bo
     return entry.get("state") == "dead_lettered" or int(entry.get("attempts", 0)) > request.attempt
 
 
+def expired_entries(
+    registry: MutableMapping[bytes, Any], registry_topic: str, window_ms: int, now_ms: int
+) -> list[Out]:
+    """Tombstones for registry entries older than ``window_ms``; drops them locally."""
+    tombstones = []
+    for key, value in list(registry.items()):
+        entry = registry_entry(value)
+        if entry is None or now_ms - int(entry.get("at", 0)) >= window_ms:
+            partition = int(entry.get("p", 0)) if entry else None
+            tombstones.append(Out(registry_topic, key, None, partition=partition))
+            del registry[key]
+    return tombstones
+
+
 class EmailChannel:
     """Decisions and delivery for one email route (see the module docstring)."""
 
@@ -276,18 +290,6 @@ class EmailChannel:
         value = json.dumps(entry, separators=(",", ":")).encode()
         registry[key] = value
         return Out(self.registry_topic, key, value, partition=raw.partition)
-
-    def expired(self, registry: MutableMapping[bytes, Any], now_ms: int) -> list[Out]:
-        """Tombstones for entries older than the idempotency window; drops them locally."""
-        window_ms = self._settings.idempotency_window_s * 1000
-        tombstones = []
-        for key, value in list(registry.items()):
-            entry = registry_entry(value)
-            if entry is None or now_ms - int(entry.get("at", 0)) >= window_ms:
-                partition = int(entry.get("p", 0)) if entry else None
-                tombstones.append(Out(self.registry_topic, key, None, partition=partition))
-                del registry[key]
-        return tombstones
 
     def _status(
         self,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.agents.email import already_handled
+from pipeline.agents.email import already_handled, expired_entries
 from pipeline.contracts import Contracts
 from pipeline.contracts.avro import AvroCodec, load_schema
 from pipeline.contracts.records import Attachment, ChannelRequest
@@ -211,3 +211,15 @@ def test_login_code_requests_are_strict() -> None:
     ]:
         with pytest.raises(ValidationError):
             parse_request(bad_key, bad_body)
+
+
+def test_registry_entries_expire_with_tombstones_on_their_partition() -> None:
+    registry = {
+        b"old": json.dumps({"state": "sent", "attempts": 1, "at": 1_000, "p": 4}).encode(),
+        b"new": json.dumps({"state": "sent", "attempts": 1, "at": 9_000, "p": 2}).encode(),
+    }
+    tombstones = expired_entries(registry, "changelog", window_ms=5_000, now_ms=10_000)
+    assert [(t.topic, t.key, t.value, t.partition) for t in tombstones] == [
+        ("changelog", b"old", None, 4)
+    ]
+    assert list(registry) == [b"new"]
