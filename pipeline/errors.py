@@ -122,3 +122,23 @@ class IdempotencyConflictError(PermanentError):
     """An idempotency key reused with a different request body."""
 
     reason = "idempotency_conflict"
+
+
+class PushPayloadError(PermanentError):
+    """A push that cannot be encoded: its type has no FlatBuffers table, a payload field
+    has the wrong type, or the payload exceeds the size cap (see ``reason``)."""
+
+    reason = "push_payload_invalid"
+
+
+class GatewayTimeoutError(TransientError):
+    """Kafka did not acknowledge a gateway publication within the timeout."""
+
+    reason = "gateway_timeout"
+
+
+class GatewayUnavailableError(TransientError):
+    """The gateway topic cannot take the push now: missing, unauthorised, or its
+    partitions have no leader (``reason`` says which)."""
+
+    reason = "gateway_unavailable"

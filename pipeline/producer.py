@@ -27,6 +27,7 @@ from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import (
     Attachment,
     ChannelRequest,
+    DeviceFeedback,
     Intent,
     RenderedContent,
     UserProfile,
@@ -177,6 +178,31 @@ class HeraldProducer:
     def delete_user(self, user_id: str, *, wait: bool = True) -> None:
         """Publish a tombstone: the user is forgotten."""
         self._produce(self._users_topic, user_id.encode("utf-8"), None, wait)
+
+    def report_invalid_token(
+        self,
+        user_id: str,
+        token: str,
+        reason: str = "invalid_token",
+        *,
+        platform: str | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Report a dead push token as the client gateway does (gateway.device-feedback):
+        later push routes of ``user_id`` no longer target it."""
+        report = DeviceFeedback(
+            user_id=user_id,
+            token=token,
+            reason=reason,
+            platform=platform,
+            reported_at_ms=int(time.time() * 1000),
+        )
+        self._produce(
+            self._settings.topic("gateway.device-feedback"),
+            user_id.encode("utf-8"),
+            self._contracts.device_feedback.encode(report),
+            wait,
+        )
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every record is acknowledged; BrokerUnavailableError if any was not."""

@@ -1,7 +1,9 @@
 """Templates: which locales exist, and rendering them safely.
 
 Layout: ``templates/<template_id>/<locale>/<part>.j2`` where template_id is the
-notification type and the mail parts are ``subject``, ``text`` and optional ``html``.
+notification type, the mail parts are ``subject``, ``text`` and optional ``html``, and
+the push parts ``push_title``, ``push_body`` and optional ``push_image`` and
+``push_link`` (these two fall back to ``en``: a URL rarely depends on the language).
 Every template is compiled once, when the catalog is built (a syntax error stops
 start-up, not a delivery). Rendering runs in Jinja2's immutable sandbox with strict
 undefined variables; only ``html`` is autoescaped (escaping a plain-text body would
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -40,6 +43,37 @@ class RenderedMail:
     """The locale actually rendered."""
     locale_fallback: bool
     """True when ``en`` stood in for a locale without templates."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPush:
+    """One push's display texts."""
+
+    title: str
+    """One line."""
+    body: str
+    """The message text."""
+    image_url: str | None
+    """An https URL, when the type has an image template."""
+    link: str | None
+    """An absolute URL (https or an app scheme), when the type has a link template."""
+    locale: str
+    """The locale actually rendered."""
+    locale_fallback: bool
+    """True when ``en`` stood in for a locale without templates."""
+
+
+#: Schemes a push link may not use: they run code or read files on the device.
+_UNSAFE_SCHEMES = frozenset({"javascript", "data", "file", "vbscript", "about", "blob"})
+
+
+def _checked_url(url: str, part: str, *, https_only: bool) -> str:
+    scheme = urlsplit(url).scheme.lower()
+    if not url or any(c.isspace() or ord(c) < 32 for c in url) or not scheme:
+        raise RenderError(f"{part} is not an absolute URL: {url[:200]!r}", reason="invalid_url")
+    if scheme in _UNSAFE_SCHEMES or (https_only and scheme != "https"):
+        raise RenderError(f"{part} may not use the {scheme!r} scheme", reason="invalid_url")
+    return url
 
 
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
@@ -107,9 +141,7 @@ class TemplateCatalog:
         required: Iterable[str] = (),
     ) -> RenderedMail:
         """Subject, text and html of one mail; RenderError when that is not possible."""
-        missing = sorted(name for name in required if name not in variables)
-        if missing:
-            raise RenderError(f"{template_id}: missing required variables {missing}")
+        _check_required(template_id, variables, required)
         resolved, fell_back = self.resolve(template_id, locale)
         if not self.has(template_id, resolved, "subject"):
             raise RenderError(f"no mail template {template_id}/{resolved} (subject{SUFFIX})")
@@ -126,6 +158,37 @@ class TemplateCatalog:
             locale_fallback=fell_back or resolved != locale.lower(),
         )
 
+    def render_push(
+        self,
+        template_id: str,
+        locale: str,
+        variables: Mapping[str, Any],
+        required: Iterable[str] = (),
+    ) -> RenderedPush:
+        """Title, text, image and link of one push; RenderError when that is not possible
+        (an image must be https, a link may not use a scheme that runs code)."""
+        _check_required(template_id, variables, required)
+        resolved, fell_back = self.resolve(template_id, locale)
+        if not self.has(template_id, resolved, "push_title"):
+            raise RenderError(f"no push template {template_id}/{resolved} (push_title{SUFFIX})")
+        title = one_line(self._render(template_id, resolved, "push_title", variables))
+        body = self._render(template_id, resolved, "push_body", variables).strip()
+        urls: dict[str, str | None] = {}
+        for part in ("push_image", "push_link"):
+            where = resolved if self.has(template_id, resolved, part) else DEFAULT_LOCALE
+            urls[part] = None
+            if self.has(template_id, where, part):
+                url = self._render(template_id, where, part, variables).strip()
+                urls[part] = _checked_url(url, part, https_only=part == "push_image")
+        return RenderedPush(
+            title=title,
+            body=body,
+            image_url=urls["push_image"],
+            link=urls["push_link"],
+            locale=resolved,
+            locale_fallback=fell_back or resolved != locale.lower(),
+        )
+
     def _render(
         self, template_id: str, locale: str, part: str, variables: Mapping[str, Any]
     ) -> str:
@@ -138,6 +201,14 @@ class TemplateCatalog:
             raise RenderError(f"{template_id}/{locale}/{part}: {exc.message}") from exc
         except jinja2.TemplateError as exc:  # sandbox violations included
             raise RenderError(f"{template_id}/{locale}/{part}: {exc}") from exc
+
+
+def _check_required(
+    template_id: str, variables: Mapping[str, Any], required: Iterable[str]
+) -> None:
+    missing = sorted(name for name in required if name not in variables)
+    if missing:
+        raise RenderError(f"{template_id}: missing required variables {missing}")
 
 
 def variables_of(variables_json: str) -> dict[str, Any]:

@@ -165,6 +165,26 @@ class Settings(BaseSettings):
         description="Add an address to the suppression list when SMTP rejects it (550/551/553).",
     )
 
+    # --- Push channel --------------------------------------------------------------
+    gateway_topic: str | None = Field(
+        default=None,
+        description="Topic the client gateway reads (unset: the declared gateway.client-events).",
+    )
+    gateway_bootstrap_servers: str | None = Field(
+        default=None,
+        description="Kafka cluster of the gateway topic (unset: KAFKA_BOOTSTRAP_SERVERS).",
+    )
+    gateway_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for the gateway topic to acknowledge a push (then: transient).",
+    )
+    push_max_payload_bytes: int = Field(
+        default=4096,
+        ge=256,
+        description="Largest push payload (FlatBuffers bytes); a larger one fails permanently.",
+    )
+
     # --- HTTP API ------------------------------------------------------------------
     api_host: str = Field(default="127.0.0.1", description="Address `herald api` listens on.")
     api_port: int = Field(default=8080, gt=0, lt=65536, description="Port `herald api` listens on.")
@@ -217,6 +237,11 @@ class Settings(BaseSettings):
     def topic(self, logical_name: str) -> str:
         """The physical name of a topic declared in topologies/ under ``logical_name``."""
         return f"{self.topic_prefix}{logical_name}"
+
+    @property
+    def gateway_topic_name(self) -> str:
+        """The physical topic push payloads are published to."""
+        return self.gateway_topic or self.topic("gateway.client-events")
 
     @property
     def message_id_domain(self) -> str:

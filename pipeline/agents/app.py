@@ -20,14 +20,17 @@ from faust.types import TP
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
 from pipeline.agents.batching import BatchRun, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
-from pipeline.agents.email import LANES, EmailChannel, expired_entries
+from pipeline.agents.deliveries import expired_entries
+from pipeline.agents.email import LANES, EmailChannel
 from pipeline.agents.intake import Intake
+from pipeline.agents.push import DeviceFeedbackLog, PushChannel
 from pipeline.agents.route import Router
 from pipeline.agents.users import UserDirectory
 from pipeline.agents.watchdog import EXIT_STALLED, StallWatchdog
 from pipeline.contracts import Contracts
 from pipeline.errors import ConfigurationError
 from pipeline.providers import email_provider
+from pipeline.providers.gateway import GatewayPublisher
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology
@@ -99,17 +102,21 @@ class Worker:
         self.clock = Clock(settings.clock_offset_ms)
         self.intake = Intake(settings, self.contracts, self.catalog, self.topology)
         self.users = UserDirectory(settings, self.contracts, self.topology)
+        self.feedback = DeviceFeedbackLog(settings, self.contracts, self.topology)
+        self.invalid_tokens = self._table("push-tokens", "herald.push.tokens.changelog", "raw")
         self.router = Router(
             settings,
             self.contracts,
             self.catalog,
             self.topology,
             self.templates,
+            cast(MutableMapping[bytes, Any], self.invalid_tokens),
         )
         self.suppressions = SuppressionList(settings)
         self._wire_intake()
         self._wire_routing()
         self._wire_email()
+        self._wire_push()
         self._wire_delays()
         self._wire_watchdog()
 
@@ -197,16 +204,33 @@ class Worker:
             concurrency=1,
         )(self._batched(route, lambda: WriteBehind(users), self._malformed_other))
 
+    def _registry(self, channel: str) -> Callable[[], WriteBehind]:
+        """A channel's delivery registry table, as a factory of agent views; and its
+        expiry sweep."""
+        changelog = f"herald.{channel}.deliveries.changelog"
+        table = self._table(f"{channel}-deliveries", changelog, "raw")
+        data = cast(MutableMapping[bytes, Any], table.data)
+        registry_topic = self.settings.topic(changelog)
+
+        async def sweep_registry() -> None:
+            expired = expired_entries(
+                data,
+                registry_topic,
+                self.settings.idempotency_window_s * 1000,
+                self.clock.now_ms(),
+            )
+            if expired:
+                await self.sink.deliver(expired)
+                log.info("%s registry sweep: %d expired routes dropped", channel, len(expired))
+
+        self.app.timer(self.settings.idempotency_sweep_interval_s)(sweep_registry)
+        # The channel writes each entry's changelog record itself and waits for it
+        # (see pipeline.agents.deliveries), so the view writes the store directly,
+        # without Faust's own (unawaited) changelog send.
+        return lambda: WriteBehind(data)
+
     def _wire_email(self) -> None:
-        table = self._table("email-deliveries", "herald.email.deliveries.changelog", "raw")
-        registry_topic = self.settings.topic("herald.email.deliveries.changelog")
-
-        def registry_view() -> WriteBehind:
-            # The channel writes each entry's changelog record itself and waits for it
-            # (see pipeline.agents.email), so the view writes the store directly,
-            # without Faust's own (unawaited) changelog send.
-            return WriteBehind(cast(MutableMapping[bytes, Any], table.data))
-
+        registry_view = self._registry("email")
         for lane, logical_topic in LANES.items():
             # One provider (connection) per lane: login codes never wait behind bulk mail.
             channel = EmailChannel(
@@ -230,18 +254,32 @@ class Worker:
 
         self.app.task(follow_suppressions)
 
-        async def sweep_registry() -> None:
-            expired = expired_entries(
-                cast(MutableMapping[bytes, Any], table.data),
-                registry_topic,
-                self.settings.idempotency_window_s * 1000,
-                self.clock.now_ms(),
-            )
-            if expired:
-                await self.sink.deliver(expired)
-                log.info("delivery registry sweep: %d expired routes dropped", len(expired))
+    def _wire_push(self) -> None:
+        channel = PushChannel(
+            self.settings,
+            self.contracts,
+            self.catalog,
+            self.topology,
+            self.templates,
+            GatewayPublisher(self.settings),
+            self.clock,
+        )
+        # A batch's publications overlap (see BatchRun), so push takes full batches.
+        self.app.agent(self._source(channel.requests_topic), name="herald.push", concurrency=1)(
+            self._batched(channel.handle, self._registry("push"), self._malformed_other)
+        )
 
-        self.app.timer(self.settings.idempotency_sweep_interval_s)(sweep_registry)
+        tokens = cast(MutableMapping[bytes, Any], self.invalid_tokens)
+        feedback = self.feedback
+
+        def record_feedback(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return feedback.handle(raw, view, self.clock.now_ms())
+
+        self.app.agent(
+            self._source(feedback.feedback_topic, feedback.keyed_topic),
+            name="herald.push.feedback",
+            concurrency=1,
+        )(self._batched(record_feedback, lambda: WriteBehind(tokens), self._malformed_other))
 
     def _wire_delays(self) -> None:
         malformed_topic = self.settings.topic("notification.malformed")
@@ -262,10 +300,14 @@ class Worker:
             self.users.keyed_topic,
             self.router.recipients_topic,
             self.router.rejoin_topic,
-            # Email lanes commit after every route (a timeout is at most
-            # HERALD_SMTP_TIMEOUT_S per reply), so a lane that commits nothing for the
-            # stall timeout is stuck. Delay tiers hold records on purpose: not watched.
+            # Channel lanes commit after every batch (a delivery times out after
+            # HERALD_SMTP_TIMEOUT_S / HERALD_GATEWAY_TIMEOUT_S), so a lane that commits
+            # nothing for the stall timeout is stuck. Delay tiers hold records on
+            # purpose: not watched.
             *(self.settings.topic(t) for t in LANES.values()),
+            self.settings.topic("notification.push.requested"),
+            self.feedback.feedback_topic,
+            self.feedback.keyed_topic,
         }
 
         reseeked: dict[tuple[str, int], int] = {}

@@ -3,6 +3,11 @@
 A batch is written (and its inputs acknowledged, so Faust may commit them) when it
 holds ``batch_max`` records, when no further record is waiting, or at the latest
 ``linger_s`` after it was opened, whatever the stream does meanwhile.
+
+A handle may return an awaitable (a channel's delivery): it starts at once, the next
+record is handled meanwhile, and the batch is written when all of its awaitables are
+done; so a batch's deliveries overlap (push), or, with ``batch_max=1``, each one is
+finished before the next record is read (email).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pipeline.agents.base import (
 
 log = logging.getLogger(__name__)
 
-#: Handles one record: its outputs, computed at once or awaited (the email channel).
+#: Handles one record: its outputs, computed at once or awaited (the channels).
 Handle = Callable[[RawRecord, WriteBehind], Sequence[Out] | Awaitable[Sequence[Out]]]
 OnError = Callable[[RawRecord, Exception, int], Out]
 
@@ -68,6 +73,7 @@ class BatchRun:
         self._linger_s = linger_s
         self._events: list[Any] = []
         self._outputs: list[Out] = []
+        self._pending: list[tuple[RawRecord, asyncio.Future[Sequence[Out]]]] = []
         self._opened = 0.0
         self._lock = asyncio.Lock()
         # Offsets handled per partition in this run. Faust may resume a stream before
@@ -93,6 +99,8 @@ class BatchRun:
             lingering.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lingering
+            for _, delivery in self._pending:  # cancelled mid-batch: its inputs are re-read
+                delivery.cancel()
 
     async def _take(self, event: Any) -> None:
         if not self._events:
@@ -106,15 +114,31 @@ class BatchRun:
         try:
             outputs = self._handle(raw, self._view)
             if inspect.isawaitable(outputs):
-                outputs = await outputs
-            self._outputs.extend(outputs)
+                self._pending.append((raw, asyncio.ensure_future(outputs)))
+            else:
+                self._outputs.extend(outputs)
         except Exception as exc:  # one record must never stop the stream
-            log.exception("unexpected failure on %s[%d]@%d", raw.topic, raw.partition, raw.offset)
-            self._outputs.append(self._on_error(raw, exc, self._clock.now_ms()))
+            self._failed(raw, exc)
+
+    def _failed(self, raw: RawRecord, exc: Exception) -> None:
+        log.error(
+            "unexpected failure on %s[%d]@%d",
+            raw.topic,
+            raw.partition,
+            raw.offset,
+            exc_info=exc,
+        )
+        self._outputs.append(self._on_error(raw, exc, self._clock.now_ms()))
 
     async def _flush(self, stream: Any) -> None:
         if not self._events:
             return
+        for raw, delivery in self._pending:
+            try:
+                self._outputs.extend(await delivery)
+            except Exception as exc:
+                self._failed(raw, exc)
+        self._pending.clear()
         await self._sink.deliver(self._outputs)
         try:
             self._view.commit()

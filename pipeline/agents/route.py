@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.agents.base import Out, RawRecord, malformed
 from pipeline.agents.delay import DelayTiers, attempt_of
+from pipeline.agents.push import usable_tokens
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import (
@@ -93,10 +95,13 @@ class Router:
         catalog: Catalog,
         topology: Topology,
         templates: TemplateCatalog,
+        invalid_tokens: Mapping[bytes, Any] | None = None,
     ) -> None:
         self._contracts = contracts
         self._catalog = catalog
         self._templates = templates
+        # Push tokens the gateway reported dead, by user_id (pipeline.agents.push).
+        self._invalid_tokens: Mapping[bytes, Any] = invalid_tokens or {}
         self.recipients_topic = settings.topic("notification.recipients")
         # Waiting recipients come back here, so notification.recipients keeps exactly
         # one record per accepted recipient.
@@ -166,12 +171,15 @@ class Router:
         if recipient.priority != "critical":
             quiet_end = quiet_until_ms(profile.quiet_hours, profile.timezone, now_ms)
         outputs: list[Out] = []
+        tokens = usable_tokens(
+            [d.token for d in profile.push_devices], self._invalid_tokens, profile.user_id
+        )
         for channel in spec.channels.get("user", ()):
             route_id = self.route_id(recipient, channel)
             reason = opted_out(profile, spec, channel, recipient.priority)
             if reason is None and channel == "email" and not profile.email:
                 reason = "no_email_address"
-            if reason is None and channel == "push" and not profile.push_devices:
+            if reason is None and channel == "push" and not tokens:
                 reason = "no_push_device"
             if reason is not None:
                 outputs.append(
@@ -193,7 +201,7 @@ class Router:
                 locale,
                 fell_back,
                 address=profile.email if channel == "email" else None,
-                tokens=[d.token for d in profile.push_devices] if channel == "push" else [],
+                tokens=tokens if channel == "push" else [],
                 due_at_ms=quiet_end or 0,
             )
             outputs.extend(

@@ -1,4 +1,5 @@
-"""The wire contracts: Avro records in the Confluent wire format (and, later, FlatBuffers)."""
+"""The wire contracts: Avro records in the Confluent wire format; push payloads in
+FlatBuffers live in :mod:`pipeline.contracts.push`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pipeline.contracts.records import (
     AvroRecord,
     ChannelRequest,
     DeadLetter,
+    DeviceFeedback,
     Intent,
     Malformed,
     Recipient,
@@ -50,3 +52,4 @@ class Contracts:
         self.user = RecordCodec(UserProfile, self.registry, settings)
         self.channel_request = RecordCodec(ChannelRequest, self.registry, settings)
         self.dead_letter = RecordCodec(DeadLetter, self.registry, settings)
+        self.device_feedback = RecordCodec(DeviceFeedback, self.registry, settings)

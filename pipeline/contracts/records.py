@@ -197,6 +197,24 @@ class PushDevice:
 
 
 @dataclass(slots=True, kw_only=True)
+class DeviceFeedback(AvroRecord):
+    """The gateway's report that a push token no longer works (schemas/device_feedback.avsc)."""
+
+    SCHEMA_FILE: ClassVar[str] = "device_feedback.avsc"
+
+    user_id: str
+    """The user the token was registered for."""
+    token: str
+    """The device push token."""
+    reason: str = "invalid_token"
+    """invalid_token, unregistered, expired, or the push service's own code."""
+    platform: str | None = None
+    """ios, android, web or unknown."""
+    reported_at_ms: int = 0
+    """When the gateway learned it."""
+
+
+@dataclass(slots=True, kw_only=True)
 class QuietHours:
     """A daily window, in the user's timezone, when non-critical routes wait."""
 

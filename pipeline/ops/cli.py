@@ -7,6 +7,7 @@ Every command reads the same Settings (environment variables, see README), so
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import sys
 import time
@@ -18,6 +19,7 @@ import click
 from pydantic import ValidationError as SettingsError
 
 from pipeline.contracts import Contracts, RecordCodec
+from pipeline.contracts import push as push_payloads
 from pipeline.contracts.records import PushDevice, QuietHours, UserProfile
 from pipeline.errors import HeraldError
 from pipeline.settings import REPO_ROOT, Settings
@@ -228,7 +230,9 @@ _TAILS = {
     "push-requests": ("notification.push.requested", "channel_request"),
     "email-priority": ("notification.email.priority", "channel_request"),
     "email-dlq": ("notification.email.dlq", "dead_letter"),
-    "push-dlq": ("notification.push.dlq", "channel_request"),
+    "push-dlq": ("notification.push.dlq", "dead_letter"),
+    "push-feedback": ("gateway.device-feedback", "device_feedback"),
+    "gateway": ("gateway.client-events", "push"),
 }
 
 
@@ -239,11 +243,14 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_record(codec: RecordCodec[Any], value: bytes | None) -> dict[str, Any]:
-    """A record as JSON-friendly data; undecodable bytes are shown, not raised."""
+def render_record(codec: RecordCodec[Any] | None, value: bytes | None) -> dict[str, Any]:
+    """A record as JSON-friendly data (``codec`` None: a FlatBuffers push); undecodable
+    bytes are shown, not raised."""
     if value is None:
         return {"tombstone": True}
     try:
+        if codec is None:
+            return dataclasses.asdict(push_payloads.decode(value))
         return _jsonable(codec.decode(value).to_avro())
     except HeraldError as exc:
         return {"undecodable": str(exc), "raw_b64": base64.b64encode(value).decode("ascii")}
@@ -264,7 +271,9 @@ def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
 
     settings = _settings()
     logical, codec_name = _TAILS[what]
-    codec: RecordCodec[Any] = getattr(Contracts(settings), codec_name)
+    codec: RecordCodec[Any] | None = None
+    if codec_name != "push":
+        codec = getattr(Contracts(settings), codec_name)
     for partition, offset, ts, key, value in read_topic(
         settings, settings.topic(logical), follow=follow, idle_timeout_s=idle_timeout
     ):
@@ -276,6 +285,27 @@ def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
             "value": render_record(codec, value),
         }
         click.echo(json.dumps(line, ensure_ascii=False))
+
+
+# --- push ----------------------------------------------------------------------------
+
+
+@cli.group()
+def push() -> None:
+    """The push channel (gateway.client-events, device feedback)."""
+
+
+@push.command("report-token")
+@click.option("--user-id", required=True)
+@click.option("--token", required=True)
+@click.option("--reason", default="invalid_token", show_default=True)
+def push_report_token(user_id: str, token: str, reason: str) -> None:
+    """Report a dead push token the way the gateway does: later pushes skip it."""
+    from pipeline.producer import HeraldProducer
+
+    with HeraldProducer(_settings()) as herald:
+        herald.report_invalid_token(user_id, token, reason)
+    click.echo(f"reported token ...{token[-6:]} of {user_id} as {reason}")
 
 
 # --- running -----------------------------------------------------------------------

@@ -34,6 +34,8 @@ class TypeSpec:
     """Lowest priority the type is delivered with."""
     push_ttl_s: int = 0
     """Push older than this is expired (0: never)."""
+    push_payload: str | None = None
+    """The FlatBuffers body table of the type's push (schemas/notification.fbs)."""
     admin_recipients: tuple[str, ...] = ()
     """Addresses of the admin_email audience."""
     produces_nothing: bool = False
@@ -100,6 +102,7 @@ class Catalog:
                 required=tuple(entry.get("required") or ()),
                 priority=priority,
                 push_ttl_s=int(entry.get("push_ttl_s", 0)),
+                push_payload=entry.get("push_payload"),
                 admin_recipients=admin,
                 produces_nothing=bool(entry.get("produces_nothing", False)),
                 opt_out=opt_out,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.agents.email import already_handled, expired_entries
+from pipeline.agents.deliveries import already_handled, expired_entries
 from pipeline.contracts import Contracts
 from pipeline.contracts.avro import AvroCodec, load_schema
 from pipeline.contracts.records import Attachment, ChannelRequest

@@ -1,0 +1,245 @@
+"""What the channels (email, push) share: the per-route delivery registry, status
+events, and the path of a failed attempt (a wait in the channel's delay tiers, or the
+channel's DLQ with the route's whole history).
+
+The registry (a Faust table on ``herald.<channel>.deliveries.changelog``) maps
+route_id to the route's state. A channel writes each entry's changelog record itself,
+in the same acknowledged write as the route's status event, so a restarted or
+rebalanced worker knows what was already delivered and does not deliver it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.agents.base import Clock, Out, RawRecord, malformed
+from pipeline.agents.delay import DelayTiers
+from pipeline.contracts import Contracts
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import Attempt, ChannelRequest, DeadLetter, StatusEvent
+from pipeline.errors import DecodeError, HeraldError
+from pipeline.settings import Settings
+from pipeline.topology import Topology
+
+log = logging.getLogger(__name__)
+
+#: Registry states after which a route is never attempted again.
+DONE = frozenset({"sent", "suppressed", "published", "expired"})
+
+
+def registry_entry(value: bytes | None) -> dict[str, Any] | None:
+    """A delivery registry value, decoded (None when absent or unreadable)."""
+    if value is None:
+        return None
+    try:
+        entry = json.loads(value)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def already_handled(entry: dict[str, Any] | None, request: ChannelRequest) -> bool:
+    """Whether the registry shows this route (this copy of it) was dealt with."""
+    if entry is None:
+        return False
+    if entry.get("state") in DONE:
+        return True
+    if entry.get("replay_of") != request.replay_of:
+        return False  # a replay starts a fresh chain of attempts
+    # Dead-lettered, or a later attempt already made: this is a stale copy.
+    return entry.get("state") == "dead_lettered" or int(entry.get("attempts", 0)) > request.attempt
+
+
+def expired_entries(
+    registry: MutableMapping[bytes, Any], registry_topic: str, window_ms: int, now_ms: int
+) -> list[Out]:
+    """Tombstones for registry entries older than ``window_ms``; drops them locally."""
+    tombstones = []
+    for key, value in list(registry.items()):
+        entry = registry_entry(value)
+        if entry is None or now_ms - int(entry.get("at", 0)) >= window_ms:
+            partition = int(entry.get("p", 0)) if entry else None
+            tombstones.append(Out(registry_topic, key, None, partition=partition))
+            del registry[key]
+    return tombstones
+
+
+class Deliveries:
+    """One channel's records about its routes: decoding them, registry entries, status
+    events, retries and dead letters."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        contracts: Contracts,
+        topology: Topology,
+        channel: str,
+        clock: Clock,
+    ) -> None:
+        self.channel = channel
+        self._contracts = contracts
+        self._clock = clock
+        self.tiers = DelayTiers.of(topology.retry[channel], settings)
+        self._rng = random.Random()
+        self._status_topic = settings.topic("notification.status")
+        self._dlq_topic = settings.topic(f"notification.{channel}.dlq")
+        self._malformed_topic = settings.topic("notification.malformed")
+        self.registry_topic = settings.topic(f"herald.{channel}.deliveries.changelog")
+
+    def accept(
+        self, raw: RawRecord, registry: MutableMapping[bytes, Any], now_ms: int
+    ) -> ChannelRequest | list[Out]:
+        """The route in ``raw`` if it is due for an attempt; else the outputs that
+        settle it (malformed record) or none (already handled)."""
+        try:
+            request = self._contracts.channel_request.decode(raw.value)
+        except DecodeError as exc:
+            return [self.malformed(raw, exc.reason, exc.detail, now_ms)]
+        if request.channel != self.channel:
+            return [self.malformed(raw, "wrong_channel", f"channel {request.channel!r}", now_ms)]
+        if already_handled(registry_entry(registry.get(request.route_id.encode("utf-8"))), request):
+            log.info("%s route %s already handled; skipped", self.channel, request.route_id)
+            return []
+        return request
+
+    def failed(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        attempt: int,
+        exc: HeraldError,
+    ) -> list[Out]:
+        """A failed attempt: retry in the delay tiers while the error is transient and the
+        budget allows, else dead-letter the route with its history."""
+        now = self._clock.now_ms()
+        history = [
+            *request.attempts,
+            Attempt(
+                number=attempt,
+                at_ms=now,
+                outcome="transient" if exc.transient else "permanent",
+                reason=exc.reason,
+                code=exc.code,
+                message=exc.detail[:500],
+            ),
+        ]
+        outputs = [
+            self.status(request, "failed", now, attempt, reason=exc.reason, detail=exc.detail)
+        ]
+        if exc.transient and attempt < self.tiers.policy.budget:
+            due = now + int(self.tiers.backoff_s(attempt, self._rng) * 1000)
+            retry = dataclasses.replace(request, attempt=attempt, attempts=history, due_at_ms=due)
+            value = self._contracts.channel_request.encode(retry)
+            due_text = datetime.fromtimestamp(due / 1000, tz=UTC).isoformat(timespec="seconds")
+            return [
+                *outputs,
+                self.tiers.schedule(raw.key, value, raw.topic, due, attempt, now),
+                self.status(request, "retry_scheduled", now, attempt, detail=f"due {due_text}"),
+                self.record(registry, raw, request, "retrying", attempt, now),
+            ]
+        log.warning(
+            "%s route %s dead-lettered after %d attempt(s): %s",
+            self.channel,
+            request.route_id,
+            attempt,
+            exc,
+        )
+        final = dataclasses.replace(request, attempt=attempt, attempts=history)
+        letter = DeadLetter(
+            dead_letter_id=deterministic_id(
+                request.route_id, "dead_letter", request.replay_of or "", attempt
+            ),
+            channel=self.channel,
+            route_id=request.route_id,
+            notification_id=request.notification_id,
+            notification_type=request.notification_type,
+            user_id=request.user_id,
+            address=request.address,
+            reason="budget_exhausted" if exc.transient else "permanent_failure",
+            error_class="transient" if exc.transient else "permanent",
+            last_reason=exc.reason,
+            last_code=exc.code,
+            last_error=exc.detail[:2000],
+            attempts=history,
+            dead_lettered_at_ms=now,
+            origin_topic=raw.topic,
+            request=self._contracts.channel_request.encode(final),
+        )
+        return [
+            *outputs,
+            Out(
+                self._dlq_topic,
+                request.route_id.encode("utf-8"),
+                self._contracts.dead_letter.encode(letter),
+            ),
+            self.status(request, "dead_lettered", now, attempt, reason=letter.reason),
+            self.record(registry, raw, request, "dead_lettered", attempt, now),
+        ]
+
+    def record(
+        self,
+        registry: MutableMapping[bytes, Any],
+        raw: RawRecord,
+        request: ChannelRequest,
+        state: str,
+        attempts: int,
+        now_ms: int,
+        **extra: str,
+    ) -> Out:
+        """The registry entry: set in the local view, and the changelog record that makes
+        it durable (on the route's own partition, so whoever owns it recovers it)."""
+        entry = {
+            "state": state,
+            "attempts": attempts,
+            "at": now_ms,
+            "p": raw.partition,
+            "replay_of": request.replay_of,
+            **extra,
+        }
+        key = request.route_id.encode("utf-8")
+        value = json.dumps(entry, separators=(",", ":")).encode()
+        registry[key] = value
+        return Out(self.registry_topic, key, value, partition=raw.partition)
+
+    def status(
+        self,
+        request: ChannelRequest,
+        status: str,
+        now_ms: int,
+        attempt: int,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> Out:
+        """A status event about ``request`` (deterministic id: a repeat is recognisable)."""
+        event = StatusEvent(
+            event_id=deterministic_id(request.route_id, status, attempt, request.replay_of or ""),
+            status=status,
+            at_ms=now_ms,
+            notification_id=request.notification_id,
+            notification_type=request.notification_type,
+            route_id=request.route_id,
+            channel=self.channel,
+            user_id=request.user_id,
+            attempt=attempt,
+            reason=reason,
+            detail=detail[:2000] if detail else None,
+            request_id=request.request_id,
+            trace_id=request.trace_id,
+        )
+        return Out(
+            self._status_topic,
+            request.notification_id.encode("utf-8"),
+            self._contracts.status.encode(event),
+        )
+
+    def malformed(self, raw: RawRecord, reason: str, detail: str, now_ms: int) -> Out:
+        """A record for the malformed topic about an unusable input."""
+        return malformed(self._contracts, self._malformed_topic, raw, reason, detail, now_ms)

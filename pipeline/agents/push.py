@@ -1,0 +1,242 @@
+"""The push channel: each route ends published to the client gateway, expired, or
+dead-lettered with its history; and the gateway's reports of dead device tokens.
+
+A push route becomes one FlatBuffers Notification (schemas/notification.fbs): the
+type's body table filled from the intent payload, the display texts from the type's
+push templates in the route's locale, the user's device tokens. It is published to the
+gateway topic keyed by user_id (the gateway fans it out to all of the user's sessions),
+with the ids in headers. A route past its deadline (the type's push_ttl_s after the
+event) is not published but recorded ``expired``. Publication failures are classified
+(pipeline.providers.gateway): transient ones wait in the push delay tiers (budget 3 by
+default), permanent ones and the last attempt go to the push DLQ.
+
+Routes of one batch are published concurrently and their status events written once
+all are acknowledged (see BatchRun); the delivery registry (pipeline.agents.deliveries)
+keeps a restarted worker from publishing a route again, except one caught between the
+gateway's acknowledgement and the registry's, which the gateway drops by route_id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Mapping, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.agents.base import Clock, Out, RawRecord, malformed
+from pipeline.agents.deliveries import Deliveries
+from pipeline.contracts import Contracts
+from pipeline.contracts.push import BODY_TABLES, Display, PushPayload, body_from_variables, encode
+from pipeline.contracts.records import ChannelRequest
+from pipeline.errors import DecodeError, HeraldError, PushPayloadError, TransientError
+from pipeline.providers.gateway import GatewayPublisher
+from pipeline.rendering import TemplateCatalog, variables_of
+from pipeline.settings import Settings
+from pipeline.topology import Catalog, Topology
+from pipeline.topology.partitioning import partition_for
+
+log = logging.getLogger(__name__)
+
+
+class PushChannel:
+    """Decisions and publication for one push route (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        contracts: Contracts,
+        catalog: Catalog,
+        topology: Topology,
+        templates: TemplateCatalog,
+        gateway: GatewayPublisher,
+        clock: Clock,
+    ) -> None:
+        self._catalog = catalog
+        self._templates = templates
+        self._gateway = gateway
+        self._clock = clock
+        self._max_bytes = settings.push_max_payload_bytes
+        self._deliveries = Deliveries(settings, contracts, topology, "push", clock)
+        self.registry_topic = self._deliveries.registry_topic
+        self.requests_topic = settings.topic("notification.push.requested")
+        unmapped = sorted(
+            spec.name
+            for spec in catalog.types.values()
+            if "push" in spec.channels.get("user", ()) and spec.push_payload not in BODY_TABLES
+        )
+        if unmapped:
+            log.error(
+                "push types without a FlatBuffers table (their pushes will dead-letter as "
+                "push_type_unmapped): %s",
+                unmapped,
+            )
+
+    def handle(
+        self, raw: RawRecord, registry: MutableMapping[bytes, Any]
+    ) -> list[Out] | Awaitable[list[Out]]:
+        """The outputs for one route: at once when it needs no publication, else an
+        awaitable that publishes it (so that a batch's publications overlap)."""
+        now = self._clock.now_ms()
+        deliveries = self._deliveries
+        request = deliveries.accept(raw, registry, now)
+        if not isinstance(request, ChannelRequest):
+            return request
+        attempt = request.attempt + 1
+        if request.deadline_ms and now >= request.deadline_ms:
+            deadline = datetime.fromtimestamp(request.deadline_ms / 1000, tz=UTC)
+            detail = f"deadline {deadline.isoformat(timespec='seconds')} passed before publication"
+            return [
+                deliveries.status(request, "expired", now, request.attempt, detail=detail),
+                deliveries.record(registry, raw, request, "expired", request.attempt, now),
+            ]
+        try:
+            value = self.payload(request)
+        except HeraldError as exc:
+            return deliveries.failed(raw, registry, request, attempt, exc)
+        # In flight: another copy of this route in the same batch is skipped.
+        registry[request.route_id.encode("utf-8")] = json.dumps(
+            {"state": "publishing", "attempts": attempt, "replay_of": request.replay_of}
+        ).encode()
+        return self._publish(raw, registry, request, attempt, value)
+
+    def payload(self, request: ChannelRequest) -> bytes:
+        """The FlatBuffers bytes of ``request``'s push; a permanent error when the type
+        has no table, the payload does not fit it, or the result is over the size cap."""
+        spec = self._catalog.get(request.notification_type)
+        table = spec.push_payload if spec else None
+        if table is None or table not in BODY_TABLES:
+            raise PushPayloadError(
+                f"notification type {request.notification_type!r} has no FlatBuffers table: "
+                "map it with push_payload in topologies/catalog.yaml to a table of "
+                "schemas/notification.fbs",
+                reason="push_type_unmapped",
+            )
+        variables = variables_of(request.variables_json)
+        display = self._templates.render_push(
+            request.template_id, request.locale, variables, spec.required if spec else ()
+        )
+        value = encode(
+            PushPayload(
+                notification_type=request.notification_type,
+                notification_id=request.notification_id,
+                route_id=request.route_id,
+                user_id=request.user_id or "",
+                body_table=table,
+                body=body_from_variables(table, variables),
+                display=Display(display.title, display.body, display.image_url, display.link),
+                occurred_at_ms=request.occurred_at_ms,
+                locale=display.locale,
+                expires_at_ms=request.deadline_ms,
+                priority=request.priority,
+                device_tokens=request.device_tokens,
+                trace_id=request.trace_id,
+            )
+        )
+        if len(value) > self._max_bytes:
+            raise PushPayloadError(
+                f"push payload is {len(value)} bytes, over the {self._max_bytes}-byte cap "
+                "(HERALD_PUSH_MAX_PAYLOAD_BYTES)",
+                reason="payload_too_large",
+            )
+        return value
+
+    async def _publish(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        attempt: int,
+        value: bytes,
+    ) -> list[Out]:
+        headers = [
+            ("notification_type", request.notification_type.encode()),
+            ("notification_id", request.notification_id.encode()),
+            ("route_id", request.route_id.encode()),
+        ]
+        if request.trace_id:
+            headers.append(("trace_id", request.trace_id.encode()))
+        try:
+            receipt = await self._gateway.publish(
+                (request.user_id or "").encode("utf-8"), value, headers
+            )
+        except HeraldError as exc:
+            return self._deliveries.failed(raw, registry, request, attempt, exc)
+        except Exception as exc:  # a publisher bug must not lose the route: it retries
+            log.exception("unexpected failure publishing push route %s", request.route_id)
+            error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
+            return self._deliveries.failed(raw, registry, request, attempt, error)
+        now = self._clock.now_ms()
+        where = f"{self._gateway.topic}[{receipt.partition}]@{receipt.offset}"
+        return [
+            self._deliveries.status(request, "published", now, attempt, detail=where),
+            self._deliveries.record(registry, raw, request, "published", attempt, now),
+        ]
+
+
+def invalid_tokens(value: bytes | None) -> dict[str, Any]:
+    """A user's entry in the invalid push token table: token -> {reason, at, platform}."""
+    if not value:
+        return {}
+    try:
+        entry = json.loads(value)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def usable_tokens(tokens: list[str], invalid: Mapping[bytes, Any], user_id: str) -> list[str]:
+    """``tokens`` without those the gateway reported dead for ``user_id``."""
+    dead = invalid_tokens(invalid.get(user_id.encode("utf-8")))
+    return [token for token in tokens if token not in dead]
+
+
+class DeviceFeedbackLog:
+    """Keeps the invalid push token table from the gateway's device feedback.
+
+    The table is keyed (and partitioned) by user_id like the users table, so the router
+    reads a user's profile and dead tokens side by side. An entry is never dropped by
+    a later profile from the user service: a token once reported dead stays excluded
+    for that user (push services issue a new token when an app is reinstalled).
+    """
+
+    def __init__(self, settings: Settings, contracts: Contracts, topology: Topology) -> None:
+        self._contracts = contracts
+        self.feedback_topic = settings.topic("gateway.device-feedback")
+        self.keyed_topic = settings.topic("notification.push.feedback.keyed")
+        self._malformed_topic = settings.topic("notification.malformed")
+        self._partitions = topology.spec("gateway.device-feedback").partitions
+
+    def handle(self, raw: RawRecord, table: MutableMapping[bytes, Any], now_ms: int) -> list[Out]:
+        """Record one report in ``table``; outputs only for forwards and errors."""
+        if not raw.key:
+            return [self._malformed(raw, "missing_key", "feedback is keyed by user_id", now_ms)]
+        home = partition_for(raw.key, self._partitions)
+        if raw.topic == self.feedback_topic and raw.partition != home:
+            return [Out(self.keyed_topic, raw.key, raw.value, partition=home, headers=raw.headers)]
+        try:
+            report = self._contracts.device_feedback.decode(raw.value)
+        except DecodeError as exc:
+            return [self._malformed(raw, exc.reason, exc.detail, now_ms)]
+        if report.user_id.encode("utf-8") != raw.key:
+            detail = f"record key {raw.key!r} differs from user_id {report.user_id!r}"
+            return [self._malformed(raw, "key_mismatch", detail, now_ms)]
+        entry = invalid_tokens(table.get(raw.key))
+        if report.token not in entry:
+            log.info(
+                "push token ...%s of user %s reported %s; no longer targeted",
+                report.token[-6:],
+                report.user_id,
+                report.reason,
+            )
+        entry[report.token] = {
+            "reason": report.reason,
+            "platform": report.platform,
+            "reported_at": report.reported_at_ms,
+            "at": now_ms,
+        }
+        table[raw.key] = json.dumps(entry, separators=(",", ":")).encode()
+        return []
+
+    def _malformed(self, raw: RawRecord, reason: str, detail: str, now_ms: int) -> Out:
+        return malformed(self._contracts, self._malformed_topic, raw, reason, detail, now_ms)
