@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -9,7 +11,9 @@ from collections.abc import Callable
 from confluent_kafka import Producer
 
 from pipeline.contracts import Contracts
+from pipeline.contracts import push as push_payloads
 from pipeline.contracts.records import PushDevice, UserProfile
+from pipeline.errors import HeraldError
 from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
@@ -102,24 +106,35 @@ def run_demo(settings: Settings, timeout_s: float, echo: Callable[[str], None]) 
     if len(routes) < 4:
         return False
 
-    mailed: set[str | None] = set()
-    while len(mailed) < 2 and time.monotonic() < deadline:
+    # Two mails and alice's push; a channel's last word on a route ends its wait.
+    final = {"email": ("sent", "dead_lettered"), "push": ("published", "expired", "dead_lettered")}
+    delivered: set[tuple[str | None, str | None]] = set()
+    while len(delivered) < 3 and time.monotonic() < deadline:
         for *_, value in read_topic(settings, settings.topic("notification.status")):
             event = contracts.status.decode(value)
+            where = (event.user_id, event.channel)
             if (
                 event.notification_id == notification_id
-                and event.status in ("sent", "dead_lettered")
-                and event.user_id not in mailed
+                and event.status in final.get(event.channel or "", ())
+                and where not in delivered
             ):
-                mailed.add(event.user_id)
+                delivered.add(where)
                 echo(
-                    f"email      {event.status:9} {event.user_id} attempt {event.attempt}: "
+                    f"{event.channel:10} {event.status:9} {event.user_id} attempt {event.attempt}: "
                     f"{event.detail or event.reason or ''}"
                 )
-        if len(mailed) < 2:
+        if len(delivered) < 3:
             time.sleep(0.5)
-    if len(mailed) < 2:
+    if len(delivered) < 3:
         return False
+    for *_, value in read_topic(settings, settings.gateway_topic_name):
+        with contextlib.suppress(HeraldError):
+            pushed = push_payloads.decode(value)
+            if pushed.notification_id == notification_id:
+                echo(
+                    f"gateway    {pushed.user_id} {pushed.body_table} {json.dumps(pushed.body)} "
+                    f"{pushed.display.title!r}: {pushed.display.body!r}"
+                )
 
     while time.monotonic() < deadline:
         for *_, value in read_topic(settings, settings.topic("notification.intents.malformed")):

@@ -9,7 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from pipeline.errors import BrokerUnavailableError
 from pipeline.settings import Settings
@@ -30,6 +37,26 @@ def read_topic(
     Without ``follow`` it stops at the end offsets seen on entry. With ``follow`` it
     runs until ``idle_timeout_s`` passes without a record (None: forever).
     """
+    for msg in read_messages(
+        settings, topic, from_beginning=from_beginning, follow=follow, idle_timeout_s=idle_timeout_s
+    ):
+        partition, offset = msg.partition(), msg.offset()
+        # librdkafka sets both on every fetched record
+        assert partition is not None
+        assert offset is not None
+        yield partition, offset, msg.timestamp()[1], msg.key(), msg.value()
+
+
+def read_messages(
+    settings: Settings,
+    topic: str,
+    *,
+    from_beginning: bool = True,
+    follow: bool = False,
+    idle_timeout_s: float | None = None,
+) -> Iterator[Message]:
+    """The records of ``topic`` as confluent-kafka messages (headers included); see
+    :func:`read_topic`."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -68,11 +95,13 @@ def read_topic(
                 raise BrokerUnavailableError(str(msg.error()))
             last_seen = time.monotonic()
             partition, offset = msg.partition(), msg.offset()
-            # librdkafka sets both on every fetched record
-            assert partition is not None
-            assert offset is not None
-            yield partition, offset, msg.timestamp()[1], msg.key(), msg.value()
-            if not follow and partition in remaining and offset + 1 >= remaining[partition]:
+            yield msg
+            if (
+                not follow
+                and partition in remaining
+                and offset is not None
+                and offset + 1 >= remaining[partition]
+            ):
                 del remaining[partition]
                 if not remaining:
                     return

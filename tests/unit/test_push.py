@@ -1,0 +1,385 @@
+"""The push channel without a broker: the FlatBuffers schema and its bindings, the
+type-to-table mapping, push templates, payload rules, TTL and device feedback."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.agents.base import Clock, Out, WriteBehind
+from pipeline.agents.push import DeviceFeedbackLog, PushChannel, invalid_tokens, usable_tokens
+from pipeline.agents.route import Router
+from pipeline.contracts import Contracts
+from pipeline.contracts import push as push_payloads
+from pipeline.contracts.fbs import notification_generated as fbs
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import ChannelRequest, DeviceFeedback, PushDevice
+from pipeline.errors import PushPayloadError, RenderError
+from pipeline.providers.gateway import GatewayPublisher
+from pipeline.rendering import TemplateCatalog
+from pipeline.settings import REPO_ROOT, Settings
+from pipeline.topology import Catalog, Topology
+from pipeline.topology.partitioning import partition_for
+from tests.unit.helpers import raw
+from tests.unit.test_route import outcomes, profile, recipient, route
+
+NOW = 1_800_000_000_000
+
+#: A valid payload for every push type (the catalog's required fields).
+SAMPLES: dict[str, dict[str, Any]] = {
+    "game.turn.ready": {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 42},
+    "game.finished": {"game_id": "g-1", "game_name": "Andromeda", "final_turn_number": 99},
+    "lobby.application.submitted": {"game_id": "g-2", "game_name": "Vega", "applicant_name": "Ann"},
+    "lobby.membership.approved": {"game_id": "g-3", "game_name": "Lyra"},
+    "lobby.membership.rejected": {"game_id": "g-4", "game_name": "Orion"},
+    "lobby.invite.created": {"game_id": "g-5", "game_name": "Draco", "inviter_name": "Bo"},
+    "lobby.invite.redeemed": {"game_id": "g-6", "game_name": "Cygnus", "invitee_name": "Cy"},
+    "lobby.invite.expired": {"game_id": "g-7", "game_name": "Aquila"},
+}
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Catalog:
+    return Catalog.load(settings)
+
+
+@pytest.fixture
+def contracts(settings: Settings) -> Contracts:
+    return Contracts(settings)
+
+
+def push_types(catalog: Catalog) -> list[str]:
+    return sorted(n for n, s in catalog.types.items() if "push" in s.channels.get("user", ()))
+
+
+def channel(settings: Settings, contracts: Contracts, clock: Clock | None = None) -> PushChannel:
+    return PushChannel(
+        settings,
+        contracts,
+        Catalog.load(settings),
+        Topology.load(settings),
+        TemplateCatalog(settings.templates_dir),
+        GatewayPublisher(settings),
+        clock or Clock(),
+    )
+
+
+def push_route(notification_type: str = "game.turn.ready", **fields: Any) -> ChannelRequest:
+    values: dict[str, Any] = {
+        "route_id": deterministic_id("n-1", "push", "u1"),
+        "notification_id": "n-1",
+        "notification_type": notification_type,
+        "channel": "push",
+        "template_id": notification_type,
+        "user_id": "u1",
+        "device_tokens": ["tok-a", "tok-b"],
+        "locale": "de",
+        "variables_json": json.dumps(SAMPLES.get(notification_type, {"game_id": "g"})),
+        "occurred_at_ms": NOW - 1000,
+        "deadline_ms": NOW + 3_600_000,
+        "trace_id": "trace-1",
+    }
+    values.update(fields)
+    return ChannelRequest(**values)
+
+
+# --- the schema and its bindings ---------------------------------------------------
+
+
+def test_generated_bindings_are_current(tmp_path: Path) -> None:
+    """pipeline/contracts/fbs is what `make fbs` makes of schemas/notification.fbs."""
+    subprocess.run([str(REPO_ROOT / "scripts" / "gen-fbs"), str(tmp_path)], check=True)
+    committed = REPO_ROOT / "pipeline" / "contracts" / "fbs"
+    generated = sorted(p.name for p in tmp_path.iterdir())
+    assert generated == ["notification_generated.py"]
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path, committed, generated, shallow=False)
+    assert not mismatch, "run `make fbs` and commit the result"
+    assert not errors
+
+
+def test_catalog_and_schema_agree_on_the_type_to_table_mapping(catalog: Catalog) -> None:
+    schema = (REPO_ROOT / "schemas" / "notification.fbs").read_text()
+    documented = dict(re.findall(r"/// notification_type: (\S+)\ntable (\w+)", schema))
+    mapped = {name: catalog.types[name].push_payload for name in push_types(catalog)}
+    assert mapped == documented
+    assert sorted(documented.values()) == sorted(push_payloads.BODY_TABLES)
+    # The header's table says the same again, for readers of the schema file alone.
+    for notification_type, table in documented.items():
+        assert re.search(rf"//\s+{re.escape(notification_type)}\s+{table}\n", schema)
+
+
+def test_each_body_table_holds_its_types_required_fields(catalog: Catalog) -> None:
+    for name in push_types(catalog):
+        spec = catalog.types[name]
+        assert spec.push_payload is not None
+        fields = push_payloads.BODY_TABLES[spec.push_payload][1]
+        assert sorted(fields) == sorted(spec.required), name
+
+
+@pytest.mark.parametrize("notification_type", sorted(SAMPLES))
+def test_every_type_round_trips_and_reads_with_the_plain_generated_reader(
+    settings: Settings, contracts: Contracts, notification_type: str
+) -> None:
+    request = push_route(notification_type)
+    data = channel(settings, contracts).payload(request)
+
+    # The plain (non-object) API, as a gateway's own reader would use it.
+    assert fbs.Notification.NotificationBufferHasIdentifier(data, 0)
+    envelope = fbs.Notification.GetRootAs(data, 0)
+    assert envelope.Type().decode() == notification_type
+    assert envelope.NotificationId().decode() == "n-1"
+    assert envelope.RouteId().decode() == request.route_id
+    assert envelope.UserId().decode() == "u1"
+    assert envelope.OccurredAtMs() == NOW - 1000
+    assert envelope.ExpiresAtMs() == NOW + 3_600_000
+    assert envelope.Locale().decode() == "de"
+    assert envelope.TraceId().decode() == "trace-1"
+    assert [envelope.DeviceTokens(i).decode() for i in range(envelope.DeviceTokensLength())] == [
+        "tok-a",
+        "tok-b",
+    ]
+    table = Catalog.load(settings).types[notification_type].push_payload
+    assert envelope.BodyType() == getattr(fbs.Body, str(table))
+    body = getattr(fbs, str(table))()
+    union = envelope.Body()
+    body.Init(union.Bytes, union.Pos)
+    for field, expected in SAMPLES[notification_type].items():
+        accessor = "".join(part.title() for part in field.split("_"))
+        value = getattr(body, accessor)()
+        assert (value.decode() if isinstance(value, bytes) else value) == expected, field
+    display = envelope.Display()
+    assert display.Title()
+    assert display.Body()
+    assert display.Link().decode().startswith("https://play.example.com/games/")
+
+    decoded = push_payloads.decode(data)
+    assert decoded.body == SAMPLES[notification_type]
+    assert decoded.body_table == table
+    assert len(data) < 600
+
+
+def test_body_values_are_converted_or_refused() -> None:
+    body = push_payloads.body_from_variables(
+        "GameTurnReady", {"game_id": 7, "game_name": "A", "turn_number": "42", "extra": "x"}
+    )
+    assert body == {"game_id": "7", "game_name": "A", "turn_number": 42}
+    for bad in ("many", 4.5, True, [1]):
+        with pytest.raises(PushPayloadError) as caught:
+            push_payloads.body_from_variables("GameTurnReady", {"turn_number": bad})
+        assert caught.value.reason == "payload_invalid"
+    with pytest.raises(PushPayloadError, match="uint32"):
+        push_payloads.encode(
+            push_payloads.PushPayload(
+                notification_type="game.turn.ready",
+                notification_id="n",
+                route_id="r",
+                user_id="u",
+                body_table="GameTurnReady",
+                body={"turn_number": -1},
+                display=push_payloads.Display("t", "b"),
+            )
+        )
+
+
+def test_decode_refuses_what_is_not_a_herald_push() -> None:
+    for data in (None, b"", b"garbage-bytes", b"\x00" * 32):
+        with pytest.raises(Exception, match=r"Herald push|corrupt"):
+            push_payloads.decode(data)
+
+
+# --- templates ---------------------------------------------------------------------
+
+
+def test_push_templates_render_per_locale_with_fallbacks(settings: Settings) -> None:
+    templates = TemplateCatalog(settings.templates_dir)
+    de = templates.render_push("game.finished", "de", SAMPLES["game.finished"])
+    assert de.locale == "de"
+    assert de.title == "Andromeda ist beendet"
+    assert de.image_url == "https://play.example.com/games/g-1/final-map.png"  # from en
+    assert de.link == "https://play.example.com/games/g-1"
+    fallback = templates.render_push(
+        "lobby.invite.created", "pt-BR", SAMPLES["lobby.invite.created"]
+    )
+    assert (fallback.locale, fallback.locale_fallback) == ("en", True)
+    assert fallback.body == "Bo invited you to play."
+    with pytest.raises(RenderError, match="missing required"):
+        templates.render_push("game.turn.ready", "en", {"game_id": "g"}, ("turn_number",))
+
+
+@pytest.mark.parametrize(
+    ("part", "url", "ok"),
+    [
+        ("push_link", "https://play.example.com/x", True),
+        ("push_link", "andromeda://games/7", True),
+        ("push_link", "javascript:alert(1)", False),
+        ("push_link", "data:text/html,hi", False),
+        ("push_link", "/relative/path", False),
+        ("push_link", "https://a.example/x y", False),
+        ("push_image", "https://cdn.example/i.png", True),
+        ("push_image", "http://cdn.example/i.png", False),
+    ],
+)
+def test_push_urls_must_be_safe(tmp_path: Path, part: str, url: str, ok: bool) -> None:
+    folder = tmp_path / "t.type" / "en"
+    folder.mkdir(parents=True)
+    (folder / "push_title.j2").write_text("T")
+    (folder / "push_body.j2").write_text("B")
+    (folder / f"{part}.j2").write_text("{{ url }}")
+    templates = TemplateCatalog(tmp_path)
+    if ok:
+        rendered = templates.render_push("t.type", "en", {"url": url})
+        assert url in (rendered.link, rendered.image_url)
+    else:
+        with pytest.raises(RenderError) as caught:
+            templates.render_push("t.type", "en", {"url": url})
+        assert caught.value.reason == "invalid_url"
+
+
+# --- the agent's decisions without publication ---------------------------------------
+
+
+def statuses(outputs: list[Out], contracts: Contracts) -> list[tuple[str, int, str | None]]:
+    return [
+        (e.status, e.attempt, e.reason)
+        for e in (
+            contracts.status.decode(o.value) for o in outputs if o.topic == "notification.status"
+        )
+    ]
+
+
+def handle_now(push: PushChannel, request: ChannelRequest, contracts: Contracts) -> list[Out]:
+    record = raw(
+        contracts.channel_request.encode(request), topic="notification.push.requested", key=b"u1"
+    )
+    outputs = push.handle(record, WriteBehind({}))
+    assert isinstance(outputs, list), "expected a decision without publication"
+    return outputs
+
+
+def test_a_push_past_its_deadline_expires_unpublished(
+    settings: Settings, contracts: Contracts
+) -> None:
+    clock = Clock(offset_ms=NOW + 3_600_000 - Clock().now_ms())  # exactly at the deadline
+    outputs = handle_now(channel(settings, contracts, clock), push_route(), contracts)
+    assert statuses(outputs, contracts) == [("expired", 0, None)]
+    assert not [o for o in outputs if o.topic == settings.gateway_topic_name]
+    registry = [o for o in outputs if o.topic == "herald.push.deliveries.changelog"]
+    assert json.loads(registry[0].value or b"")["state"] == "expired"
+
+
+def test_an_unmapped_type_dead_letters_at_once(settings: Settings, contracts: Contracts) -> None:
+    clock = Clock(offset_ms=NOW - Clock().now_ms())
+    push = channel(settings, contracts, clock)
+    outputs = handle_now(push, push_route("lobby.invite.revoked"), contracts)
+    assert statuses(outputs, contracts) == [
+        ("failed", 1, "push_type_unmapped"),
+        ("dead_lettered", 1, "permanent_failure"),
+    ]
+    letter = contracts.dead_letter.decode(
+        next(o.value for o in outputs if o.topic == "notification.push.dlq")
+    )
+    assert letter.channel == "push"
+    assert letter.last_reason == "push_type_unmapped"
+    assert "push_payload in topologies/catalog.yaml" in letter.last_error
+
+
+def test_a_payload_over_the_cap_fails_permanently(settings: Settings, contracts: Contracts) -> None:
+    small = settings.model_copy(update={"push_max_payload_bytes": 300})
+    huge = {**SAMPLES["game.turn.ready"], "game_name": "N" * 400}
+    with pytest.raises(PushPayloadError) as caught:
+        channel(small, contracts).payload(push_route(variables_json=json.dumps(huge)))
+    assert caught.value.reason == "payload_too_large"
+    assert "HERALD_PUSH_MAX_PAYLOAD_BYTES" in caught.value.detail
+
+
+def test_a_second_copy_in_flight_is_not_published_twice(
+    settings: Settings, contracts: Contracts
+) -> None:
+    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()))
+    record = raw(
+        contracts.channel_request.encode(push_route()),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+    view = WriteBehind({})
+    first = push.handle(record, view)
+    assert asyncio.iscoroutine(first)
+    first.close()  # not published here; only the in-flight mark matters
+    assert push.handle(record, view) == []
+
+
+# --- device feedback -----------------------------------------------------------------
+
+
+def feedback_record(
+    settings: Settings, contracts: Contracts, user: str, token: str, partition: int | None = None
+) -> Any:
+    report = DeviceFeedback(user_id=user, token=token, reason="unregistered", reported_at_ms=5)
+    home = partition_for(
+        user.encode(), Topology.load(settings).spec("gateway.device-feedback").partitions
+    )
+    return raw(
+        contracts.device_feedback.encode(report),
+        topic="gateway.device-feedback",
+        key=user.encode(),
+        partition=home if partition is None else partition,
+    )
+
+
+def test_feedback_records_dead_tokens_per_user(settings: Settings, contracts: Contracts) -> None:
+    log = DeviceFeedbackLog(settings, contracts, Topology.load(settings))
+    table: dict[bytes, Any] = {}
+    assert log.handle(feedback_record(settings, contracts, "u1", "tok-a"), table, NOW) == []
+    assert log.handle(feedback_record(settings, contracts, "u1", "tok-b"), table, NOW) == []
+    entry = invalid_tokens(table[b"u1"])
+    assert entry["tok-a"]["reason"] == "unregistered"
+    assert sorted(entry) == ["tok-a", "tok-b"]
+    assert usable_tokens(["tok-a", "tok-c", "tok-b"], table, "u1") == ["tok-c"]
+    assert usable_tokens(["tok-a"], table, "u2") == ["tok-a"]
+
+
+def test_feedback_off_its_home_partition_or_broken_is_forwarded_or_kept(
+    settings: Settings, contracts: Contracts
+) -> None:
+    log = DeviceFeedbackLog(settings, contracts, Topology.load(settings))
+    table: dict[bytes, Any] = {}
+    home = feedback_record(settings, contracts, "u1", "tok-a").partition
+    away = feedback_record(settings, contracts, "u1", "tok-a", partition=(home + 1) % 6)
+    (forward,) = log.handle(away, table, NOW)
+    assert (forward.topic, forward.partition) == ("notification.push.feedback.keyed", home)
+    garbage = raw(b"nope", topic="gateway.device-feedback", key=b"u1", partition=home)
+    (bad,) = log.handle(garbage, table, NOW)
+    assert bad.topic == "notification.malformed"
+    assert contracts.malformed.decode(bad.value).reason == "undecodable"
+    assert table == {}
+
+
+def test_router_leaves_out_reported_tokens(settings: Settings, contracts: Contracts) -> None:
+    dead = {b"u1": json.dumps({"tok-1": {"reason": "unregistered"}}).encode()}
+    router = Router(
+        settings,
+        contracts,
+        Catalog.load(settings),
+        Topology.load(settings),
+        TemplateCatalog(settings.templates_dir),
+        dead,
+    )
+    outputs = route(router, contracts, recipient(), profile())
+    assert outcomes(outputs, contracts)["push"] == ("skipped", "no_push_device")
+    assert outcomes(outputs, contracts)["email"][0] == "routed"
+
+    two = profile(push_devices=[PushDevice(token="tok-1"), PushDevice(token="tok-2")])
+    outputs = route(router, contracts, recipient(), two)
+    (request,) = [
+        contracts.channel_request.decode(o.value)
+        for o in outputs
+        if o.topic == "notification.push.requested"
+    ]
+    assert request.device_tokens == ["tok-2"]
