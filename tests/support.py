@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import yaml
+
 from pipeline.agents.watchdog import EXIT_STALLED
 from pipeline.contracts import RecordCodec
 from pipeline.ops.reader import read_topic
 from pipeline.settings import Settings
+from pipeline.topology import Topology
+from pipeline.topology import admin as topology_admin
 
 R = TypeVar("R")
 
@@ -129,3 +134,16 @@ def read_all(settings: Settings, logical_topic: str, codec: RecordCodec[Any]) ->
     return [
         codec.decode(value) for *_, value in read_topic(settings, settings.topic(logical_topic))
     ]
+
+
+def fast_retries(settings: Settings, folder: Path, stage: str, **updates: Any) -> Settings:
+    """``settings`` with a copy of topologies/ in ``folder`` whose ``stage`` retries
+    wait 1 s, then 2 s, for 3 attempts (the tier topics created), plus ``updates``."""
+    folder.mkdir()
+    shutil.copy(settings.topology_dir / "catalog.yaml", folder / "catalog.yaml")
+    doc = yaml.safe_load((settings.topology_dir / "topics.yaml").read_text())
+    doc["retry"][stage] = {"budget": 3, "tiers": ["1s", "2s"]}
+    (folder / "topics.yaml").write_text(yaml.safe_dump(doc))
+    fast = settings.model_copy(update={"topology_dir": folder, **updates})
+    assert not topology_admin.apply(fast, Topology.load(fast)).drift
+    return fast

@@ -211,16 +211,16 @@ class DeviceFeedbackLog:
         """Record one report in ``table``; outputs only for forwards and errors."""
         if not raw.key:
             return [self._malformed(raw, "missing_key", "feedback is keyed by user_id", now_ms)]
-        home = partition_for(raw.key, self._partitions)
-        if raw.topic == self.feedback_topic and raw.partition != home:
-            return [Out(self.keyed_topic, raw.key, raw.value, partition=home, headers=raw.headers)]
-        try:
+        try:  # before any forward, so that a bad report is kept with its first origin
             report = self._contracts.device_feedback.decode(raw.value)
         except DecodeError as exc:
             return [self._malformed(raw, exc.reason, exc.detail, now_ms)]
         if report.user_id.encode("utf-8") != raw.key:
             detail = f"record key {raw.key!r} differs from user_id {report.user_id!r}"
             return [self._malformed(raw, "key_mismatch", detail, now_ms)]
+        home = partition_for(raw.key, self._partitions)
+        if raw.topic == self.feedback_topic and raw.partition != home:
+            return [Out(self.keyed_topic, raw.key, raw.value, partition=home, headers=raw.headers)]
         entry = invalid_tokens(table.get(raw.key))
         if report.token not in entry:
             log.info(

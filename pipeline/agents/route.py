@@ -101,7 +101,8 @@ class Router:
         self._catalog = catalog
         self._templates = templates
         # Push tokens the gateway reported dead, by user_id (pipeline.agents.push).
-        self._invalid_tokens: Mapping[bytes, Any] = invalid_tokens or {}
+        # (An empty table is falsy: test for None, not truth.)
+        self._invalid_tokens: Mapping[bytes, Any] = {} if invalid_tokens is None else invalid_tokens
         self.recipients_topic = settings.topic("notification.recipients")
         # Waiting recipients come back here, so notification.recipients keeps exactly
         # one record per accepted recipient.

@@ -5,13 +5,11 @@ dead-lettered with its history."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
@@ -26,7 +24,7 @@ from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.views import address_key
 from tests.smtp import ScriptedSmtp, smtp_server
-from tests.support import WorkerProcess, read_all, wait_for
+from tests.support import WorkerProcess, fast_retries, read_all, wait_for
 
 TURN = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 4}
 
@@ -35,18 +33,7 @@ TURN = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 4}
 def fast_mail(isolated: Settings, tmp_path: Path) -> Settings:
     """Isolated settings whose email retries wait 1 s, then 2 s, for 3 attempts, with a
     2 s SMTP timeout."""
-    folder = tmp_path / "topologies"
-    folder.mkdir()
-    shutil.copy(isolated.topology_dir / "catalog.yaml", folder / "catalog.yaml")
-    doc = yaml.safe_load((isolated.topology_dir / "topics.yaml").read_text())
-    doc["retry"]["email"] = {"budget": 3, "tiers": ["1s", "2s"]}
-    (folder / "topics.yaml").write_text(yaml.safe_dump(doc))
-    settings = isolated.model_copy(update={"topology_dir": folder, "smtp_timeout_s": 2.0})
-    from pipeline.topology import Topology
-    from pipeline.topology import admin as topology_admin
-
-    assert not topology_admin.apply(settings, Topology.load(settings)).drift
-    return settings
+    return fast_retries(isolated, tmp_path / "topologies", "email", smtp_timeout_s=2.0)
 
 
 SCRIPT = {
