@@ -55,5 +55,10 @@ def test_demo_shows_intake_routing_and_delivery(
     assert f"origin={isolated.topic('notification.intents')}[" in malformed
     mailed = sorted(tuple(line.split()[1:3]) for line in lines if line.startswith("email "))
     assert mailed == [("sent", "demo-alice"), ("sent", "demo-bob")]
+    pushed = [line.split()[1:3] for line in lines if line.startswith("push ")]
+    assert pushed == [["published", "demo-alice"]]
+    [gateway] = [line for line in lines if line.startswith("gateway ")]
+    assert "demo-alice GameTurnReady" in gateway
+    assert "Zug 42 ist bereit" in gateway
     subjects = sorted(str(message["Subject"]) for _, message in smtp.received)
     assert subjects == ["Andromeda: Zug 42 ist bereit", "Andromeda: turn 42 is ready"]
