@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run worker demo test lint typecheck unit integration broker-start broker-stop broker-status topics clean
+.PHONY: install run worker demo test lint typecheck unit integration broker-start broker-stop broker-status topics fbs clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ typecheck: install
 
 unit: install
 	$(BIN)/pytest tests/unit
+
+## Regenerate the Python FlatBuffers bindings from schemas/notification.fbs with the
+## pinned flatc; commit the result (a unit test fails while they are out of date).
+fbs: install
+	scripts/gen-fbs
 
 clean:
 	scripts/kafka-local stop || true

@@ -153,9 +153,8 @@ class PushChannel:
             ("notification_type", request.notification_type.encode()),
             ("notification_id", request.notification_id.encode()),
             ("route_id", request.route_id.encode()),
+            ("trace_id", (request.trace_id or "").encode()),  # empty: the producer sent none
         ]
-        if request.trace_id:
-            headers.append(("trace_id", request.trace_id.encode()))
         try:
             receipt = await self._gateway.publish(
                 (request.user_id or "").encode("utf-8"), value, headers
