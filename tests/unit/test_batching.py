@@ -170,3 +170,43 @@ def test_offset_set_keeps_gaps() -> None:
     assert gaps._spans == [[1, 1], [3, 3], [5, 5]]
     assert gaps.add(2)
     assert gaps._spans == [[1, 3], [5, 5]]
+
+
+async def test_a_batchs_deliveries_overlap_and_are_written_together() -> None:
+    """Awaitable outputs (a channel's deliveries) run side by side; the batch is written
+    and acked once all are done, and a failing one becomes its own output."""
+    in_flight: list[int] = []
+    most = 0
+    release = asyncio.Event()
+
+    async def deliver(raw: RawRecord) -> list[Out]:
+        nonlocal most
+        in_flight.append(raw.offset)
+        most = max(most, len(in_flight))
+        await release.wait()
+        in_flight.remove(raw.offset)
+        if raw.offset == 2:
+            raise RuntimeError("publisher bug")
+        return [Out("out", None, str(raw.offset).encode())]
+
+    def handle(raw: RawRecord, view: WriteBehind) -> Any:
+        return deliver(raw)
+
+    def to_malformed(raw: RawRecord, exc: Exception, now: int) -> Out:
+        return Out("malformed", None, f"{raw.offset}:{exc}".encode())
+
+    stream, broker = FakeStream(), FakeBroker()
+    stream.channel.empty = lambda: False  # type: ignore[method-assign]  # a busy stream
+    run = batch_run(handle, to_malformed, broker, linger_s=0.2)
+    task = asyncio.ensure_future(run.run(stream))
+    for offset in range(4):
+        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+    await asyncio.sleep(0.1)
+    assert most == 4  # all four started before any finished
+    assert stream.acked == []
+    release.set()
+    await asyncio.sleep(0.3)
+    assert sorted(v or b"" for v in broker.acked) == [b"0", b"1", b"2:publisher bug", b"3"]
+    assert stream.acked == [0, 1, 2, 3]
+    stream.queue.put_nowait(None)
+    await task
