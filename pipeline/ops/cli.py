@@ -243,6 +243,12 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _text(value: str | bytes | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value or ""
+
+
 def render_record(codec: RecordCodec[Any] | None, value: bytes | None) -> dict[str, Any]:
     """A record as JSON-friendly data (``codec`` None: a FlatBuffers push); undecodable
     bytes are shown, not raised."""
@@ -267,22 +273,23 @@ def render_record(codec: RecordCodec[Any] | None, value: bytes | None) -> dict[s
 )
 def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
     """Print a topic's records as JSON lines (decoded), from the beginning."""
-    from pipeline.ops.reader import read_topic
+    from pipeline.ops.reader import read_messages
 
     settings = _settings()
     logical, codec_name = _TAILS[what]
     codec: RecordCodec[Any] | None = None
     if codec_name != "push":
         codec = getattr(Contracts(settings), codec_name)
-    for partition, offset, ts, key, value in read_topic(
-        settings, settings.topic(logical), follow=follow, idle_timeout_s=idle_timeout
-    ):
+    topic = settings.gateway_topic_name if what == "gateway" else settings.topic(logical)
+    for msg in read_messages(settings, topic, follow=follow, idle_timeout_s=idle_timeout):
+        key = msg.key()
         line = {
-            "partition": partition,
-            "offset": offset,
-            "timestamp_ms": ts,
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "timestamp_ms": msg.timestamp()[1],
             "key": key.decode("utf-8", "replace") if key else None,
-            "value": render_record(codec, value),
+            "headers": {str(name): _text(value) for name, value in list(msg.headers() or [])},
+            "value": render_record(codec, msg.value()),
         }
         click.echo(json.dumps(line, ensure_ascii=False))
 

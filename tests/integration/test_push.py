@@ -6,6 +6,7 @@ retries three times then dead-letters, and a dead device token stops being targe
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from pipeline.ops.reader import read_messages, read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.topology import Catalog
-from tests.support import WorkerProcess, fast_retries, wait_for
+from tests.support import HERALD, WorkerProcess, fast_retries, settings_env, wait_for
 from tests.unit.test_push import SAMPLES
 
 pytestmark = pytest.mark.integration
@@ -349,3 +350,16 @@ def test_a_reported_dead_token_is_no_longer_targeted(
             [envelope.DeviceTokens(i).decode() for i in range(envelope.DeviceTokensLength())]
         )
     assert tokens == [["t-dead", "t-live"], ["t-live"]]
+
+    # What an operator sees: `herald tail gateway` decodes the same records.
+    shown = subprocess.run(
+        [HERALD, "tail", "gateway"],
+        env=settings_env(settings),
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    lines = [json.loads(line) for line in shown.stdout.decode().splitlines()]
+    assert [line["value"]["device_tokens"] for line in lines] == tokens
+    assert {line["headers"]["notification_type"] for line in lines} == {"game.turn.ready"}
+    assert [line["key"] for line in lines] == ["u-two", "u-two"]
