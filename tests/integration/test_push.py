@@ -84,8 +84,9 @@ def publish(settings: Settings, notification_type: str, user: str, **fields: Any
 def push_events(
     settings: Settings, contracts: Contracts, wanted: int, terminal: frozenset[str]
 ) -> list[StatusEvent]:
-    """Status events once ``wanted`` push routes reached a state in ``terminal``."""
-    return wait_for(
+    """Status events once ``wanted`` push routes reached a state in ``terminal``, each
+    once (at-least-once writing may repeat an event; its id then repeats too)."""
+    events = wait_for(
         settings,
         "notification.status",
         contracts.status,
@@ -95,6 +96,7 @@ def push_events(
         timeout_s=90,
         what=f"{wanted} push routes in {sorted(terminal)}",
     )
+    return list({e.event_id: e for e in events}.values())
 
 
 def gateway_records(settings: Settings) -> list[Any]:
