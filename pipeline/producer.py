@@ -37,7 +37,6 @@ from pipeline.errors import BrokerUnavailableError
 from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
-from pipeline.views import address_key
 
 #: notification_type of mails sent with :meth:`HeraldProducer.send_email`.
 RENDERED_TYPE = "email.rendered"
@@ -164,7 +163,7 @@ class HeraldProducer:
         )
         self._produce(
             self._settings.topic(lane),
-            address_key(address),
+            request.record_key(),
             self._contracts.channel_request.encode(request),
             wait,
         )
@@ -203,6 +202,12 @@ class HeraldProducer:
             self._contracts.device_feedback.encode(report),
             wait,
         )
+
+    def write(
+        self, topic: str, key: bytes | None, value: bytes | None, *, wait: bool = True
+    ) -> None:
+        """Write one already-encoded record to a physical topic (operator tools)."""
+        self._produce(topic, key or b"", value, wait)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every record is acknowledged; BrokerUnavailableError if any was not."""

@@ -231,7 +231,7 @@ class Router:
                 tokens=[],
                 due_at_ms=0,
             )
-            outputs.extend(self._emit(recipient, request, None, now_ms, key=address.encode()))
+            outputs.extend(self._emit(recipient, request, None, now_ms, key=request.record_key()))
         return outputs
 
     def _emit(

@@ -323,6 +323,11 @@ class ChannelRequest(AvroRecord):
     replay_of: str | None = None
     """The dead letter this route was replayed from, if any."""
 
+    def record_key(self) -> bytes:
+        """The key of this route's records: its user_id, or (routes without a user) its
+        lower-cased address, so every copy of a route shares a partition."""
+        return (self.user_id or (self.address or "").strip().lower()).encode("utf-8")
+
     def to_avro(self) -> dict[str, Any]:
         data = AvroRecord.to_avro(self)
         data["content"] = dataclasses.asdict(self.content) if self.content else None

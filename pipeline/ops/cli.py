@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,197 @@ def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
             "value": render_record(codec, msg.value()),
         }
         click.echo(json.dumps(line, ensure_ascii=False))
+
+
+# --- dead letters and malformed input ---------------------------------------------
+
+
+def _letter_filter(
+    channel: str | None,
+    notification_type: str | None,
+    error_class: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[str, ...] = (),
+) -> Any:
+    from pipeline.ops.dlq import LetterFilter, parse_time
+
+    now = int(time.time() * 1000)
+    return LetterFilter(
+        channel=channel,
+        notification_type=notification_type,
+        error_class=error_class,
+        reason=reason,
+        since_ms=parse_time(since, now) if since else None,
+        until_ms=parse_time(until, now) if until else None,
+        ids=frozenset(ids),
+    )
+
+
+def _filter_options(command: Callable[..., None]) -> Callable[..., None]:
+    options = [
+        click.option("--channel", type=click.Choice(["email", "push"]), help="Only this channel."),
+        click.option("--type", "notification_type", help="Only this notification type."),
+        click.option(
+            "--error-class",
+            type=click.Choice(["transient", "permanent"]),
+            help="Only letters whose last attempt failed this way.",
+        ),
+        click.option("--reason", help="Only this last reason (smtp_deferred, ...)."),
+        click.option("--since", help="Dead-lettered at or after: ISO time or an age (2h, 7d)."),
+        click.option("--until", help="Dead-lettered before: ISO time or an age."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: list them, show one with its history, replay them at a rate."""
+
+
+@dlq.command("list")
+@_filter_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per letter.")
+def dlq_list(
+    channel: str | None,
+    notification_type: str | None,
+    error_class: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    as_json: bool,
+) -> None:
+    """The dead letters that match, oldest first ([replayed] once replayed)."""
+    from pipeline.ops.dlq import letter_summary, read_letters, replayed
+
+    settings = _settings()
+    contracts = Contracts(settings)
+    selected = _letter_filter(channel, notification_type, error_class, reason, since, until)
+    letters = read_letters(settings, contracts, selected)
+    log = replayed(settings)
+    for letter in letters:
+        if as_json:
+            data = _jsonable({k: v for k, v in letter.to_avro().items() if k != "request"})
+            data["replayed"] = log.get(letter.dead_letter_id)
+            click.echo(json.dumps(data, ensure_ascii=False))
+        else:
+            click.echo(letter_summary(letter, log.get(letter.dead_letter_id)))
+    click.echo(f"{len(letters)} dead letter(s)", err=True)
+
+
+@dlq.command("show")
+@click.argument("letter_id")
+def dlq_show(letter_id: str) -> None:
+    """One dead letter (by dead_letter_id or route_id) with every attempt and its route."""
+    from pipeline.ops.dlq import LetterFilter, letter_detail, read_letters, replayed
+
+    settings = _settings()
+    contracts = Contracts(settings)
+    letters = read_letters(settings, contracts, LetterFilter(ids=frozenset({letter_id})))
+    if not letters:
+        raise click.ClickException(f"no dead letter {letter_id}")
+    log = replayed(settings)
+    for letter in letters:
+        data = _jsonable(letter_detail(contracts, letter))
+        data["request"] = _jsonable(data["request"])
+        data["replayed"] = log.get(letter.dead_letter_id)
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+@dlq.command("replay")
+@_filter_options
+@click.option("--id", "ids", multiple=True, help="Only this dead_letter_id or route_id.")
+@click.option("--rate", default="50/s", show_default=True, help="Most routes sent per second.")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; write nothing.")
+def dlq_replay(
+    channel: str | None,
+    notification_type: str | None,
+    error_class: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[str, ...],
+    rate: str,
+    dry_run: bool,
+) -> None:
+    """Send matching dead letters back to their lanes with a fresh budget, once each."""
+    from pipeline.ops.dlq import letter_summary, parse_rate, read_letters, replay
+
+    settings = _settings()
+    contracts = Contracts(settings)
+    per_second = parse_rate(rate)
+    selected = _letter_filter(channel, notification_type, error_class, reason, since, until, ids)
+    letters = read_letters(settings, contracts, selected)
+    if dry_run:
+        report = replay(settings, contracts, letters, per_second=per_second, dry_run=True)
+        for letter in report.replayed:
+            click.echo(f"would replay  {letter_summary(letter, None)}")
+        click.echo(
+            f"dry run: {len(report.replayed)} would be replayed, {len(report.already)} already were"
+        )
+        return
+    started = time.monotonic()
+    with click.progressbar(length=len(letters), label="replaying", file=sys.stderr) as bar:
+        report = replay(
+            settings, contracts, letters, per_second=per_second, on_progress=lambda _: bar.update(1)
+        )
+    click.echo(
+        f"replayed {len(report.replayed)} dead letter(s) in {time.monotonic() - started:.1f}s; "
+        f"{len(report.already)} skipped (replayed before)"
+    )
+
+
+@cli.group("malformed")
+def malformed_group() -> None:
+    """Input Herald could not use, kept with its bytes, reason and origin."""
+
+
+@malformed_group.command("list")
+@click.option(
+    "--kind",
+    type=click.Choice(["intents", "other", "all"]),
+    default="all",
+    show_default=True,
+    help="Malformed intents, other input (profiles, feedback, routes), or both.",
+)
+@click.option("--reason", help="Only this reason.")
+@click.option("--since", help="Recorded at or after: ISO time or an age (2h, 7d).")
+def malformed_list(kind: str, reason: str | None, since: str | None) -> None:
+    """One line per malformed record: when, origin, reason, detail."""
+    from pipeline.ops.dlq import MALFORMED_TOPICS, origin_of, parse_time, read_malformed
+
+    settings = _settings()
+    kinds = list(MALFORMED_TOPICS) if kind == "all" else [kind]
+    since_ms = parse_time(since, int(time.time() * 1000)) if since else None
+    records = read_malformed(settings, Contracts(settings), kinds, since_ms)
+    shown = [r for r in records if reason is None or r.reason == reason]
+    for record in shown:
+        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.recorded_at_ms / 1000))
+        click.echo(f"{at}  {origin_of(record)}  {record.reason}: {record.detail[:120]}")
+    click.echo(f"{len(shown)} malformed record(s)", err=True)
+
+
+@malformed_group.command("show")
+@click.argument("origin")
+def malformed_show(origin: str) -> None:
+    """One malformed record by its origin, ``topic[partition]@offset`` as listed."""
+    from pipeline.ops.dlq import MALFORMED_TOPICS, origin_of, read_malformed
+
+    settings = _settings()
+    records = read_malformed(settings, Contracts(settings), list(MALFORMED_TOPICS), None)
+    found = [r for r in records if origin_of(r) == origin]
+    if not found:
+        raise click.ClickException(f"no malformed record from {origin}")
+    for record in found:
+        data = _jsonable(record.to_avro())
+        for raw in ("raw_key", "raw_value"):
+            value = getattr(record, raw)
+            if value is not None:
+                data[f"{raw}_text"] = value.decode("utf-8", "replace")
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
 
 
 # --- push ----------------------------------------------------------------------------

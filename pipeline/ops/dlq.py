@@ -1,0 +1,287 @@
+"""Dead letters for operators: find them, read their history, replay them at a rate.
+
+A replay sends the dead-lettered route back to the lane it left
+(``DeadLetter.origin_topic``) with a fresh budget (attempt 0, no history) and
+``replay_of`` set to the dead letter's id; the channel's delivery registry treats it
+as a new chain of attempts, and a route that was meanwhile delivered stays delivered.
+
+Each replay is recorded in the compacted ``herald.dlq.replays`` topic after the route
+is acknowledged, and a letter found there is not replayed again, so re-running the same
+command (after a crash, or by a second operator) does nothing twice. A crash between
+the two writes can replay a letter once more; the registry then drops the copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.contracts import Contracts
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import DeadLetter, Malformed, StatusEvent
+from pipeline.errors import ConfigurationError
+from pipeline.ops.reader import read_topic
+from pipeline.producer import HeraldProducer
+from pipeline.settings import Settings
+
+#: The DLQ topic of each channel (logical names).
+DLQ_TOPICS = {"email": "notification.email.dlq", "push": "notification.push.dlq"}
+REPLAYS_TOPIC = "herald.dlq.replays"
+#: Where undecodable or invalid input is kept (logical names).
+MALFORMED_TOPICS = {"intents": "notification.intents.malformed", "other": "notification.malformed"}
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now_ms: int) -> int:
+    """Epoch ms from an ISO-8601 time (UTC unless it says otherwise) or an age such as
+    ``30m``, ``2h`` or ``7d`` (that long before now)."""
+    if match := _DURATION.match(text.strip()):
+        return now_ms - int(float(match[1]) * _UNIT_S[match[2]] * 1000)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise ConfigurationError(f"not a time or an age (30m, 2h, 7d): {text!r}") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_rate(text: str) -> float:
+    """Records per second from ``50/s``, ``300/m`` or ``50``."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?\s*$", text)
+    if not match or float(match[1]) <= 0:
+        raise ConfigurationError(f"not a rate (50/s, 300/m): {text!r}")
+    return float(match[1]) / _UNIT_S[match[2] or "s"]
+
+
+@dataclass(frozen=True, slots=True)
+class LetterFilter:
+    """Which dead letters an operator means; every field left None matches all."""
+
+    channel: str | None = None
+    """email or push."""
+    notification_type: str | None = None
+    """Catalog type."""
+    error_class: str | None = None
+    """transient or permanent (the last attempt's class)."""
+    reason: str | None = None
+    """The last attempt's reason (smtp_deferred, gateway_topic_missing, ...)."""
+    since_ms: int | None = None
+    """Dead-lettered at or after this moment."""
+    until_ms: int | None = None
+    """Dead-lettered before this moment."""
+    ids: frozenset[str] = frozenset()
+    """Only these dead_letter_ids or route_ids (empty: any)."""
+
+    def matches(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` is selected."""
+        return (
+            (self.channel is None or letter.channel == self.channel)
+            and (
+                self.notification_type is None or letter.notification_type == self.notification_type
+            )
+            and (self.error_class is None or letter.error_class == self.error_class)
+            and (self.reason is None or letter.last_reason == self.reason)
+            and (self.since_ms is None or letter.dead_lettered_at_ms >= self.since_ms)
+            and (self.until_ms is None or letter.dead_lettered_at_ms < self.until_ms)
+            and (not self.ids or bool({letter.dead_letter_id, letter.route_id} & self.ids))
+        )
+
+
+def read_letters(
+    settings: Settings, contracts: Contracts, selected: LetterFilter
+) -> list[DeadLetter]:
+    """Every dead letter that ``selected`` matches, oldest first, each once."""
+    channels = [selected.channel] if selected.channel else list(DLQ_TOPICS)
+    letters: dict[str, DeadLetter] = {}
+    for channel in channels:
+        if channel not in DLQ_TOPICS:
+            raise ConfigurationError(f"unknown channel {channel!r} (email or push)")
+        for *_, value in read_topic(settings, settings.topic(DLQ_TOPICS[channel])):
+            letter = contracts.dead_letter.decode(value)
+            if selected.matches(letter):
+                letters[letter.dead_letter_id] = letter
+    return sorted(letters.values(), key=lambda letter: letter.dead_lettered_at_ms)
+
+
+def replayed(settings: Settings) -> dict[str, dict[str, Any]]:
+    """dead_letter_id -> what the replay log says about its replay."""
+    log: dict[str, dict[str, Any]] = {}
+    for *_, key, value in read_topic(settings, settings.topic(REPLAYS_TOPIC)):
+        if key is None:
+            continue
+        if value is None:
+            log.pop(key.decode(), None)
+            continue
+        try:
+            log[key.decode()] = json.loads(value)
+        except ValueError:
+            continue
+    return log
+
+
+class RateLimiter:
+    """Spaces calls to at most ``per_second``, without bursts beyond one."""
+
+    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = 1.0 / per_second
+        self._clock = clock
+        self._next = clock()
+
+    def wait(self) -> None:
+        """Return when the next call is allowed."""
+        now = self._clock()
+        if self._next > now:
+            time.sleep(self._next - now)
+        self._next = max(self._next, now) + self._interval
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What one replay run did."""
+
+    replayed: list[DeadLetter] = field(default_factory=list)
+    """Sent back to their lanes (or, on a dry run, would have been)."""
+    already: list[DeadLetter] = field(default_factory=list)
+    """Skipped: the replay log shows an earlier replay."""
+
+
+def replay(
+    settings: Settings,
+    contracts: Contracts,
+    letters: Iterable[DeadLetter],
+    *,
+    per_second: float,
+    dry_run: bool = False,
+    operator: str = "herald dlq replay",
+    on_progress: Callable[[DeadLetter], None] = lambda letter: None,
+) -> ReplayReport:
+    """Replay ``letters`` at most ``per_second`` (see the module docstring)."""
+    report = ReplayReport()
+    done = replayed(settings)
+    todo: list[DeadLetter] = []
+    for letter in letters:
+        (report.already if letter.dead_letter_id in done else todo).append(letter)
+    if dry_run:
+        report.replayed = todo
+        return report
+    limiter = RateLimiter(per_second)
+    # Write in chunks of about a second's worth: the routes, acknowledged, then their
+    # replay records, so that no letter is logged as replayed before its route exists.
+    chunk_size = max(1, int(per_second))
+    with HeraldProducer(settings, contracts) as producer:
+        for chunk in _chunks(todo, chunk_size):
+            for letter in chunk:
+                limiter.wait()
+                _send_back(settings, contracts, producer, letter, operator)
+                on_progress(letter)
+            producer.flush()
+            for letter in chunk:
+                entry = {
+                    "route_id": letter.route_id,
+                    "channel": letter.channel,
+                    "to": letter.origin_topic,
+                    "at_ms": int(time.time() * 1000),
+                    "by": operator,
+                }
+                producer.write(
+                    settings.topic(REPLAYS_TOPIC),
+                    letter.dead_letter_id.encode(),
+                    json.dumps(entry).encode(),
+                    wait=False,
+                )
+            producer.flush()
+            report.replayed.extend(chunk)
+    return report
+
+
+def _chunks(items: list[DeadLetter], size: int) -> Iterator[list[DeadLetter]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _send_back(
+    settings: Settings,
+    contracts: Contracts,
+    producer: HeraldProducer,
+    letter: DeadLetter,
+    operator: str,
+) -> None:
+    request = contracts.channel_request.decode(letter.request)
+    fresh = dataclasses.replace(
+        request, attempt=0, attempts=[], due_at_ms=0, replay_of=letter.dead_letter_id
+    )
+    producer.write(
+        letter.origin_topic,
+        fresh.record_key(),
+        contracts.channel_request.encode(fresh),
+        wait=False,
+    )
+    event = StatusEvent(
+        event_id=deterministic_id(request.route_id, "replayed", letter.dead_letter_id),
+        status="replayed",
+        at_ms=int(time.time() * 1000),
+        notification_id=request.notification_id,
+        notification_type=request.notification_type,
+        route_id=request.route_id,
+        channel=letter.channel,
+        user_id=request.user_id,
+        attempt=0,
+        reason=letter.last_reason,
+        detail=f"dead letter {letter.dead_letter_id} replayed by {operator}",
+        request_id=request.request_id,
+        trace_id=request.trace_id,
+    )
+    producer.write(
+        settings.topic("notification.status"),
+        request.notification_id.encode(),
+        contracts.status.encode(event),
+        wait=False,
+    )
+
+
+def letter_summary(letter: DeadLetter, replay_entry: dict[str, Any] | None) -> str:
+    """One line about a dead letter, for listings."""
+    at = datetime.fromtimestamp(letter.dead_lettered_at_ms / 1000, tz=UTC)
+    code = f" {letter.last_code}" if letter.last_code else ""
+    replayed_note = "  [replayed]" if replay_entry else ""
+    return (
+        f"{at.isoformat(timespec='seconds')}  {letter.channel:5} {letter.notification_type:28} "
+        f"{letter.dead_letter_id}  {letter.reason}: {letter.last_reason}{code} "
+        f"after {len(letter.attempts)} attempt(s)  to {letter.user_id or letter.address}"
+        f"{replayed_note}"
+    )
+
+
+def letter_detail(contracts: Contracts, letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter as JSON-friendly data: its history and the route it carries."""
+    data = letter.to_avro()
+    request = contracts.channel_request.decode(letter.request).to_avro()
+    data["request"] = request
+    return data
+
+
+def read_malformed(
+    settings: Settings, contracts: Contracts, which: Iterable[str], since_ms: int | None
+) -> list[Malformed]:
+    """Malformed records of the given kinds (intents, other), oldest first."""
+    found: list[Malformed] = []
+    for kind in which:
+        for *_, value in read_topic(settings, settings.topic(MALFORMED_TOPICS[kind])):
+            record = contracts.malformed.decode(value)
+            if since_ms is None or record.recorded_at_ms >= since_ms:
+                found.append(record)
+    return sorted(found, key=lambda record: record.recorded_at_ms)
+
+
+def origin_of(record: Malformed) -> str:
+    """``topic[partition]@offset``: where a malformed record was read."""
+    return f"{record.origin_topic}[{record.origin_partition}]@{record.origin_offset}"
