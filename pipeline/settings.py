@@ -192,6 +192,15 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token the API requires (unset: no token; keep the API internal).",
     )
+    operator_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the operator endpoints (unset: HERALD_API_TOKEN guards them).",
+    )
+    status_db: Path | None = Field(
+        default=None,
+        description="SQLite file of the API's status view (unset: under HERALD_STATE_DIR); "
+        "rebuilt from notification.status when missing.",
+    )
     api_kafka_timeout_s: float = Field(
         default=5.0,
         gt=0,
@@ -247,6 +256,11 @@ class Settings(BaseSettings):
     def message_id_domain(self) -> str:
         """Right-hand side of the Message-IDs Herald writes: the From address's domain."""
         return parseaddr(self.smtp_from)[1].rsplit("@", 1)[-1]
+
+    @property
+    def status_db_path(self) -> Path:
+        """Where the API keeps its status view."""
+        return self.status_db or self.state_dir / "api" / f"{self.app_id}-status.sqlite3"
 
     @property
     def worker_dir(self) -> Path:

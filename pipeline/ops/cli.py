@@ -307,7 +307,8 @@ def _letter_filter(
     until: str | None,
     ids: tuple[str, ...] = (),
 ) -> Any:
-    from pipeline.ops.dlq import LetterFilter, parse_time
+    from pipeline.ops.dlq import LetterFilter
+    from pipeline.times import parse_time
 
     now = int(time.time() * 1000)
     return LetterFilter(
@@ -453,7 +454,8 @@ def malformed_group() -> None:
 @click.option("--since", help="Recorded at or after: ISO time or an age (2h, 7d).")
 def malformed_list(kind: str, reason: str | None, since: str | None) -> None:
     """One line per malformed record: when, origin, reason, detail."""
-    from pipeline.ops.dlq import MALFORMED_TOPICS, origin_of, parse_time, read_malformed
+    from pipeline.ops.dlq import MALFORMED_TOPICS, origin_of, read_malformed
+    from pipeline.times import parse_time
 
     settings = _settings()
     kinds = list(MALFORMED_TOPICS) if kind == "all" else [kind]

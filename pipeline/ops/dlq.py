@@ -29,6 +29,7 @@ from pipeline.errors import ConfigurationError
 from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
+from pipeline.times import UNIT_S
 
 #: The DLQ topic of each channel (logical names).
 DLQ_TOPICS = {"email": "notification.email.dlq", "push": "notification.push.dlq"}
@@ -36,30 +37,13 @@ REPLAYS_TOPIC = "herald.dlq.replays"
 #: Where undecodable or invalid input is kept (logical names).
 MALFORMED_TOPICS = {"intents": "notification.intents.malformed", "other": "notification.malformed"}
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_time(text: str, now_ms: int) -> int:
-    """Epoch ms from an ISO-8601 time (UTC unless it says otherwise) or an age such as
-    ``30m``, ``2h`` or ``7d`` (that long before now)."""
-    if match := _DURATION.match(text.strip()):
-        return now_ms - int(float(match[1]) * _UNIT_S[match[2]] * 1000)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError as exc:
-        raise ConfigurationError(f"not a time or an age (30m, 2h, 7d): {text!r}") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
-
 
 def parse_rate(text: str) -> float:
     """Records per second from ``50/s``, ``300/m`` or ``50``."""
     match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?\s*$", text)
     if not match or float(match[1]) <= 0:
         raise ConfigurationError(f"not a rate (50/s, 300/m): {text!r}")
-    return float(match[1]) / _UNIT_S[match[2] or "s"]
+    return float(match[1]) / UNIT_S[match[2] or "s"]
 
 
 @dataclass(frozen=True, slots=True)

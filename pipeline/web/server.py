@@ -1,8 +1,9 @@
-"""Herald's HTTP API (aiohttp): the login-code intake, liveness and readiness.
+"""Herald's HTTP API (aiohttp): the login-code intake, the operator endpoints
+(pipeline.web.operator_api), liveness and readiness.
 
 Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with stable codes:
-``invalid_request`` (400), ``unauthorized`` (401), ``idempotency_conflict`` (409),
-``service_unavailable`` (503) and ``internal_error`` (500).
+``invalid_request`` (400), ``unauthorized`` (401), ``not_found`` (404),
+``idempotency_conflict`` (409), ``service_unavailable`` (503) and ``internal_error`` (500).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from pipeline.errors import BrokerUnavailableError, IdempotencyConflictError, Va
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.views import SuppressionList
+from pipeline.web import operator_api
 from pipeline.web.login_codes import KafkaWriter, LoginCodeIntake, parse_request
+from pipeline.web.status_store import StatusFollower, StatusStore
 
 log = logging.getLogger(__name__)
 
 LOGIN_CODES = "/api/v1/internal/login-code-deliveries"
 INTAKE = web.AppKey("intake", LoginCodeIntake)
 SETTINGS = web.AppKey("settings", Settings)
-#: Paths a load balancer or kubelet probes without a token.
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+#: Paths a load balancer, kubelet or API client reads without a token.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/api/v1/openapi.yaml", "/api/v1/openapi.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,7 +42,10 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[SETTINGS].api_token
+    settings = request.app[SETTINGS]
+    token = settings.api_token
+    if request.path.startswith(operator_api.PREFIXES) and settings.operator_token is not None:
+        token = settings.operator_token
     if token is not None and request.path not in _OPEN_PATHS:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {token.get_secret_value()}"
@@ -76,9 +82,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the intake has loaded its state from Kafka."""
-    ready = request.app[INTAKE].ready
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    """Readiness: the intake and the status view have loaded their state from Kafka."""
+    checks = {
+        "login_code_intake": request.app[INTAKE].ready,
+        "status_view": request.app[operator_api.FOLLOWER].ready.is_set(),
+    }
+    ready = all(checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -92,17 +102,25 @@ def create_app(settings: Settings) -> web.Application:
         KafkaWriter(settings),
         Clock(settings.clock_offset_ms),
     )
+    store = StatusStore(settings.status_db_path)
+    follower = StatusFollower(settings, store, Contracts(settings))
     app[SETTINGS] = settings
     app[INTAKE] = intake
+    app[operator_api.STORE] = store
+    app[operator_api.FOLLOWER] = follower
     app.router.add_post(LOGIN_CODES, login_code_deliveries)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    operator_api.add_routes(app)
 
     async def start(_: web.Application) -> None:
         intake.start()
+        follower.start()
 
     async def stop(_: web.Application) -> None:
         await intake.stop()
+        await follower.stop()
+        store.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

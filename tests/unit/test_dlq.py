@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.contracts.records import DeadLetter
 from pipeline.errors import ConfigurationError
-from pipeline.ops.dlq import LetterFilter, RateLimiter, parse_rate, parse_time
+from pipeline.ops.dlq import LetterFilter, RateLimiter, parse_rate
+from pipeline.times import parse_time
 
 NOW = 1_800_000_000_000
 

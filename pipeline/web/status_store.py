@@ -1,0 +1,424 @@
+"""The status view behind the operator API: notification.status projected into SQLite.
+
+Decision (docs/operations.md): every API process keeps its own embedded SQLite file
+and follows the whole status topic into it (no consumer group; the next offset per
+partition is stored in the same transaction as the rows it produced). Lookups are
+indexed local reads, well under a millisecond. The file is a cache: lose it, or point
+``HERALD_STATUS_DB`` elsewhere, and the process rebuilds it from the topic (kept a
+month). A Faust table served across workers was the alternative; it would tie reads
+to worker partition ownership and a routing layer, for data every replica can hold.
+
+Status events are keyed by notification_id, so a notification's events arrive in the
+order they were written; a delivery's state is its newest event, and a repeated event
+(at-least-once writing) is recognised by its deterministic id and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from pipeline.contracts import Contracts
+from pipeline.contracts.records import StatusEvent
+from pipeline.errors import DecodeError, ValidationError
+from pipeline.settings import Settings
+from pipeline.topology import Topology
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  event_id TEXT NOT NULL UNIQUE,
+  notification_id TEXT NOT NULL,
+  route_id TEXT,
+  status TEXT NOT NULL,
+  at_ms INTEGER NOT NULL,
+  channel TEXT,
+  user_id TEXT,
+  attempt INTEGER NOT NULL DEFAULT 0,
+  reason TEXT,
+  detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_notification ON events (notification_id, seq);
+CREATE INDEX IF NOT EXISTS events_by_route ON events (route_id, seq);
+CREATE TABLE IF NOT EXISTS notifications (
+  notification_id TEXT PRIMARY KEY,
+  notification_type TEXT,
+  producer TEXT,
+  idempotency_key TEXT,
+  request_id TEXT,
+  trace_id TEXT,
+  status TEXT,
+  first_at_ms INTEGER NOT NULL,
+  updated_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notifications_by_request ON notifications (request_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+  route_id TEXT PRIMARY KEY,
+  notification_id TEXT NOT NULL,
+  notification_type TEXT,
+  channel TEXT,
+  user_id TEXT,
+  status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  reason TEXT,
+  detail TEXT,
+  request_id TEXT,
+  created_at_ms INTEGER NOT NULL,
+  updated_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (created_at_ms, route_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_user ON deliveries (user_id, created_at_ms, route_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_notification ON deliveries (notification_id);
+CREATE TABLE IF NOT EXISTS offsets (
+  topic TEXT NOT NULL,
+  partition INTEGER NOT NULL,
+  next_offset INTEGER NOT NULL,
+  PRIMARY KEY (topic, partition)
+);
+"""
+
+#: Intake's verdicts: the notification's own status.
+_INTAKE_STATUSES = frozenset({"accepted", "duplicate", "ignored"})
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryQuery:
+    """Filters of a delivery listing; None matches all."""
+
+    recipient: str | None = None
+    """user_id."""
+    status: str | None = None
+    """Current status (sent, dead_lettered, ...)."""
+    channel: str | None = None
+    """email or push."""
+    notification_type: str | None = None
+    """Catalog type."""
+    since_ms: int | None = None
+    """Created at or after."""
+    until_ms: int | None = None
+    """Created before."""
+
+
+def encode_cursor(created_at_ms: int, route_id: str) -> str:
+    """An opaque cursor: the position after this delivery in creation order."""
+    raw = json.dumps([created_at_ms, route_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """The position a cursor names; ValidationError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at_ms, route_id = json.loads(raw)
+        if not isinstance(created_at_ms, int) or not isinstance(route_id, str):
+            raise ValueError("wrong shape")
+    except (ValueError, TypeError) as exc:
+        raise ValidationError("not a cursor this API issued", reason="invalid_cursor") from exc
+    return created_at_ms, route_id
+
+
+class StatusStore:
+    """The SQLite file: written by the follower, read by the API."""
+
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- writing ---------------------------------------------------------------
+
+    def next_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> next offset to read, for what is already in the file."""
+        rows = self._db.execute(
+            "SELECT partition, next_offset FROM offsets WHERE topic = ?", (topic,)
+        )
+        return {int(r["partition"]): int(r["next_offset"]) for r in rows}
+
+    def apply(self, events: Iterable[StatusEvent], topic: str, offsets: dict[int, int]) -> int:
+        """Apply ``events`` and record ``offsets`` (partition -> next offset) in one
+        transaction; returns how many events were new."""
+        new = 0
+        with self._transaction():
+            for event in events:
+                new += self._apply_one(event)
+            self._db.executemany(
+                "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+                "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                [(topic, p, o) for p, o in offsets.items()],
+            )
+        return new
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _apply_one(self, event: StatusEvent) -> int:
+        if not event.notification_id:  # a conflict names no notification
+            return 0
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO events (event_id, notification_id, route_id, status, at_ms,"
+            " channel, user_id, attempt, reason, detail) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                event.event_id,
+                event.notification_id,
+                event.route_id,
+                event.status,
+                event.at_ms,
+                event.channel,
+                event.user_id,
+                event.attempt,
+                event.reason,
+                event.detail,
+            ),
+        ).rowcount
+        if not inserted:
+            return 0
+        self._db.execute(
+            "INSERT INTO notifications (notification_id, notification_type, producer,"
+            " idempotency_key, request_id, trace_id, status, first_at_ms, updated_at_ms)"
+            " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (notification_id) DO UPDATE SET"
+            " notification_type = coalesce(notification_type, excluded.notification_type),"
+            " producer = coalesce(producer, excluded.producer),"
+            " idempotency_key = coalesce(idempotency_key, excluded.idempotency_key),"
+            " request_id = coalesce(request_id, excluded.request_id),"
+            " trace_id = coalesce(trace_id, excluded.trace_id),"
+            " status = coalesce(excluded.status, status),"
+            " updated_at_ms = max(updated_at_ms, excluded.updated_at_ms)",
+            (
+                event.notification_id,
+                event.notification_type,
+                event.producer,
+                event.idempotency_key,
+                event.request_id,
+                event.trace_id,
+                event.status if event.status in _INTAKE_STATUSES and not event.route_id else None,
+                event.at_ms,
+                event.at_ms,
+            ),
+        )
+        if event.route_id:
+            self._db.execute(
+                "INSERT INTO deliveries (route_id, notification_id, notification_type, channel,"
+                " user_id, status, attempts, reason, detail, request_id, created_at_ms,"
+                " updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (route_id) DO UPDATE SET status = excluded.status,"
+                " attempts = max(attempts, excluded.attempts), reason = excluded.reason,"
+                " detail = excluded.detail,"
+                " user_id = coalesce(user_id, excluded.user_id),"
+                " updated_at_ms = max(updated_at_ms, excluded.updated_at_ms)",
+                (
+                    event.route_id,
+                    event.notification_id,
+                    event.notification_type,
+                    event.channel,
+                    event.user_id,
+                    event.status,
+                    event.attempt,
+                    event.reason,
+                    event.detail,
+                    event.request_id,
+                    event.at_ms,
+                    event.at_ms,
+                ),
+            )
+        return 1
+
+    # --- reading ---------------------------------------------------------------
+
+    def notification(self, notification_id: str) -> dict[str, Any] | None:
+        """A notification with its deliveries and its own events, or None."""
+        row = self._db.execute(
+            "SELECT * FROM notifications WHERE notification_id = ?", (notification_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        result = dict(row)
+        result["deliveries"] = [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT * FROM deliveries WHERE notification_id = ? ORDER BY created_at_ms,"
+                " route_id",
+                (notification_id,),
+            )
+        ]
+        result["events"] = self._events("notification_id = ? AND route_id IS NULL", notification_id)
+        return result
+
+    def notifications_by_request(self, request_id: str) -> list[dict[str, Any]]:
+        """Every notification a caller's request_id produced, each with its deliveries."""
+        ids = [
+            r["notification_id"]
+            for r in self._db.execute(
+                "SELECT notification_id FROM notifications WHERE request_id = ?"
+                " ORDER BY first_at_ms, notification_id",
+                (request_id,),
+            )
+        ]
+        return [n for n in (self.notification(i) for i in ids) if n is not None]
+
+    def delivery(self, route_id: str) -> dict[str, Any] | None:
+        """A delivery with its whole history (every event, attempts included), or None."""
+        row = self._db.execute(
+            "SELECT * FROM deliveries WHERE route_id = ?", (route_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        result = dict(row)
+        result["history"] = self._events("route_id = ?", route_id)
+        return result
+
+    def deliveries(
+        self, query: DeliveryQuery, *, limit: int, after: tuple[int, str] | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of deliveries in creation order, and the cursor of the next page
+        (None at the end). The order never changes, so pages have no gaps or repeats."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("user_id", query.recipient),
+            ("status", query.status),
+            ("channel", query.channel),
+            ("notification_type", query.notification_type),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.since_ms is not None:
+            clauses.append("created_at_ms >= ?")
+            params.append(query.since_ms)
+        if query.until_ms is not None:
+            clauses.append("created_at_ms < ?")
+            params.append(query.until_ms)
+        if after is not None:
+            clauses.append("(created_at_ms, route_id) > (?, ?)")
+            params.extend(after)
+        where = " AND ".join(clauses) or "1"
+        rows = [
+            dict(r)
+            for r in self._db.execute(
+                f"SELECT * FROM deliveries WHERE {where} ORDER BY created_at_ms, route_id LIMIT ?",
+                (*params, limit + 1),
+            )
+        ]
+        more = len(rows) > limit
+        page = rows[:limit]
+        cursor = encode_cursor(page[-1]["created_at_ms"], page[-1]["route_id"]) if more else None
+        return page, cursor
+
+    def _events(self, where: str, value: str) -> list[dict[str, Any]]:
+        return [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT status, at_ms, channel, attempt, reason, detail, event_id FROM events"
+                f" WHERE {where} ORDER BY seq",
+                (value,),
+            )
+        ]
+
+
+class StatusFollower:
+    """Follows notification.status into a :class:`StatusStore`; ``ready`` once it has
+    caught up with what the topic held when it started."""
+
+    def __init__(self, settings: Settings, store: StatusStore, contracts: Contracts) -> None:
+        self._settings = settings
+        self._store = store
+        self._contracts = contracts
+        self.topic = settings.topic("notification.status")
+        self._partitions = Topology.load(settings).spec("notification.status").partitions
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self) -> None:
+        """Follow forever, reconnecting after broker trouble."""
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except (KafkaError, OSError) as exc:
+                log.warning("status view: %s; reconnecting in 2s", exc)
+                await asyncio.sleep(2.0)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            assigned = [TopicPartition(self.topic, p) for p in range(self._partitions)]
+            consumer.assign(assigned)
+            stored = self._store.next_offsets(self.topic)
+            starts: dict[TopicPartition, int] = await consumer.beginning_offsets(assigned)
+            for tp in assigned:
+                # A file newer than the topic's start resumes; anything else re-reads.
+                consumer.seek(tp, max(stored.get(tp.partition, 0), starts[tp]))
+            ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+                for tp, records in batches.items():
+                    self._store.apply(
+                        self._decoded(records), self.topic, {tp.partition: records[-1].offset + 1}
+                    )
+                if not self.ready.is_set() and await self._caught_up(consumer, ends):
+                    log.info("status view ready")
+                    self.ready.set()
+        finally:
+            await consumer.stop()
+
+    def _decoded(self, records: Sequence[Any]) -> list[StatusEvent]:
+        events = []
+        for record in records:
+            try:
+                events.append(self._contracts.status.decode(record.value))
+            except DecodeError as exc:  # not ours to fix here; the view skips it
+                log.warning("status view: undecodable record at %d: %s", record.offset, exc)
+        return events
+
+    @staticmethod
+    async def _caught_up(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+        for tp, end in ends.items():
+            if await consumer.position(tp) < end:
+                return False
+        return True

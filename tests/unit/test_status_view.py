@@ -1,0 +1,152 @@
+"""The status view without a broker: projection, repeats, lookups, pagination, and the
+OpenAPI document matching the routes the API serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.contracts.records import StatusEvent
+from pipeline.errors import ValidationError
+from pipeline.settings import Settings
+from pipeline.web.operator_api import openapi_document
+from pipeline.web.server import create_app
+from pipeline.web.status_store import DeliveryQuery, StatusStore, decode_cursor, encode_cursor
+
+T0 = 1_800_000_000_000
+
+
+def event(status: str, at: int, **fields: Any) -> StatusEvent:
+    values: dict[str, Any] = {
+        "event_id": f"{fields.get('route_id') or fields.get('notification_id', 'n-1')}-{status}-"
+        f"{fields.get('attempt', 0)}",
+        "status": status,
+        "at_ms": T0 + at,
+        "notification_id": "n-1",
+        "notification_type": "game.turn.ready",
+    }
+    values.update(fields)
+    return StatusEvent(**values)
+
+
+def flow(store: StatusStore) -> None:
+    events = [
+        event("accepted", 0, producer="gm", idempotency_key="k", request_id="req-1"),
+        event("routed", 1, route_id="r-mail", channel="email", user_id="u1", request_id="req-1"),
+        event("routed", 1, route_id="r-push", channel="push", user_id="u1", request_id="req-1"),
+        event("rendered", 2, route_id="r-mail", channel="email", user_id="u1", attempt=1),
+        event("failed", 3, route_id="r-mail", channel="email", attempt=1, reason="smtp_deferred"),
+        event("retry_scheduled", 3, route_id="r-mail", channel="email", attempt=1),
+        event("published", 4, route_id="r-push", channel="push", user_id="u1", attempt=1),
+        event("sent", 9, route_id="r-mail", channel="email", user_id="u1", attempt=2),
+    ]
+    store.apply(events, "status", {0: len(events)})
+
+
+def test_a_notification_and_its_deliveries() -> None:
+    store = StatusStore(":memory:")
+    flow(store)
+    found = store.notification("n-1")
+    assert found is not None
+    assert (found["status"], found["producer"], found["request_id"]) == ("accepted", "gm", "req-1")
+    assert {(d["route_id"], d["status"], d["attempts"]) for d in found["deliveries"]} == {
+        ("r-mail", "sent", 2),
+        ("r-push", "published", 1),
+    }
+    assert [e["status"] for e in found["events"]] == ["accepted"]
+    mail = store.delivery("r-mail")
+    assert mail is not None
+    assert [(e["status"], e["attempt"], e["reason"]) for e in mail["history"]] == [
+        ("routed", 0, None),
+        ("rendered", 1, None),
+        ("failed", 1, "smtp_deferred"),
+        ("retry_scheduled", 1, None),
+        ("sent", 2, None),
+    ]
+    assert [n["notification_id"] for n in store.notifications_by_request("req-1")] == ["n-1"]
+    assert store.notification("nope") is None
+    assert store.delivery("nope") is None
+    assert store.next_offsets("status") == {0: 8}
+
+
+def test_a_repeated_event_changes_nothing() -> None:
+    store = StatusStore(":memory:")
+    flow(store)
+    # The same "routed" event written twice (at-least-once) after the route was sent.
+    repeat = event("routed", 1, route_id="r-mail", channel="email", user_id="u1")
+    assert store.apply([repeat], "status", {0: 9}) == 0
+    assert (store.delivery("r-mail") or {})["status"] == "sent"
+
+
+def test_pages_follow_creation_order_without_gaps_or_repeats() -> None:
+    store = StatusStore(":memory:")
+    events = []
+    for i in range(23):
+        # Several deliveries created in the same millisecond: the route id breaks ties.
+        events.append(
+            event(
+                "routed",
+                i // 3,
+                route_id=f"r-{i:02d}",
+                notification_id=f"n-{i}",
+                channel="email" if i % 2 else "push",
+                user_id="u1" if i % 4 else "u2",
+            )
+        )
+    store.apply(events, "status", {0: len(events)})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        after = decode_cursor(cursor) if cursor else None
+        page, cursor = store.deliveries(DeliveryQuery(), limit=5, after=after)
+        seen.extend(d["route_id"] for d in page)
+        if cursor is None:
+            break
+    assert seen == sorted(seen)
+    assert len(seen) == len(set(seen)) == 23
+
+    email_u1, cursor = store.deliveries(
+        DeliveryQuery(channel="email", recipient="u1"), limit=100, after=None
+    )
+    assert cursor is None
+    assert {d["route_id"] for d in email_u1} == {f"r-{i:02d}" for i in range(23) if i % 2 and i % 4}
+    window, _ = store.deliveries(
+        DeliveryQuery(since_ms=T0 + 2, until_ms=T0 + 4), limit=100, after=None
+    )
+    assert [d["route_id"] for d in window] == [f"r-{i:02d}" for i in range(6, 12)]
+
+
+def test_cursors_are_opaque_and_checked() -> None:
+    assert decode_cursor(encode_cursor(5, "r-1")) == (5, "r-1")
+    for bad in ("nope", encode_cursor(5, "r")[:-2] + "!!", "W10"):
+        with pytest.raises(ValidationError):
+            decode_cursor(bad)
+
+
+def test_the_view_survives_a_restart_of_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "status.sqlite3"
+    store = StatusStore(path)
+    flow(store)
+    store.close()
+    again = StatusStore(path)
+    assert again.next_offsets("status") == {0: 8}
+    assert (again.delivery("r-push") or {})["status"] == "published"
+
+
+def test_every_served_route_is_documented(settings: Settings, tmp_path: Path) -> None:
+    app = create_app(settings.model_copy(update={"state_dir": tmp_path}))
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    documented = {
+        (method, path)
+        for path, operations in openapi_document()["paths"].items()
+        for method in operations
+    }
+    assert served - {("get", "/api/v1/openapi.yaml"), ("get", "/api/v1/openapi.json")} == (
+        documented
+    )
