@@ -7,18 +7,27 @@ and /api/v1/openapi.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
 
-from pipeline.errors import ConfigurationError, ValidationError
+from pipeline.agents.base import Clock, Out
+from pipeline.contracts import Contracts
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import StatusEvent
+from pipeline.errors import BrokerUnavailableError, ConfigurationError, ValidationError
+from pipeline.settings import Settings
 from pipeline.times import parse_time
+from pipeline.web.login_codes import KafkaWriter
 from pipeline.web.status_store import (
     MAX_PAGE,
+    RESEND_REASON,
     DeliveryQuery,
     StatusFollower,
     StatusStore,
@@ -30,6 +39,81 @@ FOLLOWER = web.AppKey("status_follower", StatusFollower)
 OPENAPI = Path(__file__).with_name("openapi.yaml")
 #: Path prefixes of the operator endpoints (guarded by HERALD_OPERATOR_TOKEN).
 PREFIXES = ("/api/v1/notifications", "/api/v1/deliveries")
+#: States after which a delivery may be resent.
+TERMINAL = frozenset({"sent", "published", "dead_lettered", "expired", "suppressed"})
+
+
+class Resends:
+    """Clones a finished delivery as a new route on its lane (see :meth:`resend`)."""
+
+    def __init__(
+        self, settings: Settings, store: StatusStore, contracts: Contracts, writer: KafkaWriter
+    ) -> None:
+        self._store = store
+        self._contracts = contracts
+        self._writer = writer
+        self._clock = Clock(settings.clock_offset_ms)
+        self._status_topic = settings.topic("notification.status")
+
+    async def resend(self, route_id: str, idempotency_key: str | None) -> dict[str, Any]:
+        """Write a clone of ``route_id`` with a new route id (the same for the same
+        Idempotency-Key), a fresh budget and, for push, a fresh TTL window; its first
+        status event names the original. The original's history is left as it is.
+        LookupError when there is no such delivery; ValueError ("code: message") when it
+        cannot be resent."""
+        delivery = self._store.delivery(route_id)
+        if delivery is None:
+            raise LookupError(route_id)
+        if delivery["status"] not in TERMINAL:
+            raise ValueError(
+                f"not_terminal: the delivery is {delivery['status']}; only one that is "
+                f"{', '.join(sorted(TERMINAL))} can be resent"
+            )
+        kept = self._store.request(route_id)
+        if kept is None:
+            raise ValueError("request_unavailable: the route is no longer on its lane topic")
+        lane, value = kept
+        original = self._contracts.channel_request.decode(value)
+        now = self._clock.now_ms()
+        clone_id = deterministic_id(route_id, "resend", idempotency_key or uuid.uuid4().hex)
+        ttl_ms = original.deadline_ms - original.occurred_at_ms if original.deadline_ms else 0
+        clone = dataclasses.replace(
+            original,
+            route_id=clone_id,
+            attempt=0,
+            attempts=[],
+            due_at_ms=0,
+            replay_of=None,
+            deadline_ms=now + ttl_ms if ttl_ms else 0,
+        )
+        event = StatusEvent(
+            event_id=deterministic_id(clone_id, "routed", RESEND_REASON),
+            status="routed",
+            at_ms=now,
+            notification_id=clone.notification_id,
+            notification_type=clone.notification_type,
+            route_id=clone_id,
+            channel=clone.channel,
+            user_id=clone.user_id,
+            reason=RESEND_REASON,
+            detail=route_id,
+            request_id=clone.request_id,
+            trace_id=clone.trace_id,
+        )
+        await self._writer.deliver(
+            [
+                Out(lane, clone.record_key(), self._contracts.channel_request.encode(clone)),
+                Out(
+                    self._status_topic,
+                    clone.notification_id.encode(),
+                    self._contracts.status.encode(event),
+                ),
+            ]
+        )
+        return {"route_id": clone_id, "resend_of": route_id, "status": "routed"}
+
+
+RESENDS = web.AppKey("resends", Resends)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -99,6 +183,23 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return web.json_response({"deliveries": page, "next_cursor": cursor})
 
 
+async def resend_delivery(request: web.Request) -> web.Response:
+    """POST /api/v1/deliveries/{route_id}/resend."""
+    if busy := _not_ready(request):
+        return busy
+    route_id = request.match_info["route_id"]
+    try:
+        clone = await request.app[RESENDS].resend(route_id, request.headers.get("Idempotency-Key"))
+    except LookupError:
+        return _error(404, "not_found", "no such delivery")
+    except ValueError as exc:
+        code, _, message = str(exc).partition(": ")
+        return _error(409, code, message)
+    except BrokerUnavailableError:
+        return _error(503, "service_unavailable", "Kafka is unavailable; nothing was resent")
+    return web.json_response(clone, status=202)
+
+
 def openapi_document() -> dict[str, Any]:
     """The API's OpenAPI document."""
     document: dict[str, Any] = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
@@ -119,5 +220,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/notifications/{notification_id}", get_notification)
     app.router.add_get("/api/v1/deliveries", list_deliveries)
     app.router.add_get("/api/v1/deliveries/{route_id}", get_delivery)
+    app.router.add_post("/api/v1/deliveries/{route_id}/resend", resend_delivery)
     app.router.add_get("/api/v1/openapi.yaml", openapi_yaml)
     app.router.add_get("/api/v1/openapi.json", openapi_json)

@@ -94,20 +94,23 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     """The API application; its Kafka views start with it and stop with it."""
     app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
+    contracts = Contracts(settings)
+    writer = KafkaWriter(settings)
     intake = LoginCodeIntake(
         settings,
-        Contracts(settings),
+        contracts,
         TemplateCatalog(settings.templates_dir),
         SuppressionList(settings),
-        KafkaWriter(settings),
+        writer,
         Clock(settings.clock_offset_ms),
     )
     store = StatusStore(settings.status_db_path)
-    follower = StatusFollower(settings, store, Contracts(settings))
+    follower = StatusFollower(settings, store, contracts)
     app[SETTINGS] = settings
     app[INTAKE] = intake
     app[operator_api.STORE] = store
     app[operator_api.FOLLOWER] = follower
+    app[operator_api.RESENDS] = operator_api.Resends(settings, store, contracts, writer)
     app.router.add_post(LOGIN_CODES, login_code_deliveries)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

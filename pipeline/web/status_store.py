@@ -76,12 +76,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
   reason TEXT,
   detail TEXT,
   request_id TEXT,
+  resend_of TEXT,
   created_at_ms INTEGER NOT NULL,
   updated_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (created_at_ms, route_id);
 CREATE INDEX IF NOT EXISTS deliveries_by_user ON deliveries (user_id, created_at_ms, route_id);
 CREATE INDEX IF NOT EXISTS deliveries_by_notification ON deliveries (notification_id);
+CREATE TABLE IF NOT EXISTS requests (
+  route_id TEXT PRIMARY KEY,
+  topic TEXT NOT NULL,
+  value BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS offsets (
   topic TEXT NOT NULL,
   partition INTEGER NOT NULL,
@@ -90,9 +96,17 @@ CREATE TABLE IF NOT EXISTS offsets (
 );
 """
 
+#: The reason on a clone's first event; its detail is the route it was cloned from.
+RESEND_REASON = "resend"
 #: Intake's verdicts: the notification's own status.
 _INTAKE_STATUSES = frozenset({"accepted", "duplicate", "ignored"})
 MAX_PAGE = 500
+#: The channel lanes a route is read from (logical names).
+LANES = (
+    "notification.email.requested",
+    "notification.email.priority",
+    "notification.push.requested",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +176,34 @@ class StatusStore:
         with self._transaction():
             for event in events:
                 new += self._apply_one(event)
-            self._db.executemany(
-                "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
-                "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                [(topic, p, o) for p, o in offsets.items()],
-            )
+            self._save_offsets(topic, offsets)
         return new
+
+    def keep_requests(
+        self, requests: Iterable[tuple[str, bytes]], topic: str, offsets: dict[int, int]
+    ) -> None:
+        """Keep the first copy of each route's request (route_id, wire bytes) as read
+        from a lane ``topic``: what a resend clones."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO requests (route_id, topic, value) VALUES (?, ?, ?)",
+                [(route_id, topic, value) for route_id, value in requests],
+            )
+            self._save_offsets(topic, offsets)
+
+    def request(self, route_id: str) -> tuple[str, bytes] | None:
+        """(lane topic, request bytes) of a route, if the view has seen it."""
+        row = self._db.execute(
+            "SELECT topic, value FROM requests WHERE route_id = ?", (route_id,)
+        ).fetchone()
+        return None if row is None else (str(row["topic"]), bytes(row["value"]))
+
+    def _save_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        self._db.executemany(
+            "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+            "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+            [(topic, p, o) for p, o in offsets.items()],
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Any:
@@ -226,8 +262,8 @@ class StatusStore:
         if event.route_id:
             self._db.execute(
                 "INSERT INTO deliveries (route_id, notification_id, notification_type, channel,"
-                " user_id, status, attempts, reason, detail, request_id, created_at_ms,"
-                " updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                " user_id, status, attempts, reason, detail, request_id, resend_of,"
+                " created_at_ms, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (route_id) DO UPDATE SET status = excluded.status,"
                 " attempts = max(attempts, excluded.attempts), reason = excluded.reason,"
                 " detail = excluded.detail,"
@@ -244,6 +280,7 @@ class StatusStore:
                     event.reason,
                     event.detail,
                     event.request_id,
+                    event.detail if event.reason == RESEND_REASON else None,
                     event.at_ms,
                     event.at_ms,
                 ),
@@ -344,15 +381,20 @@ class StatusStore:
 
 
 class StatusFollower:
-    """Follows notification.status into a :class:`StatusStore`; ``ready`` once it has
-    caught up with what the topic held when it started."""
+    """Follows notification.status (and the channel lanes, for the requests a resend
+    clones) into a :class:`StatusStore`; ``ready`` once it has caught up with what the
+    topics held when it started."""
 
     def __init__(self, settings: Settings, store: StatusStore, contracts: Contracts) -> None:
         self._settings = settings
         self._store = store
         self._contracts = contracts
-        self.topic = settings.topic("notification.status")
-        self._partitions = Topology.load(settings).spec("notification.status").partitions
+        topology = Topology.load(settings)
+        self.status_topic = settings.topic("notification.status")
+        self._partitions = {
+            settings.topic(name): topology.spec(name).partitions
+            for name in ("notification.status", *LANES)
+        }
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -387,34 +429,47 @@ class StatusFollower:
         )
         await consumer.start()
         try:
-            assigned = [TopicPartition(self.topic, p) for p in range(self._partitions)]
+            assigned = [
+                TopicPartition(topic, p)
+                for topic, count in self._partitions.items()
+                for p in range(count)
+            ]
             consumer.assign(assigned)
-            stored = self._store.next_offsets(self.topic)
+            stored = {topic: self._store.next_offsets(topic) for topic in self._partitions}
             starts: dict[TopicPartition, int] = await consumer.beginning_offsets(assigned)
             for tp in assigned:
                 # A file newer than the topic's start resumes; anything else re-reads.
-                consumer.seek(tp, max(stored.get(tp.partition, 0), starts[tp]))
+                consumer.seek(tp, max(stored[tp.topic].get(tp.partition, 0), starts[tp]))
             ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=2000)
                 for tp, records in batches.items():
-                    self._store.apply(
-                        self._decoded(records), self.topic, {tp.partition: records[-1].offset + 1}
-                    )
+                    self._apply(tp, records)
                 if not self.ready.is_set() and await self._caught_up(consumer, ends):
                     log.info("status view ready")
                     self.ready.set()
         finally:
             await consumer.stop()
 
-    def _decoded(self, records: Sequence[Any]) -> list[StatusEvent]:
-        events = []
+    def _apply(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+        offsets = {tp.partition: records[-1].offset + 1}
+        decode_status, decode_request = self._contracts.status, self._contracts.channel_request
+        if tp.topic == self.status_topic:
+            events = []
+            for record in records:
+                try:
+                    events.append(decode_status.decode(record.value))
+                except DecodeError as exc:  # not ours to fix here; the view skips it
+                    log.warning("status view: undecodable status at %d: %s", record.offset, exc)
+            self._store.apply(events, tp.topic, offsets)
+            return
+        requests = []
         for record in records:
             try:
-                events.append(self._contracts.status.decode(record.value))
-            except DecodeError as exc:  # not ours to fix here; the view skips it
-                log.warning("status view: undecodable record at %d: %s", record.offset, exc)
-        return events
+                requests.append((decode_request.decode(record.value).route_id, record.value))
+            except DecodeError:
+                continue  # the channel agent reports it as malformed
+        self._store.keep_requests(requests, tp.topic, offsets)
 
     @staticmethod
     async def _caught_up(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:

@@ -178,3 +178,56 @@ async def test_the_view_rebuilds_from_the_topic_after_a_loss(populated: Settings
         await runner.cleanup()
     assert len(before["deliveries"]) == 2 * len(USERS)
     assert after == before
+
+
+async def test_a_finished_delivery_is_resent_as_a_linked_clone(
+    populated: Settings, tmp_path: Path
+) -> None:
+    contracts = Contracts(populated)
+    runner, url = await serve(populated)
+    worker = WorkerProcess(populated, tmp_path / "worker-2.log")
+    worker.start()
+    try:
+        _, found = await get(url, "/api/v1/deliveries", recipient="p5", channel="email")
+        (original,) = found["deliveries"]
+        _, before = await get(url, f"/api/v1/deliveries/{original['route_id']}")
+
+        async def resend(key: str) -> tuple[int, Any]:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{url}/api/v1/deliveries/{original['route_id']}/resend",
+                    headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key},
+                ) as response,
+            ):
+                return response.status, await response.json()
+
+        status, clone = await resend("ops-ticket-17")
+        assert status == 202
+        assert clone["resend_of"] == original["route_id"]
+        assert clone["route_id"] != original["route_id"]
+        assert (await resend("ops-ticket-17"))[1]["route_id"] == clone["route_id"]
+
+        events = await asyncio.to_thread(
+            wait_for,
+            populated,
+            "notification.status",
+            contracts.status,
+            lambda evs: any(e.route_id == clone["route_id"] and e.status == "sent" for e in evs),
+            what="the clone sent",
+        )
+        sent = [e for e in events if e.route_id == clone["route_id"] and e.status == "sent"]
+        assert len(sent) == 1  # the same key resent once
+        for _ in range(40):
+            status, copy = await get(url, f"/api/v1/deliveries/{clone['route_id']}")
+            if status == 200 and copy["status"] == "sent":
+                break
+            await asyncio.sleep(0.25)
+        assert copy["resend_of"] == original["route_id"]
+        assert [e["status"] for e in copy["history"]] == ["routed", "rendered", "sent"]
+        _, after = await get(url, f"/api/v1/deliveries/{original['route_id']}")
+        assert after == before  # the original's history is untouched
+        assert (await resend("other"))[0] == 202  # a new key is a new resend
+    finally:
+        worker.stop()
+        await runner.cleanup()

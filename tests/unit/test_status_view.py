@@ -3,15 +3,18 @@ OpenAPI document matching the routes the API serves."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline.contracts.records import StatusEvent
+from pipeline.agents.base import Out
+from pipeline.contracts import Contracts
+from pipeline.contracts.records import Attempt, ChannelRequest, StatusEvent
 from pipeline.errors import ValidationError
 from pipeline.settings import Settings
-from pipeline.web.operator_api import openapi_document
+from pipeline.web.operator_api import Resends, openapi_document
 from pipeline.web.server import create_app
 from pipeline.web.status_store import DeliveryQuery, StatusStore, decode_cursor, encode_cursor
 
@@ -150,3 +153,48 @@ def test_every_served_route_is_documented(settings: Settings, tmp_path: Path) ->
     assert served - {("get", "/api/v1/openapi.yaml"), ("get", "/api/v1/openapi.json")} == (
         documented
     )
+
+
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.records: list[Out] = []
+
+    async def deliver(self, records: Sequence[Out]) -> None:
+        self.records.extend(records)
+
+
+async def test_only_finished_deliveries_with_a_known_route_are_resent(settings: Settings) -> None:
+    contracts = Contracts(settings)
+    store = StatusStore(":memory:")
+    flow(store)
+    writer = RecordingWriter()
+    resends = Resends(settings, store, contracts, writer)  # type: ignore[arg-type]
+    with pytest.raises(LookupError):
+        await resends.resend("nope", None)
+    store.apply([event("retry_scheduled", 10, route_id="r-push", channel="push")], "s", {0: 9})
+    with pytest.raises(ValueError, match="not_terminal"):
+        await resends.resend("r-push", None)
+    with pytest.raises(ValueError, match="request_unavailable"):
+        await resends.resend("r-mail", None)  # sent, but its route was never seen
+
+    route = ChannelRequest(
+        route_id="r-mail",
+        notification_id="n-1",
+        notification_type="game.turn.ready",
+        channel="email",
+        template_id="game.turn.ready",
+        user_id="u1",
+        address="u1@example.org",
+        attempt=2,
+        attempts=[Attempt(number=1, at_ms=T0, outcome="transient", reason="smtp_deferred")],
+    )
+    lane = "notification.email.requested"
+    store.keep_requests([("r-mail", contracts.channel_request.encode(route))], lane, {0: 1})
+    clone = await resends.resend("r-mail", "k-1")
+    assert clone["resend_of"] == "r-mail"
+    copy = contracts.channel_request.decode(writer.records[0].value)
+    assert (writer.records[0].topic, writer.records[0].key) == (lane, b"u1")
+    assert (copy.route_id, copy.attempt, copy.attempts) == (clone["route_id"], 0, [])
+    linked = contracts.status.decode(writer.records[1].value)
+    assert (linked.status, linked.reason, linked.detail) == ("routed", "resend", "r-mail")
+    assert (await resends.resend("r-mail", "k-1"))["route_id"] == clone["route_id"]
