@@ -125,6 +125,16 @@ class Settings(BaseSettings):
         gt=0,
         description="A worker whose lagging partitions commit nothing this long exits (75).",
     )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address a worker serves /metrics on (0.0.0.0 in a container).",
+    )
+    metrics_port: int = Field(
+        default=9102,
+        ge=0,
+        lt=65536,
+        description="Port a worker serves /metrics on (0: none).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Worker log level."
     )

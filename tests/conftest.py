@@ -72,6 +72,7 @@ def isolated(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
         commit_interval_s=0.5,
         stall_timeout_s=20,
         kafka_ack_timeout_s=10,
+        metrics_port=0,  # tests that read a worker's metrics pick a free port
     )
     report = topology_admin.apply(settings, Topology.load(settings))
     assert not report.drift, report.drift

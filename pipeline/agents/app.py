@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, MutableMapping, Sequence
 from typing import Any, cast
 
 import faust
+import prometheus_client
 from faust.types import TP
 
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
@@ -383,6 +384,13 @@ class Worker:
     def run(self) -> None:
         """Run the worker until SIGINT/SIGTERM (blocking)."""
         self.verify_topics()
+        if self.settings.metrics_port:
+            try:
+                prometheus_client.start_http_server(
+                    self.settings.metrics_port, addr=self.settings.metrics_host
+                )
+            except OSError as exc:  # another worker on this host has the port
+                log.warning("no /metrics on port %d: %s", self.settings.metrics_port, exc)
         self.settings.worker_dir.mkdir(parents=True, exist_ok=True)
         worker = faust.Worker(self.app, loglevel=self.settings.log_level.lower())
         worker.execute_from_commandline()

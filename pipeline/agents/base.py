@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pipeline import metrics
 from pipeline.contracts import Contracts
-from pipeline.contracts.records import Malformed
+from pipeline.contracts.records import Malformed, StatusEvent
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,32 @@ class Out:
     partition: int | None = None
     """Explicit partition; None lets the (murmur2) partitioner choose from the key."""
     headers: tuple[tuple[str, bytes], ...] = ()
+    note: metrics.Note | None = None
+    """What the record means for the metrics, counted once Kafka acknowledged it."""
+
+
+def status_out(
+    contracts: Contracts,
+    topic: str,
+    event: StatusEvent,
+    *,
+    key: bytes | None = None,
+    error_class: str = "",
+    latency_s: float | None = None,
+) -> Out:
+    """The record of a status event, keyed by its notification unless ``key`` says
+    otherwise, noted for the metrics."""
+    note = metrics.Note(
+        "status",
+        event.status,
+        event.channel or "",
+        event.reason or "",
+        error_class,
+        latency_s,
+    )
+    if key is None:
+        key = (event.notification_id or event.event_id).encode("utf-8")
+    return Out(topic, key, contracts.status.encode(event), note=note)
 
 
 def malformed(
@@ -136,7 +163,8 @@ def malformed(
         recorded_at_ms=now_ms,
         **decoded,
     )
-    return Out(topic, raw.key, contracts.malformed.encode(record))
+    note = metrics.Note("malformed", reason, raw.topic)
+    return Out(topic, raw.key, contracts.malformed.encode(record), note=note)
 
 
 class SendFn(Protocol):
@@ -199,6 +227,7 @@ class AckedSink:
             ]
             if not failed:
                 self.stalled = False
+                metrics.count(r.note for r in records)
                 return
             self.stalled = True
             record, error = failed[0]

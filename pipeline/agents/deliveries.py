@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.agents.base import Clock, Out, RawRecord, malformed
+from pipeline.agents.base import Clock, Out, RawRecord, malformed, status_out
 from pipeline.agents.delay import DelayTiers
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
@@ -131,7 +131,15 @@ class Deliveries:
             ),
         ]
         outputs = [
-            self.status(request, "failed", now, attempt, reason=exc.reason, detail=exc.detail)
+            self.status(
+                request,
+                "failed",
+                now,
+                attempt,
+                reason=exc.reason,
+                detail=exc.detail,
+                error_class="transient" if exc.transient else "permanent",
+            )
         ]
         if exc.transient and attempt < self.tiers.policy.budget:
             due = now + int(self.tiers.backoff_s(attempt, self._rng) * 1000)
@@ -217,6 +225,7 @@ class Deliveries:
         *,
         reason: str | None = None,
         detail: str | None = None,
+        error_class: str = "",
     ) -> Out:
         """A status event about ``request`` (deterministic id: a repeat is recognisable)."""
         event = StatusEvent(
@@ -234,10 +243,15 @@ class Deliveries:
             request_id=request.request_id,
             trace_id=request.trace_id,
         )
-        return Out(
+        latency_s = None
+        if status in ("sent", "published") and request.produced_at_ms:
+            latency_s = (now_ms - request.produced_at_ms) / 1000
+        return status_out(
+            self._contracts,
             self._status_topic,
-            request.notification_id.encode("utf-8"),
-            self._contracts.status.encode(event),
+            event,
+            error_class=error_class,
+            latency_s=latency_s,
         )
 
     def malformed(self, raw: RawRecord, reason: str, detail: str, now_ms: int) -> Out:

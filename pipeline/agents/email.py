@@ -20,6 +20,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
+from pipeline import metrics
 from pipeline.agents.base import Clock, Out, RawRecord
 from pipeline.agents.deliveries import Deliveries
 from pipeline.contracts import Contracts
@@ -97,7 +98,9 @@ class EmailChannel:
                 attachments=request.attachments,
                 now_ms=now,
             )
-            receipt = await self._provider.send(message, request.address or "")
+            receipt = await metrics.timed(
+                metrics.SMTP_SECONDS, self._provider.send(message, request.address or "")
+            )
         except HeraldError as exc:
             return outputs + self._failed(raw, registry, request, attempt, exc)
         except Exception as exc:  # a provider bug must not lose the route: it retries

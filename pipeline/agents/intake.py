@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import Out, RawRecord, malformed
+from pipeline.agents.base import Out, RawRecord, malformed, status_out
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import Intent, Recipient, StatusEvent
@@ -271,7 +271,7 @@ class Intake:
             trace_id=intent.trace_id,
         )
         key = (nid or intent.idempotency_id).encode("utf-8")
-        return Out(self._status_topic, key, self._contracts.status.encode(event))
+        return status_out(self._contracts, self._status_topic, event, key=key)
 
     def _malformed(
         self, raw: RawRecord, reason: str, detail: str, now_ms: int, intent: Intent | None = None

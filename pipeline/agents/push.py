@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline import metrics
 from pipeline.agents.base import Clock, Out, RawRecord, malformed
 from pipeline.agents.deliveries import Deliveries
 from pipeline.contracts import Contracts
@@ -156,8 +157,9 @@ class PushChannel:
             ("trace_id", (request.trace_id or "").encode()),  # empty: the producer sent none
         ]
         try:
-            receipt = await self._gateway.publish(
-                (request.user_id or "").encode("utf-8"), value, headers
+            receipt = await metrics.timed(
+                metrics.GATEWAY_SECONDS,
+                self._gateway.publish((request.user_id or "").encode("utf-8"), value, headers),
             )
         except HeraldError as exc:
             return self._deliveries.failed(raw, registry, request, attempt, exc)

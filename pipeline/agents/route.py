@@ -8,12 +8,14 @@ reason) or ``recipient_unknown`` (the user never appeared within the wait budget
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pipeline.agents.base import Out, RawRecord, malformed
+from pipeline import metrics
+from pipeline.agents.base import Out, RawRecord, malformed, status_out
 from pipeline.agents.delay import DelayTiers, attempt_of
 from pipeline.agents.push import usable_tokens
 from pipeline.contracts import Contracts
@@ -148,9 +150,8 @@ class Router:
         attempt = attempt_of(raw.headers) + 1
         if attempt < self._wait.policy.budget:
             due = now_ms + int(self._wait.backoff_s(attempt) * 1000)
-            return [
-                self._wait.schedule(raw.key, raw.value, self.rejoin_topic, due, attempt, now_ms)
-            ]
+            wait = self._wait.schedule(raw.key, raw.value, self.rejoin_topic, due, attempt, now_ms)
+            return [dataclasses.replace(wait, note=metrics.Note("enrichment_miss"))]
         return [
             self._status(
                 recipient,
@@ -347,5 +348,4 @@ class Router:
             request_id=recipient.request_id,
             trace_id=recipient.trace_id,
         )
-        key = recipient.notification_id.encode("utf-8")
-        return Out(self._status_topic, key, self._contracts.status.encode(event))
+        return status_out(self._contracts, self._status_topic, event)

@@ -24,7 +24,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from pipeline.agents.base import Clock, Out
+from pipeline import metrics
+from pipeline.agents.base import Clock, Out, status_out
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import ChannelRequest, StatusEvent
@@ -125,6 +126,7 @@ class KafkaWriter:
             raise BrokerUnavailableError(
                 f"Kafka did not acknowledge in {timeout}s: {exc!r}"
             ) from exc
+        metrics.count(r.note for r in records)
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
@@ -291,8 +293,4 @@ class LoginCodeIntake:
             channel="email" if route_level else None,
             reason=reason,
         )
-        return Out(
-            self._status_topic,
-            notification_id.encode("utf-8"),
-            self._contracts.status.encode(event),
-        )
+        return status_out(self._contracts, self._status_topic, event)

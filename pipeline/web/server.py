@@ -8,11 +8,13 @@ Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with stable codes:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from pipeline.agents.base import Clock
 from pipeline.contracts import Contracts
@@ -21,6 +23,7 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.views import SuppressionList
 from pipeline.web import operator_api
+from pipeline.web.lag import ConsumerLagCollector
 from pipeline.web.login_codes import KafkaWriter, LoginCodeIntake, parse_request
 from pipeline.web.status_store import StatusFollower, StatusStore
 
@@ -29,8 +32,12 @@ log = logging.getLogger(__name__)
 LOGIN_CODES = "/api/v1/internal/login-code-deliveries"
 INTAKE = web.AppKey("intake", LoginCodeIntake)
 SETTINGS = web.AppKey("settings", Settings)
+LAG = web.AppKey("lag", ConsumerLagCollector)
+LAG_REGISTRY = web.AppKey("lag_registry", CollectorRegistry)
 #: Paths a load balancer, kubelet or API client reads without a token.
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/api/v1/openapi.yaml", "/api/v1/openapi.json"})
+_OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/api/v1/openapi.yaml", "/api/v1/openapi.json"}
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,9 +88,23 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics: this process's, and the workers' consumer lag."""
+    registry = request.app[LAG_REGISTRY]
+    loop = asyncio.get_running_loop()
+    # The lag collector asks the brokers: off the event loop.
+    body = await loop.run_in_executor(
+        None, lambda: generate_latest(REGISTRY) + generate_latest(registry)
+    )
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the intake and the status view have loaded their state from Kafka."""
+    """Readiness: the brokers answer, and the intake and the status view have loaded
+    their state from Kafka."""
+    loop = asyncio.get_running_loop()
     checks = {
+        "broker": await loop.run_in_executor(None, request.app[LAG].broker_reachable),
         "login_code_intake": request.app[INTAKE].ready,
         "status_view": request.app[operator_api.FOLLOWER].ready.is_set(),
     }
@@ -110,10 +131,15 @@ def create_app(settings: Settings) -> web.Application:
     app[INTAKE] = intake
     app[operator_api.STORE] = store
     app[operator_api.FOLLOWER] = follower
+    lag = ConsumerLagCollector(settings)
+    app[LAG] = lag
+    app[LAG_REGISTRY] = CollectorRegistry(auto_describe=False)
+    app[LAG_REGISTRY].register(lag)
     app[operator_api.RESENDS] = operator_api.Resends(settings, store, contracts, writer)
     app.router.add_post(LOGIN_CODES, login_code_deliveries)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     operator_api.add_routes(app)
 
     async def start(_: web.Application) -> None:

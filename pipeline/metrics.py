@@ -1,0 +1,138 @@
+"""Herald's Prometheus metrics (prometheus-client, the process's default registry).
+
+Agents do not count as they decide: every status event and malformed record carries a
+:class:`Note`, and the acked sink counts the notes of what Kafka acknowledged
+(:func:`count`), so the counters say what really happened, once per record written.
+Timings of the outside world (SMTP, the gateway topic) are observed where they are
+measured. Consumer lag is exported by the API process (pipeline.web.lag) under the
+kafka_exporter names, so lag dashboards built for kafka_exporter work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+INTENTS = Counter("herald_intents_total", "Intents by intake verdict.", ["outcome"])
+MALFORMED = Counter(
+    "herald_malformed_total",
+    "Records Herald could not use, by origin topic and reason.",
+    ["topic", "reason"],
+)
+ENRICHMENT_MISSES = Counter(
+    "herald_enrichment_misses_total", "Recipient lookups that found no user (each lookup)."
+)
+ROUTES = Counter(
+    "herald_routes_total", "Routing decisions by channel and outcome.", ["channel", "status"]
+)
+ATTEMPTS = Counter(
+    "herald_delivery_attempts_total",
+    "Delivery attempts by channel and outcome (delivered, transient, permanent).",
+    ["channel", "outcome"],
+)
+OUTCOMES = Counter(
+    "herald_deliveries_total",
+    "Deliveries that reached a final state, by channel and state.",
+    ["channel", "status"],
+)
+RETRIES = Counter("herald_retries_total", "Retries scheduled, by channel.", ["channel"])
+DEAD_LETTERS = Counter(
+    "herald_dead_letters_total",
+    "Routes dead-lettered, by channel and reason.",
+    ["channel", "reason"],
+)
+END_TO_END = Histogram(
+    "herald_end_to_end_latency_seconds",
+    "From the intent's production to SMTP acceptance / gateway publication.",
+    ["channel"],
+    buckets=_LATENCY_BUCKETS,
+)
+SMTP_SECONDS = Histogram(
+    "herald_smtp_seconds",
+    "One SMTP transaction (connect to the server's reply), by outcome.",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+GATEWAY_SECONDS = Histogram(
+    "herald_gateway_publish_seconds",
+    "One publication to the gateway topic, by outcome.",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+T = TypeVar("T")
+
+
+async def timed(histogram: Histogram, call: Awaitable[T]) -> T:
+    """Await ``call``, observing its duration in ``histogram`` by outcome: ok, or the
+    class of the error it raised (transient, permanent, error)."""
+    started = time.monotonic()
+    outcome = "ok"
+    try:
+        return await call
+    except Exception as exc:
+        transient = getattr(exc, "transient", None)
+        outcome = "error" if transient is None else "transient" if transient else "permanent"
+        raise
+    finally:
+        histogram.labels(outcome).observe(time.monotonic() - started)
+
+
+_INTAKE = frozenset({"accepted", "duplicate", "rejected_conflict", "ignored"})
+_ROUTING = frozenset({"routed", "skipped", "deferred", "recipient_unknown"})
+_DELIVERED = frozenset({"sent", "published"})
+_FINAL = frozenset({"sent", "published", "suppressed", "expired", "dead_lettered"})
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """What a written record means for the metrics."""
+
+    kind: str
+    """``status``, ``malformed`` or ``enrichment_miss``."""
+    status: str = ""
+    """The status (status events) or the reason (malformed records)."""
+    channel: str = ""
+    """The route's channel, when there is one; the origin topic for malformed records."""
+    reason: str = ""
+    """The event's reason."""
+    error_class: str = ""
+    """transient or permanent, on ``failed`` events."""
+    latency_s: float | None = None
+    """Intent produced -> delivered, on delivery events."""
+
+
+def count(notes: Iterable[Note | None]) -> None:
+    """Count the notes of records Kafka acknowledged."""
+    for note in notes:
+        if note is None:
+            continue
+        if note.kind == "malformed":
+            MALFORMED.labels(note.channel, note.status).inc()
+            continue
+        if note.kind == "enrichment_miss":
+            ENRICHMENT_MISSES.inc()
+            continue
+        status, channel = note.status, note.channel
+        if status in _INTAKE:
+            INTENTS.labels(status).inc()
+        elif status in _ROUTING and channel:
+            ROUTES.labels(channel, status).inc()
+        if status in _DELIVERED:
+            ATTEMPTS.labels(channel, "delivered").inc()
+            if note.latency_s is not None:
+                END_TO_END.labels(channel).observe(max(note.latency_s, 0.0))
+        elif status == "failed" and channel:
+            ATTEMPTS.labels(channel, note.error_class or "permanent").inc()
+        elif status == "retry_scheduled":
+            RETRIES.labels(channel).inc()
+        if status == "dead_lettered":
+            DEAD_LETTERS.labels(channel, note.reason).inc()
+        if status in _FINAL and channel:
+            OUTCOMES.labels(channel, status).inc()
