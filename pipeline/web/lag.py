@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -44,28 +45,45 @@ class PartitionLag:
 
 
 def consumer_lag(admin: AdminClient, group: str) -> list[PartitionLag]:
-    """Every partition ``group`` has committed on, with its end offset."""
+    """Every partition of every topic ``group`` has committed on, with its end offset.
+
+    A partition the group has not committed on yet counts from its first offset, the
+    way a worker reads it (auto.offset.reset earliest): its whole content is lag.
+    """
     try:
         futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
-        committed = futures[group].result(timeout=_TIMEOUT_S).topic_partitions or []
-        committed = [tp for tp in committed if tp.offset >= 0 and not tp.error]
-        if not committed:
+        offsets = futures[group].result(timeout=_TIMEOUT_S).topic_partitions or []
+        committed = {
+            (tp.topic, tp.partition): tp.offset for tp in offsets if tp.offset >= 0 and not tp.error
+        }
+        topics = sorted({topic for topic, _ in committed})
+        if not topics:
             return []
+        metadata = admin.list_topics(timeout=_TIMEOUT_S).topics
+        partitions = [
+            (topic, p) for topic in topics if topic in metadata for p in metadata[topic].partitions
+        ]
         latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-        ends = admin.list_offsets(
-            {TopicPartition(tp.topic, tp.partition): latest for tp in committed},
-            request_timeout=_TIMEOUT_S,
+        earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+        # One request cannot ask for two offsets of a partition: ends, then starts.
+        ends = _offsets(admin, {TopicPartition(t, p): latest for t, p in partitions})
+        starts = _offsets(
+            admin,
+            {TopicPartition(t, p): earliest for t, p in partitions if (t, p) not in committed},
         )
-        end_of = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
     except KafkaException as exc:
         raise BrokerUnavailableError(f"cannot read consumer offsets of {group}: {exc}") from exc
-    return sorted(
-        (
-            PartitionLag(group, tp.topic, tp.partition, tp.offset, end_of[(tp.topic, tp.partition)])
-            for tp in committed
-        ),
-        key=lambda p: (p.topic, p.partition),
-    )
+    return [
+        PartitionLag(group, t, p, committed.get((t, p), starts.get((t, p), 0)), ends[(t, p)])
+        for t, p in sorted(partitions)
+    ]
+
+
+def _offsets(admin: AdminClient, requests: dict[TopicPartition, Any]) -> dict[tuple[str, int], int]:
+    if not requests:
+        return {}
+    futures = admin.list_offsets(requests, request_timeout=_TIMEOUT_S)
+    return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
 
 class ConsumerLagCollector(Collector):
