@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Worker log level."
     )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line with the ids; text: for people."
+    )
+    log_addresses: bool = Field(
+        default=False, description="Log email addresses in full (default: redacted)."
+    )
 
     # --- Email channel -----------------------------------------------------------
     email_provider: Literal["smtp", "stub"] = Field(

@@ -18,6 +18,7 @@ import faust
 import prometheus_client
 from faust.types import TP
 
+from pipeline import logs
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
 from pipeline.agents.batching import BatchRun, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
@@ -392,5 +393,9 @@ class Worker:
             except OSError as exc:  # another worker on this host has the port
                 log.warning("no /metrics on port %d: %s", self.settings.metrics_port, exc)
         self.settings.worker_dir.mkdir(parents=True, exist_ok=True)
-        worker = faust.Worker(self.app, loglevel=self.settings.log_level.lower())
+        worker = faust.Worker(
+            self.app,
+            loglevel=self.settings.log_level.lower(),
+            logging_config=logs.logging_config(self.settings),
+        )
         worker.execute_from_commandline()

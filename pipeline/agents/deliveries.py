@@ -24,6 +24,7 @@ from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import Attempt, ChannelRequest, DeadLetter, StatusEvent
 from pipeline.errors import DecodeError, HeraldError
+from pipeline.logs import route_fields
 from pipeline.settings import Settings
 from pipeline.topology import Topology
 
@@ -104,7 +105,12 @@ class Deliveries:
         if request.channel != self.channel:
             return [self.malformed(raw, "wrong_channel", f"channel {request.channel!r}", now_ms)]
         if already_handled(registry_entry(registry.get(request.route_id.encode("utf-8"))), request):
-            log.info("%s route %s already handled; skipped", self.channel, request.route_id)
+            log.info(
+                "%s route %s already handled; skipped",
+                self.channel,
+                request.route_id,
+                extra=route_fields(request),
+            )
             return []
         return request
 
@@ -146,6 +152,16 @@ class Deliveries:
             retry = dataclasses.replace(request, attempt=attempt, attempts=history, due_at_ms=due)
             value = self._contracts.channel_request.encode(retry)
             due_text = datetime.fromtimestamp(due / 1000, tz=UTC).isoformat(timespec="seconds")
+            log.info(
+                "%s route %s attempt %d failed (%s: %s); retry due %s",
+                self.channel,
+                request.route_id,
+                attempt,
+                exc.reason,
+                exc.detail[:200],
+                due_text,
+                extra=route_fields(request, attempt),
+            )
             return [
                 *outputs,
                 self.tiers.schedule(raw.key, value, raw.topic, due, attempt, now),
@@ -158,6 +174,7 @@ class Deliveries:
             request.route_id,
             attempt,
             exc,
+            extra=route_fields(request, attempt),
         )
         final = dataclasses.replace(request, attempt=attempt, attempts=history)
         letter = DeadLetter(

@@ -26,6 +26,7 @@ from pipeline.agents.deliveries import Deliveries
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import HeraldError, RenderError, TransientError
+from pipeline.logs import route_fields
 from pipeline.providers import EmailProvider
 from pipeline.providers.mime import build_message
 from pipeline.rendering import RenderedMail, TemplateCatalog, one_line, variables_of
@@ -104,7 +105,11 @@ class EmailChannel:
         except HeraldError as exc:
             return outputs + self._failed(raw, registry, request, attempt, exc)
         except Exception as exc:  # a provider bug must not lose the route: it retries
-            log.exception("unexpected failure sending route %s", request.route_id)
+            log.exception(
+                "unexpected failure sending route %s",
+                request.route_id,
+                extra=route_fields(request, attempt),
+            )
             error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
             return outputs + self._failed(raw, registry, request, attempt, error)
         now = self._clock.now_ms()

@@ -31,6 +31,7 @@ from pipeline.contracts import Contracts
 from pipeline.contracts.push import BODY_TABLES, Display, PushPayload, body_from_variables, encode
 from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import DecodeError, HeraldError, PushPayloadError, TransientError
+from pipeline.logs import route_fields
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.rendering import TemplateCatalog, variables_of
 from pipeline.settings import Settings
@@ -164,7 +165,11 @@ class PushChannel:
         except HeraldError as exc:
             return self._deliveries.failed(raw, registry, request, attempt, exc)
         except Exception as exc:  # a publisher bug must not lose the route: it retries
-            log.exception("unexpected failure publishing push route %s", request.route_id)
+            log.exception(
+                "unexpected failure publishing push route %s",
+                request.route_id,
+                extra=route_fields(request, attempt),
+            )
             error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
             return self._deliveries.failed(raw, registry, request, attempt, error)
         now = self._clock.now_ms()

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from pipeline import logs
 from pipeline.agents.base import Clock
 from pipeline.contracts import Contracts
 from pipeline.errors import BrokerUnavailableError, IdempotencyConflictError, ValidationError
@@ -158,4 +159,5 @@ def create_app(settings: Settings) -> web.Application:
 
 def run(settings: Settings) -> None:
     """Serve the API until SIGINT/SIGTERM (blocking)."""
+    logs.configure(settings)
     web.run_app(create_app(settings), host=settings.api_host, port=settings.api_port)

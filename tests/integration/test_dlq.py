@@ -98,6 +98,13 @@ def test_dead_letters_replay_once_at_the_given_rate(
     finally:
         worker.stop()
 
+    # The worker's log says the same, as JSON lines with the route's ids, no address.
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    dead = [line for line in lines if "dead-lettered" in line["message"]]
+    assert {line["route_id"] for line in dead} == {r.route_id for r in routes}
+    assert {(line["attempt"], line["channel"]) for line in dead} == {(3, "email")}
+    assert not [a for a in ADDRESSES if a in worker.log()]
+
     for address in ADDRESSES:
         assert len(smtp.mails_to(address)) == 1, address
     assert len(smtp.received) == len(routes)

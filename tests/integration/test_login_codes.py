@@ -150,6 +150,7 @@ async def test_login_code_is_refused_with_503_when_kafka_is_unreachable(tmp_path
         assert (status, body["error"]["code"]) == (503, "service_unavailable")
         async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as response:
             assert response.status == 503
+            assert (await response.json())["checks"]["broker"] is False
     finally:
         await runner.cleanup()
 

@@ -1,0 +1,111 @@
+"""Structured logs: one JSON object per line, with the ids of what a line is about, and
+email addresses redacted unless HERALD_LOG_ADDRESSES says otherwise.
+
+Code that logs about a route passes its ids as ``extra`` (see :func:`route_fields`);
+the JSON formatter lifts the known ones to top-level fields, so a log search for a
+notification_id or trace_id finds every line about it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.contracts.records import ChannelRequest
+from pipeline.settings import Settings
+
+#: Fields a log record may carry (via ``extra``) that become top-level JSON fields.
+CONTEXT_FIELDS = (
+    "notification_id",
+    "route_id",
+    "trace_id",
+    "attempt",
+    "channel",
+    "notification_type",
+    "dead_letter_id",
+)
+_ADDRESS = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+
+
+def redact(text: str) -> str:
+    """``text`` with every email address reduced to its first letter and its domain."""
+    return _ADDRESS.sub(r"\1***@\2", text)
+
+
+def route_fields(request: ChannelRequest, attempt: int | None = None) -> dict[str, Any]:
+    """The ``extra`` of a log line about one route."""
+    return {
+        "notification_id": request.notification_id,
+        "route_id": request.route_id,
+        "trace_id": request.trace_id,
+        "attempt": request.attempt if attempt is None else attempt,
+        "channel": request.channel,
+        "notification_type": request.notification_type,
+    }
+
+
+class RedactAddresses(logging.Filter):
+    """Rewrites a record's message with its email addresses redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, context, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def logging_config(settings: Settings) -> dict[str, Any]:
+    """A logging.config.dictConfig for a Herald process."""
+    formatter: dict[str, Any] = (
+        {"()": f"{__name__}.JsonFormatter"}
+        if settings.log_format == "json"
+        else {"format": "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"}
+    )
+    handler: dict[str, Any] = {
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+        "formatter": "herald",
+        "level": settings.log_level,
+    }
+    if not settings.log_addresses:
+        handler["filters"] = ["redact"]
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": f"{__name__}.RedactAddresses"}},
+        "formatters": {"herald": formatter},
+        "handlers": {"default": handler},
+        "root": {"level": settings.log_level, "handlers": ["default"]},
+    }
+
+
+def configure(settings: Settings) -> None:
+    """Set up logging for a Herald process (the worker passes the config to Faust)."""
+    import logging.config
+
+    logging.config.dictConfig(logging_config(settings))
