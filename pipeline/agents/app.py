@@ -15,7 +15,6 @@ from collections.abc import Callable, Coroutine, MutableMapping, Sequence
 from typing import Any, cast
 
 import faust
-import prometheus_client
 from faust.types import TP
 
 from pipeline import logs
@@ -24,6 +23,7 @@ from pipeline.agents.batching import BatchRun, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
 from pipeline.agents.deliveries import expired_entries
 from pipeline.agents.email import LANES, EmailChannel
+from pipeline.agents.health import WorkerHealth
 from pipeline.agents.intake import Intake
 from pipeline.agents.push import DeviceFeedbackLog, PushChannel
 from pipeline.agents.route import Router
@@ -121,6 +121,7 @@ class Worker:
         self._wire_push()
         self._wire_delays()
         self._wire_watchdog()
+        self._wire_health()
 
     def topic(self, logical_name: str, value_serializer: str = "raw") -> Any:
         """A Faust topic for a declared topic, with its declared partition count."""
@@ -336,6 +337,21 @@ class Worker:
 
         self.app.timer(5.0)(watch)
 
+    def _wire_health(self) -> None:
+        if not self.settings.metrics_port:
+            return
+        tables: Any = self.app.tables
+
+        def recovered() -> bool:
+            return bool(tables.recovery.completed.is_set())
+
+        health = WorkerHealth(self.settings, self.sink, recovered)
+
+        async def serve_health() -> None:
+            await health.serve()
+
+        self.app.task(serve_health)
+
     def _source(self, *topics: str) -> Any:
         return self.app.topic(*topics, key_serializer="raw", value_serializer="raw")
 
@@ -385,13 +401,6 @@ class Worker:
     def run(self) -> None:
         """Run the worker until SIGINT/SIGTERM (blocking)."""
         self.verify_topics()
-        if self.settings.metrics_port:
-            try:
-                prometheus_client.start_http_server(
-                    self.settings.metrics_port, addr=self.settings.metrics_host
-                )
-            except OSError as exc:  # another worker on this host has the port
-                log.warning("no /metrics on port %d: %s", self.settings.metrics_port, exc)
         self.settings.worker_dir.mkdir(parents=True, exist_ok=True)
         worker = faust.Worker(
             self.app,

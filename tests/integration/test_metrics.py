@@ -5,6 +5,7 @@ falls back to zero once it resumes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -71,9 +72,15 @@ def test_counters_and_consumer_lag(isolated: Settings, tmp_path: Path) -> None:
             what="5 mails and 5 pushes",
         )
         time.sleep(1)  # the last acks are counted right after they return
-        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
+        url = f"http://127.0.0.1:{settings.metrics_port}"
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             found = samples(response.read().decode())
+        with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+            ready = json.loads(response.read())
+        assert ready == {
+            "ready": True,
+            "checks": {"kafka": True, "tables_recovered": True, "smtp": True},
+        }
     finally:
         worker.stop()
 

@@ -1,0 +1,31 @@
+"""A worker's readiness checks: Kafka writes, table recovery, the SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pipeline.agents.base import AckedSink
+from pipeline.agents.health import WorkerHealth
+from pipeline.settings import Settings
+from tests.smtp import free_port
+from tests.unit.helpers import FakeBroker
+
+
+async def test_readiness_reflects_kafka_tables_and_smtp(settings: Settings) -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = AckedSink(FakeBroker().send)
+    recovered = [False]
+    smtp = settings.model_copy(update={"email_provider": "smtp", "smtp_port": port})
+    health = WorkerHealth(smtp, sink, lambda: recovered[0])
+    assert await health.checks() == {"kafka": True, "tables_recovered": False, "smtp": True}
+    recovered[0] = True
+    sink.stalled = True
+    assert (await health.checks())["kafka"] is False
+    server.close()
+    await server.wait_closed()
+
+    down = settings.model_copy(update={"email_provider": "smtp", "smtp_port": free_port()})
+    assert (await WorkerHealth(down, sink, lambda: True).checks())["smtp"] is False
+    stub = settings.model_copy(update={"email_provider": "stub", "smtp_port": free_port()})
+    assert (await WorkerHealth(stub, sink, lambda: True).checks())["smtp"] is True
