@@ -1,10 +1,10 @@
 """A worker's HTTP side: /metrics, /healthz and /readyz on HERALD_METRICS_PORT.
 
 Liveness is "the event loop answers". Readiness is what a load balancer or a rolling
-update should wait for: Kafka takes the worker's writes (the acked sink is not stuck
-retrying), its tables are recovered, and the SMTP server accepts connections (the
-stub provider needs none). The SMTP probe is a TCP connect, cached for a few seconds,
-so probes never open SMTP sessions.
+update should wait for: a broker accepts connections and Kafka takes the worker's
+writes (the acked sink is not stuck retrying), its tables are recovered, and the SMTP
+server accepts connections (the stub provider needs none). The reachability probes are
+TCP connects, cached for a few seconds, so probes never open SMTP sessions.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_SMTP_PROBE_TTL_S = 10.0
-_SMTP_PROBE_TIMEOUT_S = 2.0
+_PROBE_TTL_S = 10.0
+_PROBE_TIMEOUT_S = 2.0
 
 
 class WorkerHealth:
@@ -36,26 +36,29 @@ class WorkerHealth:
         self._settings = settings
         self._sink = sink
         self._tables_recovered = tables_recovered
-        self._smtp: tuple[float, bool] = (0.0, False)
+        self._probes: dict[str, tuple[float, bool]] = {}
 
     async def checks(self) -> dict[str, bool]:
         """Each check by name."""
+        settings = self._settings
+        brokers = [s.rsplit(":", 1) for s in settings.kafka_bootstrap_servers.split(",")]
+        reachable = [await self._reachable(host, int(port)) for host, port in brokers]
+        smtp = settings.email_provider != "smtp" or await self._reachable(
+            settings.smtp_host, settings.smtp_port
+        )
         return {
-            "kafka": not self._sink.stalled,
+            "kafka": any(reachable) and not self._sink.stalled,
             "tables_recovered": self._tables_recovered(),
-            "smtp": await self._smtp_reachable(),
+            "smtp": smtp,
         }
 
-    async def _smtp_reachable(self) -> bool:
-        if self._settings.email_provider != "smtp":
-            return True
-        checked_at, ok = self._smtp
-        if time.monotonic() - checked_at < _SMTP_PROBE_TTL_S:
+    async def _reachable(self, host: str, port: int) -> bool:
+        checked_at, ok = self._probes.get(f"{host}:{port}", (0.0, False))
+        if time.monotonic() - checked_at < _PROBE_TTL_S:
             return ok
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._settings.smtp_host, self._settings.smtp_port),
-                _SMTP_PROBE_TIMEOUT_S,
+                asyncio.open_connection(host, port), _PROBE_TIMEOUT_S
             )
             writer.close()
             with contextlib.suppress(OSError):
@@ -63,7 +66,7 @@ class WorkerHealth:
             ok = True
         except (OSError, TimeoutError):
             ok = False
-        self._smtp = (time.monotonic(), ok)
+        self._probes[f"{host}:{port}"] = (time.monotonic(), ok)
         return ok
 
     def app(self) -> web.Application:

@@ -16,7 +16,14 @@ async def test_readiness_reflects_kafka_tables_and_smtp(settings: Settings) -> N
     port = server.sockets[0].getsockname()[1]
     sink = AckedSink(FakeBroker().send)
     recovered = [False]
-    smtp = settings.model_copy(update={"email_provider": "smtp", "smtp_port": port})
+    smtp = settings.model_copy(
+        update={
+            "email_provider": "smtp",
+            "smtp_port": port,
+            # A broker "reachable" on the same listener: the probe is a TCP connect.
+            "kafka_bootstrap_servers": f"127.0.0.1:{free_port()},127.0.0.1:{port}",
+        }
+    )
     health = WorkerHealth(smtp, sink, lambda: recovered[0])
     assert await health.checks() == {"kafka": True, "tables_recovered": False, "smtp": True}
     recovered[0] = True
@@ -25,7 +32,15 @@ async def test_readiness_reflects_kafka_tables_and_smtp(settings: Settings) -> N
     server.close()
     await server.wait_closed()
 
-    down = settings.model_copy(update={"email_provider": "smtp", "smtp_port": free_port()})
-    assert (await WorkerHealth(down, sink, lambda: True).checks())["smtp"] is False
+    down = settings.model_copy(
+        update={
+            "email_provider": "smtp",
+            "smtp_port": free_port(),
+            "kafka_bootstrap_servers": f"127.0.0.1:{free_port()}",
+        }
+    )
+    sink.stalled = False
+    checks = await WorkerHealth(down, sink, lambda: True).checks()
+    assert (checks["smtp"], checks["kafka"]) == (False, False)
     stub = settings.model_copy(update={"email_provider": "stub", "smtp_port": free_port()})
     assert (await WorkerHealth(stub, sink, lambda: True).checks())["smtp"] is True
