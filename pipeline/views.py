@@ -29,36 +29,15 @@ log = logging.getLogger(__name__)
 V = TypeVar("V")
 
 
-class CompactedView(Generic[V]):
-    """The latest value per key of one compacted topic; tombstones delete."""
+class Follower:
+    """A background task that follows topics for as long as the process runs,
+    reconnecting after broker trouble; subclasses read in :meth:`_follow`."""
 
-    def __init__(
-        self, settings: Settings, logical_topic: str, decode: Callable[[bytes], V], *, name: str
-    ) -> None:
-        self._settings = settings
-        self.topic = settings.topic(logical_topic)
-        # The declared count: the worker refuses to run on a broker that differs.
-        self._partitions = Topology.load(settings).spec(logical_topic).partitions
-        self._decode = decode
-        self._name = name
-        self.items: dict[bytes, V] = {}
-        #: Set once the view holds everything the topic held when it was started.
-        self.ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def get(self, key: bytes) -> V | None:
-        """The value for ``key``, or None."""
-        return self.items.get(key)
-
-    def put(self, key: bytes, value: V | None) -> None:
-        """Apply a write this process made (before it comes back from the topic)."""
-        if value is None:
-            self.items.pop(key, None)
-        else:
-            self.items[key] = value
+    name = "follower"
+    _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start following the topic in the background."""
+        """Start following in the background."""
         if self._task is None:
             self._task = asyncio.ensure_future(self.run())
 
@@ -71,15 +50,46 @@ class CompactedView(Generic[V]):
                 await task
 
     async def run(self) -> None:
-        """Follow the topic forever, reconnecting after broker trouble."""
+        """Follow forever, reconnecting after broker trouble."""
         while True:
             try:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
             except (KafkaError, OSError) as exc:
-                log.warning("%s view: %s; reconnecting in 2s", self._name, exc)
+                log.warning("%s: %s; reconnecting in 2s", self.name, exc)
                 await asyncio.sleep(2.0)
+
+    async def _follow(self) -> None:
+        raise NotImplementedError
+
+
+class CompactedView(Follower, Generic[V]):
+    """The latest value per key of one compacted topic; tombstones delete."""
+
+    def __init__(
+        self, settings: Settings, logical_topic: str, decode: Callable[[bytes], V], *, name: str
+    ) -> None:
+        self._settings = settings
+        self.topic = settings.topic(logical_topic)
+        # The declared count: the worker refuses to run on a broker that differs.
+        self._partitions = Topology.load(settings).spec(logical_topic).partitions
+        self._decode = decode
+        self.name = f"{name} view"
+        self.items: dict[bytes, V] = {}
+        #: Set once the view holds everything the topic held when it was started.
+        self.ready = asyncio.Event()
+
+    def get(self, key: bytes) -> V | None:
+        """The value for ``key``, or None."""
+        return self.items.get(key)
+
+    def put(self, key: bytes, value: V | None) -> None:
+        """Apply a write this process made (before it comes back from the topic)."""
+        if value is None:
+            self.items.pop(key, None)
+        else:
+            self.items[key] = value
 
     async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -102,7 +112,7 @@ class CompactedView(Generic[V]):
                 if not self.ready.is_set() and all(
                     await asyncio.gather(*(self._reached(consumer, tp, ends[tp]) for tp in ends))
                 ):
-                    log.info("%s view ready (%d keys)", self._name, len(self.items))
+                    log.info("%s ready (%d keys)", self.name, len(self.items))
                     self.ready.set()
         finally:
             await consumer.stop()
@@ -120,7 +130,7 @@ class CompactedView(Generic[V]):
         try:
             self.items[key] = self._decode(value)
         except ValueError:
-            log.warning("%s view: undecodable value for key %r ignored", self._name, key)
+            log.warning("%s: undecodable value for key %r ignored", self.name, key)
 
 
 def json_value(data: bytes) -> dict[str, Any]:

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import StatusEvent
 from pipeline.errors import DecodeError, ValidationError
 from pipeline.settings import Settings
 from pipeline.topology import Topology
+from pipeline.views import Follower
 
 log = logging.getLogger(__name__)
 
@@ -380,10 +380,12 @@ class StatusStore:
         ]
 
 
-class StatusFollower:
+class StatusFollower(Follower):
     """Follows notification.status (and the channel lanes, for the requests a resend
     clones) into a :class:`StatusStore`; ``ready`` once it has caught up with what the
     topics held when it started."""
+
+    name = "status view"
 
     def __init__(self, settings: Settings, store: StatusStore, contracts: Contracts) -> None:
         self._settings = settings
@@ -396,29 +398,6 @@ class StatusFollower:
             for name in ("notification.status", *LANES)
         }
         self.ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self.run())
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def run(self) -> None:
-        """Follow forever, reconnecting after broker trouble."""
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except (KafkaError, OSError) as exc:
-                log.warning("status view: %s; reconnecting in 2s", exc)
-                await asyncio.sleep(2.0)
 
     async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(
