@@ -488,6 +488,57 @@ def malformed_show(origin: str) -> None:
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
 
 
+# --- benchmark -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--intents",
+    type=int,
+    default=20000,
+    show_default=True,
+    help="Records per baseline and intents for the push saturation run.",
+)
+@click.option(
+    "--rate",
+    type=float,
+    default=1000.0,
+    show_default=True,
+    help="Offered load of the latency runs (intents per second).",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Length of the latency runs in seconds.",
+)
+@click.option(
+    "--email-intents",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="Intents for the email saturation run (0: no email runs).",
+)
+@click.option("--no-baselines", is_flag=True, help="Skip the passthrough baselines.")
+def bench(
+    intents: int, rate: float, duration: float, email_intents: int, no_baselines: bool
+) -> None:
+    """Measure throughput, latency and memory on this broker; print the figures
+    (docs/performance.md)."""
+    from pipeline.ops.bench import run_bench
+
+    run_bench(
+        _settings(),
+        intents=intents,
+        rate=rate,
+        duration_s=duration,
+        email_intents=email_intents,
+        baselines=not no_baselines,
+        echo=click.echo,
+    )
+
+
 # --- push ----------------------------------------------------------------------------
 
 

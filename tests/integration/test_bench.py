@@ -1,0 +1,54 @@
+"""`herald bench` runs end to end on a small scale and prints its figures (the figures
+themselves are not asserted: they are for docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import Settings
+from tests.support import HERALD, settings_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_benchmark_prints_every_figure(isolated: Settings, tmp_path: Path) -> None:
+    settings = isolated.model_copy(update={"state_dir": tmp_path})
+    shown = subprocess.run(
+        [
+            HERALD,
+            "bench",
+            "--intents",
+            "300",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--email-intents",
+            "40",
+        ],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
+    for name in (
+        "raw confluent-kafka passthrough",
+        "minimal Faust passthrough agent",
+        "push: end to end at saturation",
+        "push: latency at 200 intents/s",
+        "email: end to end at saturation",
+        "email: latency at 200 intents/s",
+        "push pipeline / minimal Faust passthrough agent",
+    ):
+        assert name in shown.stdout, name
+    (figures,) = (tmp_path / "bench").glob("*/figures.json")
+    runs = {run["name"]: run for run in json.loads(figures.read_text())}
+    assert runs["push: latency at 200 intents/s"]["count"] == 200
+    assert runs["push: latency at 200 intents/s"]["p99_ms"] is not None
+    assert runs["push: end to end at saturation"]["peak_rss_mb"] > 0
