@@ -245,20 +245,14 @@ class Deliveries:
         error_class: str = "",
     ) -> Out:
         """A status event about ``request`` (deterministic id: a repeat is recognisable)."""
-        event = StatusEvent(
+        event = StatusEvent.of_route(
+            request,
+            status,
+            now_ms,
             event_id=deterministic_id(request.route_id, status, attempt, request.replay_of or ""),
-            status=status,
-            at_ms=now_ms,
-            notification_id=request.notification_id,
-            notification_type=request.notification_type,
-            route_id=request.route_id,
-            channel=self.channel,
-            user_id=request.user_id,
             attempt=attempt,
             reason=reason,
-            detail=detail[:2000] if detail else None,
-            request_id=request.request_id,
-            trace_id=request.trace_id,
+            detail=detail,
         )
         latency_s = None
         if status in ("sent", "published") and request.produced_at_ms:

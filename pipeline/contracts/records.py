@@ -153,6 +153,35 @@ class StatusEvent(AvroRecord):
     trace_id: str | None = None
     """Trace id."""
 
+    @classmethod
+    def of_route(
+        cls,
+        request: ChannelRequest,
+        status: str,
+        at_ms: int,
+        *,
+        event_id: str,
+        attempt: int = 0,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> StatusEvent:
+        """An event about one route, carrying the route's ids (detail cut to 2,000)."""
+        return cls(
+            event_id=event_id,
+            status=status,
+            at_ms=at_ms,
+            notification_id=request.notification_id,
+            notification_type=request.notification_type,
+            route_id=request.route_id,
+            channel=request.channel,
+            user_id=request.user_id,
+            attempt=attempt,
+            reason=reason,
+            detail=detail[:2000] if detail else None,
+            request_id=request.request_id,
+            trace_id=request.trace_id,
+        )
+
 
 @dataclass(slots=True, kw_only=True)
 class Malformed(AvroRecord):

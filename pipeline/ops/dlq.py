@@ -209,20 +209,13 @@ def _send_back(
         contracts.channel_request.encode(fresh),
         wait=False,
     )
-    event = StatusEvent(
+    event = StatusEvent.of_route(
+        request,
+        "replayed",
+        int(time.time() * 1000),
         event_id=deterministic_id(request.route_id, "replayed", letter.dead_letter_id),
-        status="replayed",
-        at_ms=int(time.time() * 1000),
-        notification_id=request.notification_id,
-        notification_type=request.notification_type,
-        route_id=request.route_id,
-        channel=letter.channel,
-        user_id=request.user_id,
-        attempt=0,
         reason=letter.last_reason,
         detail=f"dead letter {letter.dead_letter_id} replayed by {operator}",
-        request_id=request.request_id,
-        trace_id=request.trace_id,
     )
     producer.write(
         settings.topic("notification.status"),

@@ -86,19 +86,13 @@ class Resends:
             replay_of=None,
             deadline_ms=now + ttl_ms if ttl_ms else 0,
         )
-        event = StatusEvent(
+        event = StatusEvent.of_route(
+            clone,
+            "routed",
+            now,
             event_id=deterministic_id(clone_id, "routed", RESEND_REASON),
-            status="routed",
-            at_ms=now,
-            notification_id=clone.notification_id,
-            notification_type=clone.notification_type,
-            route_id=clone_id,
-            channel=clone.channel,
-            user_id=clone.user_id,
             reason=RESEND_REASON,
             detail=route_id,
-            request_id=clone.request_id,
-            trace_id=clone.trace_id,
         )
         await self._writer.deliver(
             [
