@@ -63,6 +63,26 @@ class Follower:
     async def _follow(self) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    async def _consumer(settings: Settings) -> AIOKafkaConsumer:
+        """A started consumer outside any group (partitions are assigned by hand)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        return consumer
+
+    @staticmethod
+    async def _caught_up(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+        """Whether every partition's read position has reached its end in ``ends``."""
+        for tp, end in ends.items():
+            if await consumer.position(tp) < end:
+                return False
+        return True
+
 
 class CompactedView(Follower, Generic[V]):
     """The latest value per key of one compacted topic; tombstones delete."""
@@ -92,13 +112,7 @@ class CompactedView(Follower, Generic[V]):
             self.items[key] = value
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
+        consumer = await self._consumer(self._settings)
         try:
             assigned = [TopicPartition(self.topic, p) for p in range(self._partitions)]
             consumer.assign(assigned)
@@ -109,17 +123,11 @@ class CompactedView(Follower, Generic[V]):
                 for records in batches.values():
                     for record in records:
                         self._apply(record.key, record.value)
-                if not self.ready.is_set() and all(
-                    await asyncio.gather(*(self._reached(consumer, tp, ends[tp]) for tp in ends))
-                ):
+                if not self.ready.is_set() and await self._caught_up(consumer, ends):
                     log.info("%s ready (%d keys)", self.name, len(self.items))
                     self.ready.set()
         finally:
             await consumer.stop()
-
-    @staticmethod
-    async def _reached(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> bool:
-        return bool(await consumer.position(tp) >= end)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:

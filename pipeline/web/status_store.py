@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import StatusEvent
@@ -400,13 +400,7 @@ class StatusFollower(Follower):
         self.ready = asyncio.Event()
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
+        consumer = await self._consumer(self._settings)
         try:
             assigned = [
                 TopicPartition(topic, p)
@@ -449,10 +443,3 @@ class StatusFollower(Follower):
             except DecodeError:
                 continue  # the channel agent reports it as malformed
         self._store.keep_requests(requests, tp.topic, offsets)
-
-    @staticmethod
-    async def _caught_up(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
-        for tp, end in ends.items():
-            if await consumer.position(tp) < end:
-                return False
-        return True
