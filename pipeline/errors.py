@@ -15,6 +15,9 @@ class HeraldError(Exception):
     transient: bool = False
     #: Machine-readable reason, stable across releases (used in topics and metrics).
     reason: str = "error"
+    #: True when the failure says the remote server is unreachable or unresponsive (as
+    #: opposed to a reply about one message): what the circuit breaker counts.
+    server_unavailable: bool = False
 
     def __init__(
         self, detail: str = "", *, reason: str | None = None, code: int | None = None
@@ -110,12 +113,14 @@ class SmtpTimeoutError(TransientError):
     """The SMTP server did not answer within the timeout."""
 
     reason = "smtp_timeout"
+    server_unavailable = True
 
 
 class SmtpConnectionError(TransientError):
     """The SMTP server could not be reached or dropped the connection."""
 
     reason = "smtp_connection"
+    server_unavailable = True
 
 
 class IdempotencyConflictError(PermanentError):

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
@@ -64,6 +64,12 @@ GATEWAY_SECONDS = Histogram(
     "One publication to the gateway topic, by outcome.",
     ["outcome"],
     buckets=_LATENCY_BUCKETS,
+)
+
+CIRCUIT_OPEN = Gauge(
+    "herald_circuit_open",
+    "1 while a provider's circuit is open or probing (its server is left alone), by provider.",
+    ["provider"],
 )
 
 T = TypeVar("T")

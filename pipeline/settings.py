@@ -165,6 +165,19 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = Field(
         default=15.0, gt=0, description="Longest wait for any one SMTP reply (timeout: transient)."
     )
+    smtp_breaker_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive connection failures or timeouts that open the SMTP circuit.",
+    )
+    smtp_breaker_cooldown_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Wait before the first probe of an open SMTP circuit (doubles on failure).",
+    )
+    smtp_breaker_max_cooldown_s: float = Field(
+        default=300.0, gt=0, description="Longest wait between probes of an open SMTP circuit."
+    )
     smtp_from: str = Field(
         default="Herald <no-reply@herald.invalid>", description="From header and envelope sender."
     )

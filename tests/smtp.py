@@ -39,11 +39,12 @@ class ScriptedSmtp:
         *,
         delay_s: float = 0.0,
         stall_s: float = 30.0,
+        port: int | None = None,
     ) -> None:
         self.script = {k.lower(): v for k, v in (script or {}).items()}
         self.delay_s = delay_s
         self.stall_s = stall_s
-        self.port = free_port()
+        self.port = port or free_port()
         self.received: list[tuple[str, EmailMessage]] = []
         self.attempts: Counter[str] = Counter()
         self.hold_at: int | None = None
@@ -121,6 +122,37 @@ class ScriptedSmtp:
                     return list(self.received)
             time.sleep(0.05)
         raise AssertionError(f"SMTP server got {len(self.received)} mails, expected {count}")
+
+
+class DownSmtp:
+    """A server that is down: it takes each TCP connection and drops it at once
+    (counted), which an SMTP client sees as the server hanging up before its greeting."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(64)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> DownSmtp:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed: the outage is over
+            self.connections += 1
+            conn.close()
 
 
 def smtp_server(

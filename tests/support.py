@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,8 +17,11 @@ from typing import IO, Any, TypeVar
 import yaml
 
 from pipeline.agents.watchdog import EXIT_STALLED
-from pipeline.contracts import RecordCodec
+from pipeline.contracts import Contracts, RecordCodec
+from pipeline.contracts.ids import deterministic_id
+from pipeline.contracts.records import ChannelRequest
 from pipeline.ops.reader import read_topic
+from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin
@@ -147,3 +151,34 @@ def fast_retries(settings: Settings, folder: Path, stage: str, **updates: Any) -
     fast = settings.model_copy(update={"topology_dir": folder, **updates})
     assert not topology_admin.apply(fast, Topology.load(fast)).drift
     return fast
+
+
+TURN = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 4}
+
+
+def route(user: str, address: str, **fields: Any) -> ChannelRequest:
+    """A template-mode route as the router writes it."""
+    notification_id = fields.pop("notification_id", deterministic_id("test", user, address))
+    values: dict[str, Any] = {
+        "route_id": deterministic_id(notification_id, "email", user),
+        "notification_id": notification_id,
+        "notification_type": "game.turn.ready",
+        "channel": "email",
+        "template_id": "game.turn.ready",
+        "user_id": user,
+        "address": address,
+        "variables_json": json.dumps(TURN),
+    }
+    values.update(fields)
+    return ChannelRequest(**values)
+
+
+def publish_routes(settings: Settings, contracts: Contracts, routes: list[ChannelRequest]) -> None:
+    with HeraldProducer(settings, contracts) as herald:
+        for request in routes:
+            herald._produce(  # the router's output, written the way the router keys it
+                settings.topic("notification.email.requested"),
+                (request.user_id or "").encode(),
+                contracts.channel_request.encode(request),
+                wait=False,
+            )

@@ -32,6 +32,7 @@ from pipeline.agents.watchdog import EXIT_STALLED, StallWatchdog
 from pipeline.contracts import Contracts
 from pipeline.errors import ConfigurationError
 from pipeline.providers import email_provider
+from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
@@ -234,6 +235,8 @@ class Worker:
 
     def _wire_email(self) -> None:
         registry_view = self._registry("email")
+        # One breaker for both lanes: they talk to the same server.
+        breaker = CircuitBreaker.smtp(self.settings)
         for lane, logical_topic in LANES.items():
             # One provider (connection) per lane: login codes never wait behind bulk mail.
             channel = EmailChannel(
@@ -244,6 +247,7 @@ class Worker:
                 self.templates,
                 email_provider(self.settings),
                 self.suppressions,
+                breaker,
                 self.clock,
             )
             self.app.agent(

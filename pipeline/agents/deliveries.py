@@ -208,6 +208,36 @@ class Deliveries:
             self.record(registry, raw, request, "dead_lettered", attempt, now),
         ]
 
+    def deferred(
+        self, raw: RawRecord, request: ChannelRequest, now_ms: int, wait_s: float, reason: str
+    ) -> list[Out]:
+        """The route waits in the delay tiers without an attempt being spent (its server
+        is known to be down): back on its lane after ``wait_s`` (at least the shortest
+        tier), spread by up to 10 % so the waiting routes do not return all at once."""
+        wait_s = max(wait_s, self.tiers.policy.tiers[0])
+        due = now_ms + int(wait_s * (1 + 0.1 * self._rng.random()) * 1000)
+        again = dataclasses.replace(request, due_at_ms=due)
+        due_text = datetime.fromtimestamp(due / 1000, tz=UTC).isoformat(timespec="seconds")
+        return [
+            self.tiers.schedule(
+                raw.key,
+                self._contracts.channel_request.encode(again),
+                raw.topic,
+                due,
+                request.attempt,
+                now_ms,
+            ),
+            self.status(
+                request,
+                "deferred",
+                now_ms,
+                request.attempt,
+                reason=reason,
+                detail=f"due {due_text}",
+                repeat=due,
+            ),
+        ]
+
     def record(
         self,
         registry: MutableMapping[bytes, Any],
@@ -243,13 +273,18 @@ class Deliveries:
         reason: str | None = None,
         detail: str | None = None,
         error_class: str = "",
+        repeat: int | None = None,
     ) -> Out:
-        """A status event about ``request`` (deterministic id: a repeat is recognisable)."""
+        """A status event about ``request`` (deterministic id: a repeat is recognisable;
+        ``repeat`` tells apart events that may happen more than once per attempt)."""
+        parts: tuple[object, ...] = () if repeat is None else (repeat,)
         event = StatusEvent.of_route(
             request,
             status,
             now_ms,
-            event_id=deterministic_id(request.route_id, status, attempt, request.replay_of or ""),
+            event_id=deterministic_id(
+                request.route_id, status, attempt, request.replay_of or "", *parts
+            ),
             attempt=attempt,
             reason=reason,
             detail=detail,

@@ -28,6 +28,7 @@ from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import HeraldError, RenderError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers import EmailProvider
+from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.mime import build_message
 from pipeline.rendering import RenderedMail, TemplateCatalog, one_line, variables_of
 from pipeline.settings import Settings
@@ -53,6 +54,7 @@ class EmailChannel:
         templates: TemplateCatalog,
         provider: EmailProvider,
         suppressions: SuppressionList,
+        breaker: CircuitBreaker,
         clock: Clock,
     ) -> None:
         self._settings = settings
@@ -60,6 +62,7 @@ class EmailChannel:
         self._templates = templates
         self._provider = provider
         self._suppressions = suppressions
+        self._breaker = breaker
         self._clock = clock
         self._deliveries = Deliveries(settings, contracts, topology, "email", clock)
         self.registry_topic = self._deliveries.registry_topic
@@ -79,6 +82,10 @@ class EmailChannel:
                 deliveries.status(request, "suppressed", now, request.attempt, reason=reason),
                 deliveries.record(registry, raw, request, "suppressed", request.attempt, now),
             ]
+        gate = self._breaker.gate()
+        if gate == "wait" or (gate == "probe" and not await self._probe()):
+            wait_s = self._breaker.wait_s()
+            return deliveries.deferred(raw, request, now, wait_s, "circuit_open")
         outputs: list[Out] = []
         try:
             mail = self._render(request)
@@ -103,6 +110,10 @@ class EmailChannel:
                 metrics.SMTP_SECONDS, self._provider.send(message, request.address or "")
             )
         except HeraldError as exc:
+            if exc.server_unavailable:
+                self._breaker.failed()
+            elif exc.code is not None:
+                self._breaker.succeeded()  # the server answered, if only to refuse
             return outputs + self._failed(raw, registry, request, attempt, exc)
         except Exception as exc:  # a provider bug must not lose the route: it retries
             log.exception(
@@ -112,6 +123,7 @@ class EmailChannel:
             )
             error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
             return outputs + self._failed(raw, registry, request, attempt, error)
+        self._breaker.succeeded()
         now = self._clock.now_ms()
         detail = f"{receipt.code} {receipt.message}"[:500]
         outputs.append(deliveries.status(request, "sent", now, attempt, detail=detail))
@@ -121,6 +133,20 @@ class EmailChannel:
             )
         )
         return outputs
+
+    async def _probe(self) -> bool:
+        """The circuit's one probe: does the server take connections again?"""
+        try:
+            await self._provider.probe()
+        except HeraldError as exc:
+            self._breaker.failed()
+            log.info("%s circuit probe failed: %s", self._breaker.name, exc)
+            return False
+        except BaseException:
+            self._breaker.failed()  # never leave the circuit half-open for good
+            raise
+        self._breaker.succeeded()
+        return True
 
     def _render(self, request: ChannelRequest) -> RenderedMail:
         if request.payload_mode == "rendered":

@@ -31,6 +31,11 @@ class EmailProvider(Protocol):
         """Deliver ``message`` to ``recipient``; raise a classified error otherwise."""
         ...
 
+    async def probe(self) -> None:
+        """Check that the server takes connections (no mail); raise a classified
+        error otherwise. The circuit breaker's probe."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...

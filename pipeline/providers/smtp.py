@@ -81,6 +81,19 @@ class SmtpProvider:
         code, _, text = reply.partition(" ")
         return SendReceipt(int(code) if code.isdigit() else 250, text or reply)
 
+    async def probe(self) -> None:
+        async with self._lock:
+            try:
+                await self._connected()
+            except aiosmtplib.SMTPTimeoutError as exc:
+                await self._drop()
+                raise SmtpTimeoutError(f"probe: no SMTP greeting: {exc}") from exc
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                # Any refusal to start a session (a 421 greeting too) means "not back yet".
+                await self._drop()
+                raise SmtpConnectionError(f"probe: {type(exc).__name__}: {exc}") from exc
+            self._last_used = time.monotonic()
+
     async def _connected(self) -> aiosmtplib.SMTP:
         client = self._client
         if client is not None and client.is_connected:

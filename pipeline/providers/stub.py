@@ -69,5 +69,8 @@ class StubEmailProvider:
         log.info("stub accepted mail %s for %s", message["Message-ID"], recipient)
         return SendReceipt(250, "2.0.0 stub accepted")
 
+    async def probe(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -16,9 +16,17 @@ from pipeline.contracts import Contracts
 from pipeline.contracts.records import StatusEvent
 from pipeline.ops.reader import read_messages
 from pipeline.settings import Settings
-from tests.integration.test_email import publish_routes, route
 from tests.smtp import ScriptedSmtp, smtp_server
-from tests.support import HERALD, WorkerProcess, fast_retries, read_all, settings_env, wait_for
+from tests.support import (
+    HERALD,
+    WorkerProcess,
+    fast_retries,
+    publish_routes,
+    read_all,
+    route,
+    settings_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 

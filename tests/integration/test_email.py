@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pipeline.contracts import Contracts
-from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import (
     Attachment,
-    ChannelRequest,
     DeadLetter,
     StatusEvent,
     UserProfile,
@@ -24,9 +21,15 @@ from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.views import address_key
 from tests.smtp import ScriptedSmtp, smtp_server
-from tests.support import WorkerProcess, fast_retries, read_all, wait_for
-
-TURN = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 4}
+from tests.support import (
+    TURN,
+    WorkerProcess,
+    fast_retries,
+    publish_routes,
+    read_all,
+    route,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -57,34 +60,6 @@ def mail_worker(fast_mail: Settings, smtp: ScriptedSmtp, tmp_path: Path) -> Iter
     process.start()
     yield process
     process.stop()
-
-
-def route(user: str, address: str, **fields: Any) -> ChannelRequest:
-    """A template-mode route as the router writes it."""
-    notification_id = fields.pop("notification_id", deterministic_id("test", user, address))
-    values: dict[str, Any] = {
-        "route_id": deterministic_id(notification_id, "email", user),
-        "notification_id": notification_id,
-        "notification_type": "game.turn.ready",
-        "channel": "email",
-        "template_id": "game.turn.ready",
-        "user_id": user,
-        "address": address,
-        "variables_json": json.dumps(TURN),
-    }
-    values.update(fields)
-    return ChannelRequest(**values)
-
-
-def publish_routes(settings: Settings, contracts: Contracts, routes: list[ChannelRequest]) -> None:
-    with HeraldProducer(settings, contracts) as herald:
-        for request in routes:
-            herald._produce(  # the router's output, written the way the router keys it
-                settings.topic("notification.email.requested"),
-                (request.user_id or "").encode(),
-                contracts.channel_request.encode(request),
-                wait=False,
-            )
 
 
 def route_statuses(events: list[StatusEvent], route_id: str) -> list[tuple[str, int, str | None]]:

@@ -18,9 +18,8 @@ from pipeline.contracts import Contracts
 from pipeline.ops.reader import read_topic
 from pipeline.settings import Settings
 from pipeline.web.server import INTAKE, LOGIN_CODES, create_app
-from tests.integration.test_email import publish_routes, route
 from tests.smtp import ScriptedSmtp, free_port
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, publish_routes, route
 
 TOKEN = "test-token"
 
