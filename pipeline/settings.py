@@ -165,6 +165,12 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = Field(
         default=15.0, gt=0, description="Longest wait for any one SMTP reply (timeout: transient)."
     )
+    smtp_connections: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="SMTP connections per email lane (routes of a lane in flight at once).",
+    )
     smtp_breaker_threshold: int = Field(
         default=5,
         ge=1,

@@ -77,7 +77,8 @@ def isolated(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
     report = topology_admin.apply(settings, Topology.load(settings))
     assert not report.drift, report.drift
     yield settings
-    topology_admin.delete_prefixed(settings)
+    if not os.environ.get("KEEP_TOPICS"):
+        topology_admin.delete_prefixed(settings)
 
 
 @pytest.fixture

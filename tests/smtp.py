@@ -50,6 +50,8 @@ class ScriptedSmtp:
         self.hold_at: int | None = None
         """Block the n-th RCPT (1-based, all recipients) until ``release`` is set."""
         self.held = threading.Event()
+        self.held_peer: tuple[str, int] | None = None
+        """The client (host, port) whose transaction is held."""
         self.release = threading.Event()
         self._rcpts = 0
         self._lock = threading.Lock()
@@ -75,6 +77,7 @@ class ScriptedSmtp:
             step = steps[min(self.attempts[address.lower()], len(steps) - 1)]
             self.attempts[address.lower()] += 1
         if hold:
+            self.held_peer = tuple(session.peer[:2])
             self.held.set()
             await asyncio.to_thread(self.release.wait)
             return "451 4.3.0 held by the test"

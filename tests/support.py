@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
+from email.message import EmailMessage
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -19,12 +23,14 @@ import yaml
 from pipeline.agents.watchdog import EXIT_STALLED
 from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts.ids import deterministic_id
-from pipeline.contracts.records import ChannelRequest
-from pipeline.ops.reader import read_topic
+from pipeline.contracts.push import decode
+from pipeline.contracts.records import ChannelRequest, PushDevice, UserProfile
+from pipeline.ops.reader import read_messages, read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin
+from tests.smtp import ScriptedSmtp
 
 R = TypeVar("R")
 
@@ -98,6 +104,11 @@ class WorkerProcess:
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -182,3 +193,89 @@ def publish_routes(settings: Settings, contracts: Contracts, routes: list[Channe
                 contracts.channel_request.encode(request),
                 wait=False,
             )
+
+
+def owner_of_connection(local_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the TCP socket bound to ``local_port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == local_port:
+                    inodes.add(fields[9])
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        if any(link == f"socket:[{inode}]" for link in links for inode in inodes):
+            return pid
+    return None
+
+
+USERS = 30
+
+
+def publish(settings: Settings, count: int, rate_per_s: float | None = None) -> list[str]:
+    """``count`` intents (game.turn.ready, one recipient each); their game ids."""
+    run = uuid.uuid4().hex[:6]
+    ids = []
+    with HeraldProducer(settings) as herald:
+        for user in range(USERS):
+            herald.put_user(
+                UserProfile(
+                    user_id=f"s{user}",
+                    email=f"s{user}@example.org",
+                    push_devices=[PushDevice(token=f"phone-{user}", platform="android")],
+                )
+            )
+        for index in range(count):
+            herald.publish_intent(
+                notification_type="game.turn.ready",
+                producer="scale-test",
+                idempotency_key=f"{run}-{index}",
+                recipient_user_ids=[f"s{index % USERS}"],
+                payload={"game_id": f"g{index}", "game_name": "Andromeda", "turn_number": index},
+            )
+            ids.append(f"g{index}")
+            if rate_per_s:
+                time.sleep(1 / rate_per_s)
+    return ids
+
+
+def gateway_games(settings: Settings) -> Counter[str]:
+    """Pushes on the gateway topic per game id (read back from the FlatBuffers body)."""
+    games: Counter[str] = Counter()
+    for message in read_messages(settings, settings.gateway_topic_name):
+        payload = decode(message.value() or b"")
+        games[str(payload.body["game_id"])] += 1
+    return games
+
+
+def game_of(mail: EmailMessage) -> str:
+    body = mail.get_body(("plain",))
+    match = re.search(r"Game ID: (g\d+)", str(body.get_content()) if body else "")
+    return match.group(1) if match else "?"
+
+
+def wait_for_deliveries(
+    settings: Settings, smtp: ScriptedSmtp, ids: list[str]
+) -> tuple[Counter[str], Counter[str]]:
+    """Once every intent has its mail and its push, and a little longer (a duplicate
+    would arrive then): mails and pushes per game id."""
+    smtp.wait_for(len(ids), timeout_s=240)
+    contracts = Contracts(settings)
+    wait_for(
+        settings,
+        "notification.status",
+        contracts.status,
+        lambda evs: (
+            len({e.route_id for e in evs if e.status in ("sent", "published")}) >= 2 * len(ids)
+        ),
+        timeout_s=240,
+        what="a sent mail and a published push per intent",
+    )
+    time.sleep(3)
+    mails = Counter(game_of(m) for _, m in smtp.received)
+    return mails, gateway_games(settings)

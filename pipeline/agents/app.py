@@ -19,7 +19,7 @@ from faust.types import TP
 
 from pipeline import logs
 from pipeline.agents.base import AckedSink, Clock, Out, RawRecord, WriteBehind, malformed
-from pipeline.agents.batching import BatchRun, Handle, OnError
+from pipeline.agents.batching import BatchRun, Continuity, Handle, OnError
 from pipeline.agents.delay import DelayRun, DelayTiers
 from pipeline.agents.deliveries import expired_entries
 from pipeline.agents.email import LANES, EmailChannel
@@ -116,6 +116,7 @@ class Worker:
             cast(MutableMapping[bytes, Any], self.invalid_tokens),
         )
         self.suppressions = SuppressionList(settings)
+        self.continuity = self._continuity()
         self._wire_intake()
         self._wire_routing()
         self._wire_email()
@@ -248,13 +249,21 @@ class Worker:
                 email_provider(self.settings),
                 self.suppressions,
                 breaker,
+                self.sink.deliver,
                 self.clock,
             )
             self.app.agent(
                 self._source(self.settings.topic(logical_topic)),
                 name=f"herald.email.{lane}",
                 concurrency=1,
-            )(self._batched(channel.handle, registry_view, self._malformed_other, batch_max=1))
+            )(
+                self._batched(
+                    channel.handle,
+                    registry_view,
+                    self._malformed_other,
+                    batch_max=self.settings.smtp_connections,
+                )
+            )
 
         async def follow_suppressions() -> None:
             await self.suppressions.run()
@@ -269,6 +278,7 @@ class Worker:
             self.topology,
             self.templates,
             GatewayPublisher(self.settings),
+            self.sink.deliver,
             self.clock,
         )
         # A batch's publications overlap (see BatchRun), so push takes full batches.
@@ -288,12 +298,58 @@ class Worker:
             concurrency=1,
         )(self._batched(record_feedback, lambda: WriteBehind(tokens), self._malformed_other))
 
+    def _continuity(self) -> Continuity:
+        """Hole detection for the agents' streams (see :class:`Continuity`)."""
+        compacted = {
+            self.settings.topic(spec.name)
+            for spec in self.topology.topics.values()
+            if "compact" in spec.config.get("cleanup.policy", "")
+        }
+
+        async def start(topic: str, partition: int) -> int:
+            # Faust's view of the group's commit, refreshed when it seeks after an
+            # assignment (private, but the only copy that moves with Faust's commits);
+            # None when the group has none (or it is 0): the partition's first offset.
+            consumer = cast(Any, self.app.consumer)
+            tp = TP(topic, partition)
+            offset = consumer._committed_offset.get(tp)
+            if offset is None:
+                offset = (await consumer.earliest_offsets(tp))[tp]
+            return int(offset)
+
+        async def seek(topic: str, partition: int, offset: int) -> None:
+            # seek_wait runs on the consumer's own thread and waits for the position;
+            # Consumer.seek sets it from this thread, racing the fetcher.
+            await self.app.consumer.seek_wait({TP(topic, partition): offset})
+
+        continuity = Continuity(lambda topic: topic not in compacted, start, seek)
+        guarded: list[Any] = []
+
+        async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
+            consumer = cast(Any, self.app.consumer)
+            if consumer not in guarded:  # the consumer exists by the first assignment
+                consumer.ack = continuity.guard(consumer.ack)
+                guarded.append(consumer)
+            continuity.assigned((tp.topic, tp.partition) for tp in assigned)
+
+        self.app.on_partitions_assigned.connect(cast(Any, on_assigned))
+
+        return continuity
+
     def _wire_delays(self) -> None:
         malformed_topic = self.settings.topic("notification.malformed")
         for stage, policy in self.topology.retry.items():
             tiers = DelayTiers.of(policy, self.settings)
             for index, topic in enumerate(tiers.topics):
-                run = DelayRun(tiers, index, self.sink, self.contracts, malformed_topic, self.clock)
+                run = DelayRun(
+                    tiers,
+                    index,
+                    self.sink,
+                    self.contracts,
+                    malformed_topic,
+                    self.clock,
+                    self.continuity,
+                )
                 self.app.agent(
                     self._source(topic), name=f"herald.delay.{stage}.{index}", concurrency=1
                 )(run.run)
@@ -331,8 +387,12 @@ class Worker:
             if fresh:
                 # First cure: read them again from the committed offset, in-process.
                 log.warning("re-reading stalled partitions from their committed offsets: %s", fresh)
-                for (topic, partition), offset in fresh.items():
-                    await self.app.consumer.seek(TP(topic, partition), max(offset, 0))
+                await self.app.consumer.seek_wait(
+                    {
+                        TP(topic, partition): max(offset, 0)
+                        for (topic, partition), offset in fresh.items()
+                    }
+                )
                 reseeked.update(fresh)
                 watchdog.restart_clock(fresh)
             elif stuck:
@@ -388,6 +448,7 @@ class Worker:
                 clock=self.clock,
                 batch_max=batch_max or self.settings.batch_max,
                 linger_s=self.settings.batch_linger_s,
+                continuity=self.continuity,
             )
             await run.run(stream)
 

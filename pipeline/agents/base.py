@@ -12,7 +12,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import Awaitable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -115,6 +115,11 @@ class Out:
     headers: tuple[tuple[str, bytes], ...] = ()
     note: metrics.Note | None = None
     """What the record means for the metrics, counted once Kafka acknowledged it."""
+
+
+#: Writes records and waits for Kafka's acknowledgement (AckedSink.deliver): for a
+#: channel that must record an outcome before it goes on.
+Write = Callable[[Sequence[Out]], Awaitable[None]]
 
 
 def status_out(

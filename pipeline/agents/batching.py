@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from pipeline.agents.base import (
@@ -50,6 +50,124 @@ def raw_record_of(message: Any) -> RawRecord:
     )
 
 
+#: A partition sought back over a hole whose records past the hole keep coming this
+#: long after is sought again.
+REWIND_AGAIN_S = 3.0
+
+
+class Continuity:
+    """Catches records a stream skipped, and has them read again.
+
+    faust-streaming can drop records of a partition around a rebalance (seen after a
+    worker was killed: a survivor's stream jumped from offset 55 to 65 of a partition
+    it had just taken over) and, because it commits the highest run of acknowledged
+    offsets without checking where that run starts, would then commit past them: the
+    records were lost. Herald's stream topics (not compacted, no transactions) have no
+    holes of their own, so a record beyond the next expected offset means the stream
+    skipped some. The run then drops (does not handle, does not acknowledge) records
+    of that partition until the consumer, sought back, brings the first missing one.
+    """
+
+    def __init__(
+        self,
+        gapless: Callable[[str], bool],
+        start: Callable[[str, int], Awaitable[int]],
+        seek: Callable[[str, int, int], Awaitable[None]],
+    ) -> None:
+        self._gapless = gapless
+        self._start = start
+        self._seek = seek
+        self._allowed: set[tuple[str, int, int]] = set()
+        #: Bumped per partition at each assignment: an expectation from an older
+        #: ownership does not hold (someone else may have moved the partition on).
+        self.epochs: dict[tuple[str, int], int] = {}
+
+    def assigned(self, partitions: Iterable[tuple[str, int]]) -> None:
+        for tp in partitions:
+            self.epochs[tp] = self.epochs.get(tp, 0) + 1
+
+    def gapless(self, topic: str) -> bool:
+        return self._gapless(topic)
+
+    async def start(self, topic: str, partition: int) -> int:
+        """Where this ownership of the partition starts: the group's committed offset,
+        or the partition's first offset when the group never committed one."""
+        return await self._start(topic, partition)
+
+    async def rewind(self, topic: str, partition: int, offset: int) -> None:
+        await self._seek(topic, partition, offset)
+
+    def allow(self, topic: str, partition: int, offset: int) -> None:
+        """The next ack of this record is a run's own (see :meth:`guard`)."""
+        if self._gapless(topic):
+            self._allowed.add((topic, partition, offset))
+
+    def guard(self, ack: Callable[[Any], bool]) -> Callable[[Any], bool]:
+        """``ack`` (the Faust consumer's) letting through only the acks of records a
+        run handled. A Faust stream acks the records it skips (a stale generation
+        after a rebalance, flow control off), which would let the commit pass them."""
+
+        def guarded(message: Any) -> bool:
+            key = (message.topic, message.partition, message.offset)
+            if self._gapless(message.topic) and key not in self._allowed:
+                log.debug("ack of unhandled %s[%d]@%d withheld", *key)
+                return False
+            self._allowed.discard(key)
+            return ack(message)
+
+        return guarded
+
+    def tracker(self) -> SequenceTracker:
+        """Hole detection for one agent run."""
+        return SequenceTracker(self)
+
+
+class SequenceTracker:
+    """One run's expectation of each partition's next offset (see :class:`Continuity`)."""
+
+    def __init__(self, continuity: Continuity) -> None:
+        self._continuity = continuity
+        #: Per partition: (assignment epoch, next offset the stream should bring).
+        self._next: dict[tuple[str, int], tuple[int, int]] = {}
+        #: Partitions sought back over a hole, still waiting for its first record:
+        #: when they were sought.
+        self._rewinding: dict[tuple[str, int], float] = {}
+
+    async def admits(self, topic: str, partition: int, offset: int) -> bool:
+        """False for a record beyond a hole the stream left: the run drops it
+        (unhandled, unacknowledged); the consumer, sought back, brings it again."""
+        continuity = self._continuity
+        if not continuity.gapless(topic):
+            return True
+        tp = (topic, partition)
+        epoch = continuity.epochs.get(tp, 0)
+        known = self._next.get(tp)
+        expected = known[1] if known and known[0] == epoch else await continuity.start(*tp)
+        if offset > expected:
+            sought = self._rewinding.get(tp)
+            # Records past the hole still coming a while after the seek: a rebalance
+            # undid it (Faust seeks on its own then); seek again.
+            if sought is None or time.monotonic() - sought > REWIND_AGAIN_S:
+                self._rewinding[tp] = time.monotonic()
+                log.warning(
+                    "%s[%d]: the stream skipped offsets %d..%d; reading them again",
+                    topic,
+                    partition,
+                    expected,
+                    offset - 1,
+                )
+                try:
+                    await continuity.rewind(topic, partition, expected)
+                except Exception:  # no longer ours (rebalance): its new owner reads it
+                    log.warning("could not seek %s[%d] back", topic, partition, exc_info=True)
+                    self._rewinding.pop(tp, None)
+            self._next[tp] = (epoch, expected)
+            return False
+        self._rewinding.pop(tp, None)
+        self._next[tp] = (epoch, max(offset + 1, expected))
+        return True
+
+
 class BatchRun:
     """One run of an agent over its stream (a restarted actor gets a fresh one)."""
 
@@ -63,6 +181,7 @@ class BatchRun:
         clock: Clock,
         batch_max: int,
         linger_s: float,
+        continuity: Continuity | None = None,
     ) -> None:
         self._clock = clock
         self._handle = handle
@@ -82,6 +201,8 @@ class BatchRun:
         # acknowledged. Exact offsets, not a high mark: a record faust skipped the first
         # time must still be handled when the seek brings it back.
         self._handled: dict[tuple[str, int], OffsetSet] = {}
+        self._continuity = continuity
+        self._sequence = continuity.tracker() if continuity else None
 
     async def run(self, stream: Any) -> None:
         """Consume ``stream`` until it ends (worker shutdown or rebalance cancel)."""
@@ -103,10 +224,13 @@ class BatchRun:
                 delivery.cancel()
 
     async def _take(self, event: Any) -> None:
+        message = event.message
+        sequence = self._sequence
+        if sequence and not await sequence.admits(message.topic, message.partition, message.offset):
+            return  # past a hole: dropped unacknowledged, read again after the seek
         if not self._events:
             self._opened = time.monotonic()
         self._events.append(event)
-        message = event.message
         seen = self._handled.setdefault((message.topic, message.partition), OffsetSet())
         if not seen.add(message.offset):
             return
@@ -145,6 +269,9 @@ class BatchRun:
         except Exception:  # outputs are out; a lost entry only costs a re-accept
             log.exception("could not record a batch in the table")
         for event in self._events:
+            if self._continuity is not None:
+                message = event.message
+                self._continuity.allow(message.topic, message.partition, message.offset)
             await stream.ack(event)
         self._events.clear()
         self._outputs.clear()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, header, malformed
-from pipeline.agents.batching import raw_record_of
+from pipeline.agents.batching import Continuity, raw_record_of
 from pipeline.contracts import Contracts
 from pipeline.settings import Settings
 from pipeline.topology import RetryPolicy
@@ -95,8 +95,10 @@ class DelayRun:
         contracts: Contracts,
         malformed_topic: str,
         clock: Clock,
+        continuity: Continuity | None = None,
     ) -> None:
         self._clock = clock
+        self._continuity = continuity
         self._tiers = tiers
         self._delay_ms = int(tiers.policy.tiers[tier_index] * 1000)
         self._sink = sink
@@ -106,11 +108,18 @@ class DelayRun:
     async def run(self, stream: Any) -> None:
         unacked = stream.noack()
         handled: dict[tuple[str, int], OffsetSet] = {}  # see BatchRun: Faust may re-deliver
+        continuity = self._continuity
+        sequence = continuity.tracker() if continuity else None
         async for event in unacked.events():
             message = event.message
-            seen = handled.setdefault((message.topic, message.partition), OffsetSet())
+            tp = (message.topic, message.partition)
+            if sequence and not await sequence.admits(*tp, message.offset):
+                continue  # past a hole the stream left (see Continuity)
+            seen = handled.setdefault(tp, OffsetSet())
             if seen.add(message.offset):
                 await self._sink.deliver([await self._release(raw_record_of(message))])
+            if continuity:
+                continuity.allow(*tp, message.offset)
             await unacked.ack(event)
 
     async def _release(self, raw: RawRecord) -> Out:

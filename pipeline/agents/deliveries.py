@@ -51,6 +51,8 @@ def already_handled(entry: dict[str, Any] | None, request: ChannelRequest) -> bo
         return False
     if entry.get("state") in DONE:
         return True
+    if entry.get("state") == "publishing":
+        return False  # in doubt: the channel checks its outside world (see agents.push)
     if entry.get("replay_of") != request.replay_of:
         return False  # a replay starts a fresh chain of attempts
     # Dead-lettered, or a later attempt already made: this is a stale copy.
@@ -121,9 +123,12 @@ class Deliveries:
         request: ChannelRequest,
         attempt: int,
         exc: HeraldError,
+        doubt_since: int | None = None,
     ) -> list[Out]:
         """A failed attempt: retry in the delay tiers while the error is transient and the
-        budget allows, else dead-letter the route with its history."""
+        budget allows, else dead-letter the route with its history. ``doubt_since``
+        (wall-clock ms): the attempt may have delivered after all (a timeout), so the
+        retry checks first (see agents.push)."""
         now = self._clock.now_ms()
         history = [
             *request.attempts,
@@ -166,7 +171,15 @@ class Deliveries:
                 *outputs,
                 self.tiers.schedule(raw.key, value, raw.topic, due, attempt, now),
                 self.status(request, "retry_scheduled", now, attempt, detail=f"due {due_text}"),
-                self.record(registry, raw, request, "retrying", attempt, now),
+                self.record(
+                    registry,
+                    raw,
+                    request,
+                    "retrying",
+                    attempt,
+                    now,
+                    **({} if doubt_since is None else {"doubt": str(doubt_since)}),
+                ),
             ]
         log.warning(
             "%s route %s dead-lettered after %d attempt(s): %s",

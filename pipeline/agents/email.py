@@ -1,16 +1,17 @@
 """The email channel: each route ends sent, suppressed, or dead-lettered with its history.
 
-One route at a time per lane (bulk and priority): render (template or pre-rendered
-mode), build the MIME message, hand it to the provider, classify the outcome.
+Per lane (bulk and priority), up to HERALD_SMTP_CONNECTIONS routes at once, one per
+SMTP connection: render (template or pre-rendered mode), build the MIME message, hand
+it to the provider, classify the outcome.
 A transient failure waits in the email delay tiers and comes back to the lane it
 left; a permanent one, or the last allowed attempt, goes to the email DLQ.
 
 Never twice: the delivery registry (see pipeline.agents.deliveries) records every
-route's state. The agent writes the registry entry to the changelog itself, together
-with the route's status event, and waits for Kafka's acknowledgement before it takes
-the next route; so once SMTP accepted a route,
-a restart, crash or rebalance can only resend it if it struck in the milliseconds
-between the server's 250 and that acknowledgement. The resend then carries the
+route's state. As soon as a route is done, the agent writes its registry entry to the
+changelog itself, together with the route's status event, and waits for Kafka's
+acknowledgement before the route's input may be committed; so once SMTP accepted a
+route, a restart, crash or rebalance can only resend it if it struck in the
+milliseconds between the server's 250 and that acknowledgement. The resend then carries the
 same Message-ID (derived from route_id), which receivers use to drop the copy.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from pipeline import metrics
-from pipeline.agents.base import Clock, Out, RawRecord
+from pipeline.agents.base import Clock, Out, RawRecord, Write
 from pipeline.agents.deliveries import Deliveries
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import ChannelRequest
@@ -55,6 +56,7 @@ class EmailChannel:
         provider: EmailProvider,
         suppressions: SuppressionList,
         breaker: CircuitBreaker,
+        write: Write,
         clock: Clock,
     ) -> None:
         self._settings = settings
@@ -63,16 +65,42 @@ class EmailChannel:
         self._provider = provider
         self._suppressions = suppressions
         self._breaker = breaker
+        self._write = write
+        #: Routes being sent right now (a second copy in the same batch waits for none).
+        self._in_flight: set[str] = set()
         self._clock = clock
         self._deliveries = Deliveries(settings, contracts, topology, "email", clock)
         self.registry_topic = self._deliveries.registry_topic
 
     async def handle(self, raw: RawRecord, registry: MutableMapping[bytes, Any]) -> list[Out]:
-        """Every output for one route; ``registry`` maps route_id to its entry."""
+        """Deal with one route; ``registry`` maps route_id to its entry.
+
+        A lane sends up to HERALD_SMTP_CONNECTIONS routes at once (one batch), and each
+        route's outputs (status events, the registry entry) are written as soon as it
+        is done, not with the batch: the window in which a crash could send it twice
+        stays one route's, not a batch's."""
         now = self._clock.now_ms()
         request = self._deliveries.accept(raw, registry, now)
         if not isinstance(request, ChannelRequest):
             return request
+        if request.route_id in self._in_flight:
+            log.info("email route %s is being sent; copy skipped", request.route_id)
+            return []
+        self._in_flight.add(request.route_id)
+        try:
+            outputs = await self._deliver(raw, registry, request, now)
+            await self._write(outputs)
+        finally:
+            self._in_flight.discard(request.route_id)
+        return []
+
+    async def _deliver(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        now: int,
+    ) -> list[Out]:
         deliveries = self._deliveries
         attempt = request.attempt + 1
         await self._suppressions.ready.wait()

@@ -12,33 +12,45 @@ default), permanent ones and the last attempt go to the push DLQ.
 
 Routes of one batch are published concurrently and their status events written once
 all are acknowledged (see BatchRun); the delivery registry (pipeline.agents.deliveries)
-keeps a restarted worker from publishing a route again, except one caught between the
-gateway's acknowledgement and the registry's, which the gateway drops by route_id.
+keeps a restarted worker from publishing a route again. Before publishing, the channel
+writes (and waits for) a ``publishing`` registry entry: a route that a killed or
+revoked worker left in that state is in doubt, and its new owner looks for it in the
+gateway topic (by route_id header, from the entry's time on) before publishing it, so
+a crash between the gateway's acknowledgement and the registry's cannot publish twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pipeline import metrics
-from pipeline.agents.base import Clock, Out, RawRecord, malformed
-from pipeline.agents.deliveries import Deliveries
+from pipeline.agents.base import Clock, Out, RawRecord, Write, malformed
+from pipeline.agents.deliveries import Deliveries, registry_entry
 from pipeline.contracts import Contracts
 from pipeline.contracts.push import BODY_TABLES, Display, PushPayload, body_from_variables, encode
 from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import DecodeError, HeraldError, PushPayloadError, TransientError
 from pipeline.logs import route_fields
-from pipeline.providers.gateway import GatewayPublisher
+from pipeline.providers.gateway import GatewayPublisher, PublishReceipt
 from pipeline.rendering import TemplateCatalog, variables_of
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.partitioning import partition_for
 
 log = logging.getLogger(__name__)
+
+#: How far before its ``publishing`` entry the gateway topic is searched for a route in
+#: doubt (the entry's time is this host's clock; record timestamps are the broker's).
+DOUBT_MARGIN_MS = 30_000
+
+#: Publication failures that leave no record on the gateway topic.
+NOT_SENT = frozenset({"gateway_topic_missing", "gateway_unauthorized", "gateway_unreachable"})
 
 
 class PushChannel:
@@ -52,9 +64,16 @@ class PushChannel:
         topology: Topology,
         templates: TemplateCatalog,
         gateway: GatewayPublisher,
+        write: Write,
         clock: Clock,
     ) -> None:
         self._catalog = catalog
+        self._write = write
+        #: Routes this process is publishing right now (a second copy waits for none).
+        self._in_flight: set[str] = set()
+        #: Routes whose publication this process started but never saw end (cancelled),
+        #: with the wall-clock ms it started.
+        self._in_doubt: dict[str, int] = {}
         self._templates = templates
         self._gateway = gateway
         self._clock = clock
@@ -84,6 +103,62 @@ class PushChannel:
         request = deliveries.accept(raw, registry, now)
         if not isinstance(request, ChannelRequest):
             return request
+        if request.route_id in self._in_flight:
+            log.info("push route %s is being published; copy skipped", request.route_id)
+            return []
+        entry = registry_entry(registry.get(request.route_id.encode("utf-8")))
+        started = self._in_doubt.get(request.route_id)
+        if started is None and entry is not None:
+            if entry.get("state") == "publishing":
+                started = int(entry.get("wall", 0))
+            elif entry.get("state") == "retrying" and "doubt" in entry:
+                started = int(entry["doubt"])
+        if started is not None:
+            self._in_flight.add(request.route_id)
+            return self._resolve_doubt(raw, registry, request, max(started - DOUBT_MARGIN_MS, 0))
+        return self._decide(raw, registry, request, now)
+
+    async def _resolve_doubt(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        since_ms: int,
+    ) -> list[Out]:
+        """A route left ``publishing``: record it if the gateway topic has it, else go on."""
+        try:
+            receipt = await self._gateway.find(
+                (request.user_id or "").encode("utf-8"), request.route_id, since_ms
+            )
+        except HeraldError as exc:
+            self._in_flight.discard(request.route_id)
+            return self._deliveries.failed(raw, registry, request, request.attempt + 1, exc)
+        except BaseException:
+            self._in_flight.discard(request.route_id)
+            raise
+        self._in_flight.discard(request.route_id)
+        self._in_doubt.pop(request.route_id, None)
+        if receipt is None:
+            outputs = self._decide(raw, registry, request, self._clock.now_ms())
+            return list(await outputs) if isinstance(outputs, Awaitable) else outputs
+        log.info(
+            "push route %s was published before a restart (%s[%d]@%d); not again",
+            request.route_id,
+            self._gateway.topic,
+            receipt.partition,
+            receipt.offset,
+            extra=route_fields(request),
+        )
+        return self._published(raw, registry, request, request.attempt + 1, receipt)
+
+    def _decide(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        now: int,
+    ) -> list[Out] | Awaitable[list[Out]]:
+        deliveries = self._deliveries
         attempt = request.attempt + 1
         if request.deadline_ms and now >= request.deadline_ms:
             deadline = datetime.fromtimestamp(request.deadline_ms / 1000, tz=UTC)
@@ -96,10 +171,7 @@ class PushChannel:
             value = self.payload(request)
         except HeraldError as exc:
             return deliveries.failed(raw, registry, request, attempt, exc)
-        # In flight: another copy of this route in the same batch is skipped.
-        registry[request.route_id.encode("utf-8")] = json.dumps(
-            {"state": "publishing", "attempts": attempt, "replay_of": request.replay_of}
-        ).encode()
+        self._in_flight.add(request.route_id)
         return self._publish(raw, registry, request, attempt, value)
 
     def payload(self, request: ChannelRequest) -> bytes:
@@ -157,13 +229,25 @@ class PushChannel:
             ("route_id", request.route_id.encode()),
             ("trace_id", (request.trace_id or "").encode()),  # empty: the producer sent none
         ]
+        now, wall = self._clock.now_ms(), int(time.time() * 1000)
+        ahead = self._deliveries.record(
+            registry, raw, request, "publishing", attempt, now, wall=str(wall)
+        )
         try:
+            await self._write([ahead])
             receipt = await metrics.timed(
                 metrics.GATEWAY_SECONDS,
                 self._gateway.publish((request.user_id or "").encode("utf-8"), value, headers),
             )
+        except asyncio.CancelledError:
+            self._in_doubt[request.route_id] = wall  # it may have gone out: check next time
+            raise
         except HeraldError as exc:
-            return self._deliveries.failed(raw, registry, request, attempt, exc)
+            # A timeout or broker error may hide a record that lands later: the retry
+            # looks for it first. A refused or unroutable push went nowhere.
+            landed = exc.transient and exc.reason not in NOT_SENT
+            doubt = wall if landed else None
+            return self._deliveries.failed(raw, registry, request, attempt, exc, doubt)
         except Exception as exc:  # a publisher bug must not lose the route: it retries
             log.exception(
                 "unexpected failure publishing push route %s",
@@ -172,6 +256,18 @@ class PushChannel:
             )
             error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
             return self._deliveries.failed(raw, registry, request, attempt, error)
+        finally:
+            self._in_flight.discard(request.route_id)
+        return self._published(raw, registry, request, attempt, receipt)
+
+    def _published(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        attempt: int,
+        receipt: PublishReceipt,
+    ) -> list[Out]:
         now = self._clock.now_ms()
         where = f"{self._gateway.topic}[{receipt.partition}]@{receipt.offset}"
         return [

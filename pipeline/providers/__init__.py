@@ -42,11 +42,13 @@ class EmailProvider(Protocol):
 
 
 def email_provider(settings: Settings) -> EmailProvider:
-    """The provider the settings select (one instance per delivery lane)."""
+    """The provider the settings select, for one delivery lane: a pool of
+    ``smtp_connections`` SMTP connections (the stub needs one)."""
     if settings.email_provider == "stub":
         from pipeline.providers.stub import StubEmailProvider
 
         return StubEmailProvider(settings.stub_outcomes)
+    from pipeline.providers.pool import ProviderPool
     from pipeline.providers.smtp import SmtpProvider
 
-    return SmtpProvider(settings)
+    return ProviderPool([SmtpProvider(settings) for _ in range(settings.smtp_connections)])

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
@@ -31,6 +31,7 @@ from pipeline.errors import (
     PushPayloadError,
 )
 from pipeline.settings import Settings
+from pipeline.topology.partitioning import partition_for
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class GatewayPublisher:
         self._servers = settings.gateway_bootstrap_servers or settings.kafka_bootstrap_servers
         self._timeout_s = settings.gateway_timeout_s
         self._producer: AIOKafkaProducer | None = None
+        self._reader: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
+        self._reader_lock = asyncio.Lock()
 
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
@@ -109,6 +112,49 @@ class GatewayPublisher:
             ) from exc
         return PublishReceipt(partition=metadata.partition, offset=metadata.offset)
 
+    async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
+        """Where the push of ``route_id`` (keyed ``key``) was published at or after
+        ``since_ms`` (broker timestamps), if it was: the check for a route whose
+        previous owner died between publishing it and recording that it had."""
+        producer = await self._started()
+        try:
+            partitions = await asyncio.wait_for(
+                producer.partitions_for(self.topic), timeout=self._timeout_s
+            )
+            tp = TopicPartition(self.topic, partition_for(key, len(partitions)))
+            async with self._reader_lock:
+                reader = await self._reader_started()
+                reader.assign([tp])
+                found = (await reader.offsets_for_times({tp: since_ms}))[tp]
+                end = (await reader.end_offsets([tp]))[tp]
+                reader.seek(tp, found.offset if found is not None else end)
+                while await reader.position(tp) < end:
+                    batch = await reader.getmany(tp, timeout_ms=int(self._timeout_s * 1000))
+                    for message in batch.get(tp, []):
+                        ids = [value for name, value in message.headers if name == "route_id"]
+                        if message.offset < end and route_id.encode() in ids:
+                            return PublishReceipt(message.partition, message.offset)
+                    if not batch:
+                        raise GatewayTimeoutError(f"reading {tp} stalled before offset {end}")
+        except (TimeoutError, KafkaError) as exc:
+            raise GatewayUnavailableError(
+                f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
+            ) from exc
+        return None
+
+    async def _reader_started(self) -> AIOKafkaConsumer:
+        if self._reader is None:
+            reader = AIOKafkaConsumer(
+                bootstrap_servers=self._servers,
+                client_id="herald-gateway-check",
+                group_id=None,
+                enable_auto_commit=False,
+                request_timeout_ms=int(self._timeout_s * 1000) + 1000,
+            )
+            await reader.start()
+            self._reader = reader
+        return self._reader
+
     def _timeout(self, producer: AIOKafkaProducer) -> HeraldError:
         # aiokafka reports a missing or forbidden topic as a metadata timeout; its
         # cluster view says which.
@@ -125,7 +171,11 @@ class GatewayPublisher:
         return GatewayTimeoutError(f"no acknowledgement from {self.topic} in {self._timeout_s}s")
 
     async def close(self) -> None:
-        """Flush and stop the producer."""
+        """Flush and stop the producer (and the reader, if a check started it)."""
+        async with self._reader_lock:
+            if self._reader is not None:
+                reader, self._reader = self._reader, None
+                await reader.stop()
         async with self._lock:
             if self._producer is not None:
                 producer, self._producer = self._producer, None

@@ -261,6 +261,8 @@ def test_killed_worker_resends_nothing_the_server_accepted(
         routes = [route(f"u{i}", f"user{i}@example.org") for i in range(40)]
         # The first worker commits nothing before it dies, so the second re-reads
         # every route and only the registry stands between them and a second mail.
+        # One connection: routes go one at a time, so the 16th waits for the 15th.
+        settings = settings.model_copy(update={"smtp_connections": 1})
         first = WorkerProcess(
             settings.model_copy(update={"commit_interval_s": 600.0}), tmp_path / "first.log"
         )

@@ -1,5 +1,5 @@
 """BatchRun: inputs are acked only after their outputs, idle batches still flush,
-and records Faust hands over twice are handled once."""
+records Faust hands over twice are handled once, and records it skips are read again."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, WriteBehind
-from pipeline.agents.batching import BatchRun, Handle, OnError
+from pipeline.agents.batching import BatchRun, Continuity, Handle, OnError
 from tests.unit.helpers import FakeBroker
 
 
@@ -64,6 +64,7 @@ def batch_run(
     *,
     table: dict[bytes, Any] | None = None,
     linger_s: float = 0.02,
+    continuity: Continuity | None = None,
 ) -> BatchRun:
     """A BatchRun writing through ``broker`` into ``table``."""
     return BatchRun(
@@ -74,6 +75,7 @@ def batch_run(
         clock=Clock(),
         batch_max=100,
         linger_s=linger_s,
+        continuity=continuity,
     )
 
 
@@ -210,3 +212,88 @@ async def test_a_batchs_deliveries_overlap_and_are_written_together() -> None:
     assert stream.acked == [0, 1, 2, 3]
     stream.queue.put_nowait(None)
     await task
+
+
+async def test_records_the_stream_skipped_are_read_again_before_any_later_one_is_acked() -> None:
+    """Faust hands over 0, 1, then (a rebalance later) 5: offsets 2..4 were skipped.
+    The run seeks back to 2 and drops what comes before 2 does; nothing past the hole
+    is acknowledged until the hole is filled. Compacted topics may have holes."""
+    stream, broker = FakeStream(), FakeBroker()
+    seeks: list[tuple[str, int, int]] = []
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        seeks.append((topic, partition, offset))
+        for again in range(offset, 8):  # what the consumer brings after the seek
+            stream.queue.put_nowait(Event(Message("in", 0, again)))
+
+    async def start(topic: str, partition: int) -> int:
+        return 0
+
+    continuity = Continuity(lambda topic: topic != "compacted", start, seek)
+    run = batch_run(echo, failing_error, broker, continuity=continuity)
+    for offset in (0, 1, 5, 6):
+        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+    for offset in (0, 4, 9):
+        stream.queue.put_nowait(Event(Message("compacted", 0, offset)))
+    task = asyncio.ensure_future(run.run(stream))
+    await asyncio.sleep(0.2)
+    assert seeks == [("in", 0, 2)]  # once, not again for 6
+    assert sorted(stream.acked) == [0, 0, 1, 2, 3, 4, 4, 5, 6, 7, 9]
+    assert [int(v or b"-1") for v in broker.acked] == [0, 1, 0, 4, 9, 2, 3, 4, 5, 6, 7]
+    stream.queue.put_nowait(None)
+    await task
+
+
+async def test_after_a_new_assignment_the_committed_offset_is_the_expectation() -> None:
+    """A partition taken over starts at the group's committed offset: a first record
+    beyond it is a hole; one handled in an older ownership is no expectation."""
+    stream, broker = FakeStream(), FakeBroker()
+    seeks: list[int] = []
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        seeks.append(offset)
+
+    async def start(topic: str, partition: int) -> int:
+        return 10
+
+    continuity = Continuity(lambda topic: True, start, seek)
+    run = batch_run(echo, failing_error, broker, continuity=continuity)
+    continuity.assigned([("in", 0)])
+    stream.queue.put_nowait(Event(Message("in", 0, 12)))
+    task = asyncio.ensure_future(run.run(stream))
+    await asyncio.sleep(0.1)
+    assert (seeks, stream.acked) == ([10], [])
+    stream.queue.put_nowait(Event(Message("in", 0, 10)))
+    await asyncio.sleep(0.1)
+    assert stream.acked == [10]
+    continuity.assigned([("in", 0)])  # lost and won back; someone else got to 10 meanwhile
+    stream.queue.put_nowait(Event(Message("in", 0, 10)))
+    await asyncio.sleep(0.1)
+    assert (seeks, stream.acked) == ([10], [10, 10])
+    stream.queue.put_nowait(None)
+    await task
+
+
+def test_faust_acks_of_records_no_run_handled_are_withheld() -> None:
+    """A Faust stream acks the records it skips (stale generation after a rebalance);
+    let through, they would move the commit past records nobody handled."""
+    passed: list[int] = []
+
+    def ack(message: Any) -> bool:
+        passed.append(message.offset)
+        return True
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        return None
+
+    async def start(topic: str, partition: int) -> int:
+        return 0
+
+    continuity = Continuity(lambda topic: topic != "compacted", start, seek)
+    guarded = continuity.guard(ack)
+    continuity.allow("in", 0, 1)
+    assert guarded(Message("in", 0, 0)) is False  # skipped by Faust, not handled
+    assert guarded(Message("in", 0, 1)) is True  # handled by a run
+    assert guarded(Message("in", 0, 1)) is False  # once per allowance
+    assert guarded(Message("compacted", 0, 5)) is True  # holes are normal there
+    assert passed == [1, 5]

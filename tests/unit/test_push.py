@@ -5,24 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import filecmp
+import inspect
 import json
 import re
 import subprocess
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline.agents.base import Clock, Out, WriteBehind
-from pipeline.agents.push import DeviceFeedbackLog, PushChannel, invalid_tokens, usable_tokens
+from pipeline.agents.base import Clock, Out, Write, WriteBehind
+from pipeline.agents.push import (
+    DOUBT_MARGIN_MS,
+    DeviceFeedbackLog,
+    PushChannel,
+    invalid_tokens,
+    usable_tokens,
+)
 from pipeline.agents.route import Router
 from pipeline.contracts import Contracts
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.fbs import notification_generated as fbs
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import ChannelRequest, DeviceFeedback, PushDevice
-from pipeline.errors import PushPayloadError, RenderError
-from pipeline.providers.gateway import GatewayPublisher
+from pipeline.errors import (
+    GatewayTimeoutError,
+    GatewayUnavailableError,
+    PushPayloadError,
+    RenderError,
+)
+from pipeline.providers.gateway import GatewayPublisher, PublishReceipt
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topology import Catalog, Topology
@@ -59,14 +72,25 @@ def push_types(catalog: Catalog) -> list[str]:
     return sorted(n for n, s in catalog.types.items() if "push" in s.channels.get("user", ()))
 
 
-def channel(settings: Settings, contracts: Contracts, clock: Clock | None = None) -> PushChannel:
+async def discard(records: Sequence[Out]) -> None:
+    return None
+
+
+def channel(
+    settings: Settings,
+    contracts: Contracts,
+    clock: Clock | None = None,
+    gateway: Any = None,
+    write: Write = discard,
+) -> PushChannel:
     return PushChannel(
         settings,
         contracts,
         Catalog.load(settings),
         Topology.load(settings),
         TemplateCatalog(settings.templates_dir),
-        GatewayPublisher(settings),
+        gateway or GatewayPublisher(settings),
+        write,
         clock or Clock(),
     )
 
@@ -315,6 +339,104 @@ def test_a_second_copy_in_flight_is_not_published_twice(
     assert push.handle(record, view) == []
 
 
+class FakeGateway:
+    """Publishes into a list; ``hang`` makes publish wait forever (to cancel it)."""
+
+    topic = "gateway.client-events"
+
+    def __init__(self, already: dict[str, PublishReceipt] | None = None) -> None:
+        self.published: list[bytes] = []
+        self.searched: list[tuple[str, int]] = []
+        self.already = already or {}
+        self.hang = False
+        self.fail_with: Exception | None = None
+
+    async def publish(
+        self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> PublishReceipt:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.published.append(value)
+        return PublishReceipt(0, len(self.published) - 1)
+
+    async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
+        self.searched.append((route_id, since_ms))
+        return self.already.get(route_id)
+
+
+async def settle(result: Sequence[Out] | Awaitable[Sequence[Out]]) -> Sequence[Out]:
+    return await result if inspect.isawaitable(result) else result
+
+
+async def test_publishing_is_written_ahead_and_a_route_in_doubt_is_looked_up(
+    settings: Settings, contracts: Contracts
+) -> None:
+    """A route whose registry entry says ``publishing`` (its worker died after
+    writing it) is looked up in the gateway topic: found, it is recorded published and
+    not sent again; not found, it is published."""
+    request = push_route()
+    record = raw(
+        contracts.channel_request.encode(request),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+    ahead: list[Out] = []
+
+    async def write(records: Sequence[Out]) -> None:
+        ahead.extend(records)
+
+    gateway = FakeGateway()
+    clock = Clock(offset_ms=NOW - Clock().now_ms())
+    push = channel(settings, contracts, clock, gateway, write)
+    outputs = await settle(push.handle(record, WriteBehind({})))
+    (entry,) = [json.loads(o.value or b"") for o in ahead]
+    assert entry["state"] == "publishing"
+    assert (len(gateway.published), [e[0] for e in statuses(list(outputs), contracts)]) == (
+        1,
+        ["published"],
+    )
+
+    left = {request.route_id.encode(): json.dumps({**entry, "p": 0}).encode()}
+    found = FakeGateway({request.route_id: PublishReceipt(3, 42)})
+    outputs = await settle(
+        channel(settings, contracts, clock, found).handle(record, WriteBehind(left))
+    )
+    assert found.searched == [(request.route_id, int(entry["wall"]) - DOUBT_MARGIN_MS)]
+    assert found.published == []
+    assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
+
+    missing = FakeGateway()
+    outputs = await settle(
+        channel(settings, contracts, clock, missing).handle(record, WriteBehind(left))
+    )
+    assert (len(missing.searched), len(missing.published)) == (1, 1)
+    assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
+
+
+async def test_a_cancelled_publication_is_in_doubt_in_this_process_too(
+    settings: Settings, contracts: Contracts
+) -> None:
+    record = raw(
+        contracts.channel_request.encode(push_route()),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+    gateway = FakeGateway()
+    gateway.hang = True
+    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway)
+    task = asyncio.ensure_future(push.handle(record, WriteBehind({})))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    task.cancel()  # a rebalance took the partition away mid-publication
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gateway.hang = False
+    outputs = await settle(push.handle(record, WriteBehind({})))
+    assert len(gateway.searched) == 1
+    assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
+
+
 # --- device feedback -----------------------------------------------------------------
 
 
@@ -383,3 +505,35 @@ def test_router_leaves_out_reported_tokens(settings: Settings, contracts: Contra
         if o.topic == "notification.push.requested"
     ]
     assert request.device_tokens == ["tok-2"]
+
+
+async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
+    settings: Settings, contracts: Contracts
+) -> None:
+    """A timeout may hide a push that lands later: the retry looks first. A missing
+    topic left nothing behind: its retry publishes straight away."""
+    request = push_route()
+    record = raw(
+        contracts.channel_request.encode(request),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+    clock = Clock(offset_ms=NOW - Clock().now_ms())
+    for error, looked_up in (
+        (GatewayTimeoutError("no ack"), 1),
+        (GatewayUnavailableError("gone", reason="gateway_topic_missing"), 0),
+    ):
+        gateway = FakeGateway()
+        gateway.fail_with = error
+        push = channel(settings, contracts, clock, gateway)
+        table: dict[bytes, Any] = {}
+        view = WriteBehind(table)
+        first = await settle(push.handle(record, view))
+        view.commit()
+        assert [e[0] for e in statuses(list(first), contracts)] == ["failed", "retry_scheduled"]
+        (retry,) = [o for o in first if o.topic.endswith(".retry.5s")]
+        gateway.fail_with = None
+        again = raw(retry.value or b"", topic="notification.push.requested", key=b"u1")
+        outputs = await settle(push.handle(again, WriteBehind(table)))
+        assert (len(gateway.searched), len(gateway.published)) == (looked_up, 1)
+        assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
