@@ -58,6 +58,35 @@ class RedactAddresses(logging.Filter):
         return True
 
 
+class QuietRepeats(logging.Filter):
+    """Lets one of a run of identical client-library lines through per ``window_s``.
+
+    While the broker is away, aiokafka logs the same connection error thousands of
+    times a second; the first line says it all. The next one let through carries
+    how many were held back. Herald's own lines are never held back."""
+
+    def __init__(self, window_s: float = 10.0, prefixes: tuple[str, ...] = ("aiokafka",)) -> None:
+        super().__init__()
+        self._window_s = window_s
+        self._prefixes = prefixes
+        self._seen: dict[tuple[str, str], tuple[float | None, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        key = (record.name, str(record.msg))
+        last, held = self._seen.get(key, (None, 0))
+        if last is not None and record.created - last < self._window_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) > 1000:  # messages with varying text: keep the map small
+            self._seen.clear()
+        self._seen[key] = (record.created, 0)
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} more like it held back)", None
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, context, exception."""
 
@@ -92,12 +121,14 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         "formatter": "herald",
         "level": settings.log_level,
     }
-    if not settings.log_addresses:
-        handler["filters"] = ["redact"]
+    handler["filters"] = ["repeats"] if settings.log_addresses else ["repeats", "redact"]
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": f"{__name__}.RedactAddresses"}},
+        "filters": {
+            "redact": {"()": f"{__name__}.RedactAddresses"},
+            "repeats": {"()": f"{__name__}.QuietRepeats"},
+        },
         "formatters": {"herald": formatter},
         "handlers": {"default": handler},
         "root": {"level": settings.log_level, "handlers": ["default"]},

@@ -8,7 +8,7 @@ import logging
 import logging.config
 
 from pipeline.contracts.records import ChannelRequest
-from pipeline.logs import logging_config, redact, route_fields
+from pipeline.logs import QuietRepeats, logging_config, redact, route_fields
 from pipeline.settings import Settings
 
 
@@ -20,9 +20,9 @@ def capture(settings: Settings) -> tuple[logging.Logger, io.StringIO]:
     handler.setFormatter(
         logging.config.DictConfigurator(config).configure_formatter(config["formatters"]["herald"])
     )
-    if "filters" in config["handlers"]["default"]:
+    for name in config["handlers"]["default"].get("filters", []):
         handler.addFilter(
-            logging.config.DictConfigurator(config).configure_filter(config["filters"]["redact"])
+            logging.config.DictConfigurator(config).configure_filter(config["filters"][name])
         )
     logger = logging.getLogger(f"test.{id(stream)}")
     logger.handlers = [handler]
@@ -60,3 +60,20 @@ def test_addresses_in_full_and_text_format_when_asked(settings: Settings) -> Non
     assert (
         redact("x <someone@sub.example.co.uk>, y@z.io") == "x <s***@sub.example.co.uk>, y***@z.io"
     )
+
+
+def test_a_flood_of_identical_client_lines_is_held_back_and_counted() -> None:
+    quiet = QuietRepeats(window_s=10)
+
+    def line(name: str, at: float, msg: str = "Unable connect to node %s") -> logging.LogRecord:
+        record = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, ("1",), None)
+        record.created = at
+        return record
+
+    assert quiet.filter(line("aiokafka", 0.0))
+    assert not any(quiet.filter(line("aiokafka", 0.001 * i)) for i in range(1, 500))
+    assert quiet.filter(line("aiokafka", 0.5, "Unable to update metadata from %s"))  # another
+    again = line("aiokafka", 11.0)
+    assert quiet.filter(again)
+    assert again.getMessage() == "Unable connect to node 1 (499 more like it held back)"
+    assert all(quiet.filter(line("pipeline.agents.app", 11.0)) for _ in range(3))  # our own
