@@ -25,6 +25,7 @@ from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.push import decode
 from pipeline.contracts.records import ChannelRequest, PushDevice, UserProfile
+from pipeline.errors import BrokerUnavailableError
 from pipeline.ops.reader import read_messages, read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
@@ -231,13 +232,22 @@ def publish(settings: Settings, count: int, rate_per_s: float | None = None) -> 
                 )
             )
         for index in range(count):
-            herald.publish_intent(
-                notification_type="game.turn.ready",
-                producer="scale-test",
-                idempotency_key=f"{run}-{index}",
-                recipient_user_ids=[f"s{index % USERS}"],
-                payload={"game_id": f"g{index}", "game_name": "Andromeda", "turn_number": index},
-            )
+            for _ in range(10):  # as a producer service would: the same key again
+                try:
+                    herald.publish_intent(
+                        notification_type="game.turn.ready",
+                        producer="scale-test",
+                        idempotency_key=f"{run}-{index}",
+                        recipient_user_ids=[f"s{index % USERS}"],
+                        payload={
+                            "game_id": f"g{index}",
+                            "game_name": "Andromeda",
+                            "turn_number": index,
+                        },
+                    )
+                    break
+                except BrokerUnavailableError:
+                    continue  # the broker is away (the restart drill): retry the intent
             ids.append(f"g{index}")
             if rate_per_s:
                 time.sleep(1 / rate_per_s)

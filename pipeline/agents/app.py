@@ -116,6 +116,7 @@ class Worker:
             cast(MutableMapping[bytes, Any], self.invalid_tokens),
         )
         self.suppressions = SuppressionList(settings)
+        self.watchdog = StallWatchdog(settings, settings.stall_timeout_s)
         self.continuity = self._continuity()
         self._wire_intake()
         self._wire_routing()
@@ -307,15 +308,14 @@ class Worker:
         }
 
         async def start(topic: str, partition: int) -> int:
-            # Faust's view of the group's commit, refreshed when it seeks after an
-            # assignment (private, but the only copy that moves with Faust's commits);
-            # None when the group has none (or it is 0): the partition's first offset.
-            consumer = cast(Any, self.app.consumer)
-            tp = TP(topic, partition)
-            offset = consumer._committed_offset.get(tp)
-            if offset is None:
-                offset = (await consumer.earliest_offsets(tp))[tp]
-            return int(offset)
+            # Faust's view of the group's commit (private, but the only copy that moves
+            # with Faust's commits) once it has one; before that (it fills it only
+            # after its seek, and not for offset 0) the broker's.
+            offset = cast(Any, self.app.consumer)._committed_offset.get(TP(topic, partition))
+            if offset is not None:
+                return int(offset)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.watchdog.start_offset, topic, partition)
 
         async def seek(topic: str, partition: int, offset: int) -> None:
             # seek_wait runs on the consumer's own thread and waits for the position;
@@ -355,7 +355,7 @@ class Worker:
                 )(run.run)
 
     def _wire_watchdog(self) -> None:
-        watchdog = StallWatchdog(self.settings, self.settings.stall_timeout_s)
+        watchdog = self.watchdog
         streams = {
             self.intake.intents_topic,
             self.intake.keyed_topic,

@@ -84,9 +84,18 @@ class StallWatchdog:
         for tp in tps:
             self._seen.pop(tp, None)
 
-    def _offsets(
-        self, tps: list[TopicPartition]
-    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    def start_offset(self, topic: str, partition: int) -> int:
+        """Where the group reads ``topic[partition]`` from: its committed offset, or the
+        partition's first offset when it has none. Blocking: run it in an executor."""
+        consumer = self._offsets_consumer()
+        tp = TopicPartition(topic, partition)
+        (committed,) = consumer.committed([tp], timeout=10)
+        if committed.offset >= 0:
+            return int(committed.offset)
+        low, _ = consumer.get_watermark_offsets(tp, timeout=10)
+        return int(low)
+
+    def _offsets_consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = Consumer(
                 {
@@ -95,11 +104,17 @@ class StallWatchdog:
                     "enable.auto.commit": False,
                 }
             )
+        return self._consumer
+
+    def _offsets(
+        self, tps: list[TopicPartition]
+    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        consumer = self._offsets_consumer()
         committed = {
-            (tp.topic, tp.partition): tp.offset for tp in self._consumer.committed(tps, timeout=10)
+            (tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=10)
         }
         ends = {}
         for tp in tps:
-            _, high = self._consumer.get_watermark_offsets(tp, timeout=10)
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
             ends[(tp.topic, tp.partition)] = high
         return committed, ends
