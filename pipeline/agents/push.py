@@ -115,7 +115,7 @@ class PushChannel:
                 started = int(entry["doubt"])
         if started is not None:
             self._in_flight.add(request.route_id)
-            return self._resolve_doubt(raw, registry, request, max(started - DOUBT_MARGIN_MS, 0))
+            return self._resolve_doubt(raw, registry, request, started)
         return self._decide(raw, registry, request, now)
 
     async def _resolve_doubt(
@@ -123,16 +123,20 @@ class PushChannel:
         raw: RawRecord,
         registry: MutableMapping[bytes, Any],
         request: ChannelRequest,
-        since_ms: int,
+        started_ms: int,
     ) -> list[Out]:
-        """A route left ``publishing``: record it if the gateway topic has it, else go on."""
+        """A route whose publication began at ``started_ms`` (wall clock) and may have
+        landed: record it if the gateway topic has it, else go on."""
+        since_ms = max(started_ms - DOUBT_MARGIN_MS, 0)
         try:
             receipt = await self._gateway.find(
                 (request.user_id or "").encode("utf-8"), request.route_id, since_ms
             )
         except HeraldError as exc:
+            # Could not look (the broker is away): still in doubt at the next attempt.
             self._in_flight.discard(request.route_id)
-            return self._deliveries.failed(raw, registry, request, request.attempt + 1, exc)
+            attempt = request.attempt + 1
+            return self._deliveries.failed(raw, registry, request, attempt, exc, started_ms)
         except BaseException:
             self._in_flight.discard(request.route_id)
             raise

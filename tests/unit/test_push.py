@@ -350,6 +350,7 @@ class FakeGateway:
         self.already = already or {}
         self.hang = False
         self.fail_with: Exception | None = None
+        self.find_fails = False
 
     async def publish(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
@@ -363,6 +364,8 @@ class FakeGateway:
 
     async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
         self.searched.append((route_id, since_ms))
+        if self.find_fails:
+            raise GatewayUnavailableError("broker away", reason="gateway_error")
         return self.already.get(route_id)
 
 
@@ -537,3 +540,27 @@ async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
         outputs = await settle(push.handle(again, WriteBehind(table)))
         assert (len(gateway.searched), len(gateway.published)) == (looked_up, 1)
         assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
+
+
+async def test_a_route_stays_in_doubt_while_the_gateway_cannot_be_read(
+    settings: Settings, contracts: Contracts
+) -> None:
+    request = push_route()
+    record = raw(
+        contracts.channel_request.encode(request),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+    wall = 1_900_000_000_000
+    table = {
+        request.route_id.encode(): json.dumps(
+            {"state": "publishing", "attempts": 1, "wall": wall, "p": 0}
+        ).encode()
+    }
+    gateway = FakeGateway()
+    gateway.find_fails = True
+    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway)
+    outputs = await settle(push.handle(record, WriteBehind(table)))
+    (entry,) = [json.loads(o.value or b"") for o in outputs if o.topic.endswith("changelog")]
+    assert (entry["state"], entry["doubt"]) == ("retrying", str(wall))
+    assert gateway.published == []
