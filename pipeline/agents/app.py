@@ -329,6 +329,7 @@ class Worker:
             consumer = cast(Any, self.app.consumer)
             if consumer not in guarded:  # the consumer exists by the first assignment
                 consumer.ack = continuity.guard(consumer.ack)
+                consumer._add_gap = continuity.guard_gaps(consumer._add_gap)
                 guarded.append(consumer)
             continuity.assigned((tp.topic, tp.partition) for tp in assigned)
 

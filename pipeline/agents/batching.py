@@ -60,12 +60,18 @@ class Continuity:
 
     faust-streaming can drop records of a partition around a rebalance (seen after a
     worker was killed: a survivor's stream jumped from offset 55 to 65 of a partition
-    it had just taken over) and, because it commits the highest run of acknowledged
-    offsets without checking where that run starts, would then commit past them: the
-    records were lost. Herald's stream topics (not compacted, no transactions) have no
-    holes of their own, so a record beyond the next expected offset means the stream
-    skipped some. The run then drops (does not handle, does not acknowledge) records
-    of that partition until the consumer, sought back, brings the first missing one.
+    it had just taken over), acks records it skips, and commits the highest run of
+    acknowledged offsets without checking where that run starts: the records were
+    lost. Two guards, for Herald's stream topics (not compacted, no transactions, so
+    no holes of their own):
+
+    - :meth:`guard` wraps the consumer's ack: only acks of records a run handled
+      (:meth:`allow`) count, and :meth:`guard_gaps` stops Faust from filling a jump in
+      the offsets it read as if acked, so the commit cannot pass a record nobody
+      handled;
+    - each run's :class:`SequenceTracker` expects every partition's next offset; past
+      a hole it drops (does not handle, does not acknowledge) that partition's records
+      until the consumer, sought back, brings the first missing one.
     """
 
     def __init__(
@@ -114,6 +120,23 @@ class Continuity:
                 return False
             self._allowed.discard(key)
             return ack(message)
+
+        return guarded
+
+    def guard_gaps(
+        self, add_gap: Callable[[Any, int, int], Awaitable[None]]
+    ) -> Callable[[Any, int, int], Awaitable[None]]:
+        """``add_gap`` (the Faust consumer's) ignoring gaps in Herald's stream topics.
+        Faust fills a jump in the offsets it reads (meant for compacted topics) as if
+        those records had been acked; in a stream topic the jump is records it lost."""
+
+        async def guarded(tp: Any, offset_from: int, offset_to: int) -> None:
+            if self._gapless(tp.topic):
+                log.debug(
+                    "gap %s[%d] %d..%d not filled", tp.topic, tp.partition, offset_from, offset_to
+                )
+                return
+            await add_gap(tp, offset_from, offset_to)
 
         return guarded
 

@@ -297,3 +297,22 @@ def test_faust_acks_of_records_no_run_handled_are_withheld() -> None:
     assert guarded(Message("in", 0, 1)) is False  # once per allowance
     assert guarded(Message("compacted", 0, 5)) is True  # holes are normal there
     assert passed == [1, 5]
+
+
+async def test_faust_does_not_fill_a_jump_in_a_stream_topic_as_acked() -> None:
+    filled: list[tuple[str, int, int]] = []
+
+    async def add_gap(tp: Any, offset_from: int, offset_to: int) -> None:
+        filled.append((tp.topic, offset_from, offset_to))
+
+    async def start(topic: str, partition: int) -> int:
+        return 0
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        return None
+
+    continuity = Continuity(lambda topic: topic != "compacted", start, seek)
+    guarded = continuity.guard_gaps(add_gap)
+    await guarded(Message("in", 0, 0), 58, 65)  # records Faust lost: no fill
+    await guarded(Message("compacted", 0, 0), 3, 9)  # compaction: fill as before
+    assert filled == [("compacted", 3, 9)]
