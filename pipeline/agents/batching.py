@@ -6,8 +6,7 @@ holds ``batch_max`` records, when no further record is waiting, or at the latest
 
 A handle may return an awaitable (a channel's delivery): it starts at once, the next
 record is handled meanwhile, and the batch is written when all of its awaitables are
-done; so a batch's deliveries overlap (push), or, with ``batch_max=1``, each one is
-finished before the next record is read (email).
+done; so a batch's deliveries overlap (push, and email over its connections).
 """
 
 from __future__ import annotations
