@@ -240,7 +240,7 @@ class Worker:
         # One breaker for both lanes: they talk to the same server.
         breaker = CircuitBreaker.smtp(self.settings)
         for lane, logical_topic in LANES.items():
-            # One provider (connection) per lane: login codes never wait behind bulk mail.
+            # Each lane has its own connections: login codes never wait behind bulk mail.
             channel = EmailChannel(
                 self.settings,
                 self.contracts,
