@@ -49,6 +49,12 @@ class ConfigurationError(PermanentError):
     reason = "configuration"
 
 
+class FaustSeamError(ConfigurationError):
+    """The installed faust-streaming lacks an internal that Herald's runtime relies on."""
+
+    reason = "faust_seam"
+
+
 class DecodeError(PermanentError):
     """Bytes that are not a Confluent-framed Avro record of a known schema."""
 

@@ -1,8 +1,10 @@
-"""Times as operators type them: ISO-8601 moments or ages (``30m``, ``2h``, ``7d``)."""
+"""Herald's clock, and times as operators type them: ISO-8601 moments or ages
+(``30m``, ``2h``, ``7d``)."""
 
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 
 from pipeline.errors import ConfigurationError
@@ -24,3 +26,18 @@ def parse_time(text: str, now_ms: int) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+class Clock:
+    """Herald's notion of now: wall-clock time, optionally shifted (tests and drills).
+
+    Only decisions use it (quiet hours, TTLs, due times, windows); how long a delay
+    tier holds a record is measured on the real clock against broker timestamps.
+    """
+
+    def __init__(self, offset_ms: int = 0) -> None:
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        """Epoch milliseconds, shifted by the offset."""
+        return int(time.time() * 1000) + self.offset_ms

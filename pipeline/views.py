@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline.agents.base import Out
+from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.topology import Topology
 

@@ -20,7 +20,6 @@ from typing import IO, Any, TypeVar
 
 import yaml
 
-from pipeline.agents.watchdog import EXIT_STALLED
 from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.push import decode
@@ -28,6 +27,7 @@ from pipeline.contracts.records import ChannelRequest, PushDevice, UserProfile
 from pipeline.errors import BrokerUnavailableError
 from pipeline.ops.reader import read_messages, read_topic
 from pipeline.producer import HeraldProducer
+from pipeline.runtime.watchdog import EXIT_STALLED
 from pipeline.settings import Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin

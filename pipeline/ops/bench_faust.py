@@ -9,7 +9,7 @@ from typing import Any
 
 import faust
 
-from pipeline.agents.app import create_faust_app
+from pipeline.runtime.faust import create_faust_app
 from pipeline.settings import Settings
 
 

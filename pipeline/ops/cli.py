@@ -581,7 +581,7 @@ def broker(action: str, args: tuple[str, ...]) -> None:
 @cli.command()
 def worker() -> None:
     """Run a Herald worker (joins the consumer group; scale by running more)."""
-    from pipeline.agents.app import Worker
+    from pipeline.worker import Worker
 
     Worker(_settings()).run()
 

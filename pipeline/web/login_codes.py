@@ -25,7 +25,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from pipeline import metrics
-from pipeline.agents.base import Clock, Out, status_out
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import ChannelRequest, StatusEvent
@@ -37,7 +36,10 @@ from pipeline.errors import (
 )
 from pipeline.providers.mime import checked_address
 from pipeline.rendering import TemplateCatalog
+from pipeline.runtime.records import Out
 from pipeline.settings import Settings
+from pipeline.stages.outputs import status_out
+from pipeline.times import Clock
 from pipeline.topology import Topology
 from pipeline.topology.partitioning import partition_for
 from pipeline.views import CompactedView, SuppressionList, address_key, json_value

@@ -17,13 +17,13 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from pipeline.agents.base import Clock, Out
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import StatusEvent
 from pipeline.errors import BrokerUnavailableError, ConfigurationError, ValidationError
+from pipeline.runtime.records import Out
 from pipeline.settings import Settings
-from pipeline.times import parse_time
+from pipeline.times import Clock, parse_time
 from pipeline.web.login_codes import KafkaWriter
 from pipeline.web.status_store import (
     MAX_PAGE,

@@ -17,11 +17,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from pipeline import logs
-from pipeline.agents.base import Clock
 from pipeline.contracts import Contracts
 from pipeline.errors import BrokerUnavailableError, IdempotencyConflictError, ValidationError
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
+from pipeline.times import Clock
 from pipeline.views import SuppressionList
 from pipeline.web import operator_api
 from pipeline.web.lag import ConsumerLagCollector

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.agents.base import RawRecord
 from pipeline.contracts.records import Intent
+from pipeline.runtime.records import RawRecord
+from pipeline.settings import Settings
+from pipeline.stages.context import StageContext
+from pipeline.times import Clock
 
 TURN_READY_PAYLOAD = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 7}
 
@@ -27,6 +31,12 @@ def make_intent(**overrides: Any) -> Intent:
     }
     fields.update(overrides)
     return Intent(**fields)
+
+
+def stage_context(settings: Settings, clock: Clock | None = None) -> StageContext:
+    """The context stages are built from, on ``settings`` (and ``clock``)."""
+    ctx = StageContext.load(settings)
+    return ctx if clock is None else dataclasses.replace(ctx, clock=clock)
 
 
 def raw(

@@ -8,8 +8,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, WriteBehind
-from pipeline.agents.batching import BatchRun, Continuity, Handle, OnError
+from pipeline.runtime.batches import BatchRun, Handle, OnError
+from pipeline.runtime.continuity import Continuity, OffsetSet
+from pipeline.runtime.records import Out, RawRecord
+from pipeline.runtime.sink import AckedSink
+from pipeline.runtime.tables import WriteBehind
+from pipeline.times import Clock
 from tests.unit.helpers import FakeBroker
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pipeline.agents.base import Clock, RawRecord
-from pipeline.agents.delay import DUE_AT
-from pipeline.agents.deliveries import Deliveries
 from pipeline.contracts import Contracts
 from pipeline.errors import (
     SmtpConnectionError,
@@ -13,9 +10,12 @@ from pipeline.errors import (
     SmtpTimeoutError,
 )
 from pipeline.providers.breaker import CircuitBreaker
+from pipeline.runtime.records import RawRecord
 from pipeline.settings import Settings
-from pipeline.topology import Topology
+from pipeline.stages.delay import DUE_AT
+from pipeline.stages.deliveries import Deliveries
 from tests.support import route
+from tests.unit.helpers import stage_context
 
 
 class FakeTime:
@@ -65,7 +65,7 @@ def test_only_an_unreachable_or_silent_server_counts() -> None:
 def test_a_held_route_waits_in_the_tiers_with_its_attempts_unchanged() -> None:
     settings = Settings()
     contracts = Contracts(settings)
-    deliveries = Deliveries(settings, contracts, Topology.load(settings), "email", Clock())
+    deliveries = Deliveries(stage_context(settings), "email")
     request = route("u1", "user1@example.org", attempt=1)
     raw = RawRecord(
         topic=settings.topic("notification.email.requested"),

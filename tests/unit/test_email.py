@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.agents.deliveries import already_handled, expired_entries
 from pipeline.contracts import Contracts
 from pipeline.contracts.avro import AvroCodec, load_schema
 from pipeline.contracts.records import Attachment, ChannelRequest
@@ -27,6 +26,7 @@ from pipeline.providers.smtp import classify_reply
 from pipeline.providers.stub import StubEmailProvider, parse_script
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
+from pipeline.stages.deliveries import already_handled, expired_entries
 from pipeline.topology import Catalog
 from pipeline.web.login_codes import parse_request
 

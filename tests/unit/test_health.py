@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.agents.base import AckedSink
-from pipeline.agents.health import WorkerHealth
+from pipeline.runtime.health import WorkerHealth
+from pipeline.runtime.sink import AckedSink
 from pipeline.settings import Settings
 from tests.smtp import free_port
 from tests.unit.helpers import FakeBroker

@@ -6,13 +6,14 @@ from typing import Any
 
 import pytest
 
-from pipeline.agents.base import Out, WriteBehind
-from pipeline.agents.intake import Intake
 from pipeline.contracts import Contracts
+from pipeline.runtime.records import Out
+from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import Settings
-from pipeline.topology import Catalog, Topology
+from pipeline.stages.intake import Intake
+from pipeline.topology import Topology
 from pipeline.topology.partitioning import partition_for
-from tests.unit.helpers import make_intent, raw
+from tests.unit.helpers import make_intent, raw, stage_context
 
 NOW = 1_800_000_000_000
 
@@ -24,7 +25,7 @@ def contracts(settings: Settings) -> Contracts:
 
 @pytest.fixture
 def intake(settings: Settings, contracts: Contracts) -> Intake:
-    return Intake(settings, contracts, Catalog.load(settings), Topology.load(settings))
+    return Intake(stage_context(settings))
 
 
 def home(intent_key: str, settings: Settings) -> dict[str, Any]:

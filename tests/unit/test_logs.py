@@ -76,4 +76,4 @@ def test_a_flood_of_identical_client_lines_is_held_back_and_counted() -> None:
     again = line("aiokafka", 11.0)
     assert quiet.filter(again)
     assert again.getMessage() == "Unable connect to node 1 (499 more like it held back)"
-    assert all(quiet.filter(line("pipeline.agents.app", 11.0)) for _ in range(3))  # our own
+    assert all(quiet.filter(line("pipeline.worker", 11.0)) for _ in range(3))  # our own

@@ -15,15 +15,6 @@ from typing import Any
 
 import pytest
 
-from pipeline.agents.base import Clock, Out, Write, WriteBehind
-from pipeline.agents.push import (
-    DOUBT_MARGIN_MS,
-    DeviceFeedbackLog,
-    PushChannel,
-    invalid_tokens,
-    usable_tokens,
-)
-from pipeline.agents.route import Router
 from pipeline.contracts import Contracts
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.fbs import notification_generated as fbs
@@ -37,10 +28,21 @@ from pipeline.errors import (
 )
 from pipeline.providers.gateway import GatewayPublisher, PublishReceipt
 from pipeline.rendering import TemplateCatalog
+from pipeline.runtime.records import Out, Write
+from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import REPO_ROOT, Settings
+from pipeline.stages.push import (
+    DOUBT_MARGIN_MS,
+    DeviceFeedbackLog,
+    PushChannel,
+    invalid_tokens,
+    usable_tokens,
+)
+from pipeline.stages.route import Router
+from pipeline.times import Clock
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.partitioning import partition_for
-from tests.unit.helpers import raw
+from tests.unit.helpers import raw, stage_context
 from tests.unit.test_route import outcomes, profile, recipient, route
 
 NOW = 1_800_000_000_000
@@ -84,14 +86,7 @@ def channel(
     write: Write = discard,
 ) -> PushChannel:
     return PushChannel(
-        settings,
-        contracts,
-        Catalog.load(settings),
-        Topology.load(settings),
-        TemplateCatalog(settings.templates_dir),
-        gateway or GatewayPublisher(settings),
-        write,
-        clock or Clock(),
+        stage_context(settings, clock or Clock()), gateway or GatewayPublisher(settings), write
     )
 
 
@@ -459,7 +454,7 @@ def feedback_record(
 
 
 def test_feedback_records_dead_tokens_per_user(settings: Settings, contracts: Contracts) -> None:
-    log = DeviceFeedbackLog(settings, contracts, Topology.load(settings))
+    log = DeviceFeedbackLog(stage_context(settings))
     table: dict[bytes, Any] = {}
     assert log.handle(feedback_record(settings, contracts, "u1", "tok-a"), table, NOW) == []
     assert log.handle(feedback_record(settings, contracts, "u1", "tok-b"), table, NOW) == []
@@ -473,7 +468,7 @@ def test_feedback_records_dead_tokens_per_user(settings: Settings, contracts: Co
 def test_feedback_off_its_home_partition_or_broken_is_forwarded_or_kept(
     settings: Settings, contracts: Contracts
 ) -> None:
-    log = DeviceFeedbackLog(settings, contracts, Topology.load(settings))
+    log = DeviceFeedbackLog(stage_context(settings))
     table: dict[bytes, Any] = {}
     home = feedback_record(settings, contracts, "u1", "tok-a").partition
     away = feedback_record(settings, contracts, "u1", "tok-a", partition=(home + 1) % 6)
@@ -488,14 +483,7 @@ def test_feedback_off_its_home_partition_or_broken_is_forwarded_or_kept(
 
 def test_router_leaves_out_reported_tokens(settings: Settings, contracts: Contracts) -> None:
     dead = {b"u1": json.dumps({"tok-1": {"reason": "unregistered"}}).encode()}
-    router = Router(
-        settings,
-        contracts,
-        Catalog.load(settings),
-        Topology.load(settings),
-        TemplateCatalog(settings.templates_dir),
-        dead,
-    )
+    router = Router(stage_context(settings), dead)
     outputs = route(router, contracts, recipient(), profile())
     assert outcomes(outputs, contracts)["push"] == ("skipped", "no_push_device")
     assert outcomes(outputs, contracts)["email"][0] == "routed"

@@ -10,17 +10,18 @@ from typing import Any
 
 import pytest
 
-from pipeline.agents.base import Out, WriteBehind
-from pipeline.agents.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
-from pipeline.agents.route import Router, quiet_until_ms
-from pipeline.agents.users import UserDirectory
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import PushDevice, QuietHours, Recipient, UserProfile
 from pipeline.rendering import TemplateCatalog
+from pipeline.runtime.records import Out
+from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import Settings
-from pipeline.topology import Catalog, Topology
+from pipeline.stages.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
+from pipeline.stages.route import Router, quiet_until_ms
+from pipeline.stages.users import UserDirectory
+from pipeline.topology import Topology
 from pipeline.topology.partitioning import partition_for
-from tests.unit.helpers import raw
+from tests.unit.helpers import raw, stage_context
 
 NOON_UTC = int(datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
 
@@ -32,13 +33,7 @@ def contracts(settings: Settings) -> Contracts:
 
 @pytest.fixture
 def router(settings: Settings, contracts: Contracts) -> Router:
-    return Router(
-        settings,
-        contracts,
-        Catalog.load(settings),
-        Topology.load(settings),
-        TemplateCatalog(settings.templates_dir),
-    )
+    return Router(stage_context(settings))
 
 
 def recipient(**overrides: Any) -> Recipient:
@@ -271,7 +266,7 @@ def test_delay_tiers_pick_and_back_off(settings: Settings) -> None:
 def test_user_directory_keeps_latest_profile_and_forgets_on_tombstone(
     settings: Settings, contracts: Contracts
 ) -> None:
-    directory = UserDirectory(settings, contracts, Topology.load(settings))
+    directory = UserDirectory(stage_context(settings))
     table: dict[bytes, Any] = {}
     view = WriteBehind(table)
     home = partition_for(b"u1", Topology.load(settings).spec("notification.users").partitions)

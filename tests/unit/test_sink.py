@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.agents.base import AckedSink, Out
+from pipeline.runtime.records import Out
+from pipeline.runtime.sink import AckedSink
 from tests.unit.helpers import FakeBroker
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.agents.base import Out
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import Attempt, ChannelRequest, StatusEvent
 from pipeline.errors import ValidationError
+from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.web.operator_api import Resends, openapi_document
 from pipeline.web.server import create_app

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.agents.intake import ValidIntent, fingerprint, validate
 from pipeline.errors import ValidationError
 from pipeline.settings import Settings
+from pipeline.stages.intake import ValidIntent, fingerprint, validate
 from pipeline.topology import Catalog
 from tests.unit.helpers import TURN_READY_PAYLOAD, make_intent
 

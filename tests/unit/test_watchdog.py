@@ -6,7 +6,7 @@ import time
 
 from confluent_kafka import TopicPartition
 
-from pipeline.agents.watchdog import StallWatchdog
+from pipeline.runtime.watchdog import StallWatchdog
 from pipeline.settings import Settings
 
 Offsets = dict[tuple[str, int], int]

@@ -16,12 +16,11 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from pipeline.agents.base import AckedSink, Clock, OffsetSet, Out, RawRecord, header, malformed
-from pipeline.agents.batching import Continuity, raw_record_of
-from pipeline.contracts import Contracts
+from pipeline.runtime.records import Out, RawRecord, header
 from pipeline.settings import Settings
+from pipeline.stages.context import StageContext
+from pipeline.stages.outputs import malformed
 from pipeline.topology import RetryPolicy
 
 TARGET = "herald-target"
@@ -84,45 +83,20 @@ class DelayTiers:
         return Out(self.topics[index], key, value, headers=headers)
 
 
-class DelayRun:
-    """The agent loop of one tier topic: wait for the head record, then forward it."""
+class DelayRelease:
+    """The decision of one tier topic: hold the head record until it is due (at most
+    the tier's delay), then the record that forwards it (or places it in a tier
+    again); the runtime runs it over the tier's stream, one record at a time."""
 
-    def __init__(
-        self,
-        tiers: DelayTiers,
-        tier_index: int,
-        sink: AckedSink,
-        contracts: Contracts,
-        malformed_topic: str,
-        clock: Clock,
-        continuity: Continuity | None = None,
-    ) -> None:
-        self._clock = clock
-        self._continuity = continuity
+    def __init__(self, ctx: StageContext, tiers: DelayTiers, tier_index: int) -> None:
+        self._clock = ctx.clock
+        self._contracts = ctx.contracts
         self._tiers = tiers
         self._delay_ms = int(tiers.policy.tiers[tier_index] * 1000)
-        self._sink = sink
-        self._contracts = contracts
-        self._malformed_topic = malformed_topic
+        self._malformed_topic = ctx.settings.topic("notification.malformed")
 
-    async def run(self, stream: Any) -> None:
-        unacked = stream.noack()
-        handled: dict[tuple[str, int], OffsetSet] = {}  # see BatchRun: Faust may re-deliver
-        continuity = self._continuity
-        sequence = continuity.tracker() if continuity else None
-        async for event in unacked.events():
-            message = event.message
-            tp = (message.topic, message.partition)
-            if sequence and not await sequence.admits(*tp, message.offset):
-                continue  # past a hole the stream left (see Continuity)
-            seen = handled.setdefault(tp, OffsetSet())
-            if seen.add(message.offset):
-                await self._sink.deliver([await self._release(raw_record_of(message))])
-            if continuity:
-                continuity.allow(*tp, message.offset)
-            await unacked.ack(event)
-
-    async def _release(self, raw: RawRecord) -> Out:
+    async def release(self, raw: RawRecord) -> Out:
+        """Wait until ``raw`` is due or its hold ends, then its next record."""
         target = header(raw.headers, TARGET)
         due = header(raw.headers, DUE_AT)
         if target is None or due is None:

@@ -1,7 +1,7 @@
 """Intake: decode, validate, drop duplicates, fan out one record per recipient.
 
 The decisions live in :class:`Intake` and work on any mutable mapping, so they are
-unit-tested without Kafka; :mod:`pipeline.agents.app` runs them in a Faust agent
+unit-tested without Kafka; :mod:`pipeline.worker` runs them in a Faust agent
 over the idempotency table.
 """
 
@@ -14,13 +14,14 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.agents.base import Out, RawRecord, malformed, status_out
-from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import Intent, Recipient, StatusEvent
 from pipeline.errors import DecodeError, ValidationError
+from pipeline.runtime.records import Out, RawRecord
 from pipeline.settings import Settings
-from pipeline.topology import Catalog, Topology, TypeSpec
+from pipeline.stages.context import StageContext
+from pipeline.stages.outputs import malformed, status_out
+from pipeline.topology import Catalog, TypeSpec
 from pipeline.topology.partitioning import partition_for
 
 _PRODUCER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -133,12 +134,11 @@ def fingerprint(valid: ValidIntent) -> str:
 class Intake:
     """The intake decisions for one record (see the module docstring)."""
 
-    def __init__(
-        self, settings: Settings, contracts: Contracts, catalog: Catalog, topology: Topology
-    ) -> None:
-        self._settings = settings
-        self._contracts = contracts
-        self._catalog = catalog
+    def __init__(self, ctx: StageContext) -> None:
+        settings = self._settings = ctx.settings
+        self._contracts = ctx.contracts
+        self._catalog = ctx.catalog
+        topology = ctx.topology
         self.intents_topic = settings.topic("notification.intents")
         self.keyed_topic = settings.topic("notification.intents.keyed")
         self._malformed_topic = settings.topic("notification.intents.malformed")

@@ -11,7 +11,7 @@ event) is not published but recorded ``expired``. Publication failures are class
 default), permanent ones and the last attempt go to the push DLQ.
 
 Routes of one batch are published concurrently and their status events written once
-all are acknowledged (see BatchRun); the delivery registry (pipeline.agents.deliveries)
+all are acknowledged (see BatchRun); the delivery registry (pipeline.stages.deliveries)
 keeps a restarted worker from publishing a route again. Before publishing, the channel
 writes (and waits for) a ``publishing`` registry entry: a route that a killed or
 revoked worker left in that state is in doubt, and its new owner looks for it in the
@@ -30,17 +30,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline import metrics
-from pipeline.agents.base import Clock, Out, RawRecord, Write, malformed
-from pipeline.agents.deliveries import Deliveries, registry_entry
-from pipeline.contracts import Contracts
 from pipeline.contracts.push import BODY_TABLES, Display, PushPayload, body_from_variables, encode
 from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import DecodeError, HeraldError, PushPayloadError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers.gateway import GatewayPublisher, PublishReceipt
-from pipeline.rendering import TemplateCatalog, variables_of
-from pipeline.settings import Settings
-from pipeline.topology import Catalog, Topology
+from pipeline.rendering import variables_of
+from pipeline.runtime.records import Out, RawRecord, Write
+from pipeline.stages.context import StageContext
+from pipeline.stages.deliveries import Deliveries, registry_entry
+from pipeline.stages.outputs import malformed
 from pipeline.topology.partitioning import partition_for
 
 log = logging.getLogger(__name__)
@@ -56,17 +55,8 @@ NOT_SENT = frozenset({"gateway_topic_missing", "gateway_unauthorized", "gateway_
 class PushChannel:
     """Decisions and publication for one push route (see the module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        contracts: Contracts,
-        catalog: Catalog,
-        topology: Topology,
-        templates: TemplateCatalog,
-        gateway: GatewayPublisher,
-        write: Write,
-        clock: Clock,
-    ) -> None:
+    def __init__(self, ctx: StageContext, gateway: GatewayPublisher, write: Write) -> None:
+        settings, catalog, clock = ctx.settings, ctx.catalog, ctx.clock
         self._catalog = catalog
         self._write = write
         #: Routes this process is publishing right now (a second copy waits for none).
@@ -74,11 +64,11 @@ class PushChannel:
         #: Routes whose publication this process started but never saw end (cancelled),
         #: with the wall-clock ms it started.
         self._in_doubt: dict[str, int] = {}
-        self._templates = templates
+        self._templates = ctx.templates
         self._gateway = gateway
         self._clock = clock
         self._max_bytes = settings.push_max_payload_bytes
-        self._deliveries = Deliveries(settings, contracts, topology, "push", clock)
+        self._deliveries = Deliveries(ctx, "push")
         self.registry_topic = self._deliveries.registry_topic
         self.requests_topic = settings.topic("notification.push.requested")
         unmapped = sorted(
@@ -306,8 +296,9 @@ class DeviceFeedbackLog:
     for that user (push services issue a new token when an app is reinstalled).
     """
 
-    def __init__(self, settings: Settings, contracts: Contracts, topology: Topology) -> None:
-        self._contracts = contracts
+    def __init__(self, ctx: StageContext) -> None:
+        settings, topology = ctx.settings, ctx.topology
+        self._contracts = ctx.contracts
         self.feedback_topic = settings.topic("gateway.device-feedback")
         self.keyed_topic = settings.topic("notification.push.feedback.keyed")
         self._malformed_topic = settings.topic("notification.malformed")

@@ -15,10 +15,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline import metrics
-from pipeline.agents.base import Out, RawRecord, malformed, status_out
-from pipeline.agents.delay import DelayTiers, attempt_of
-from pipeline.agents.push import usable_tokens
-from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import (
     ChannelRequest,
@@ -28,9 +24,13 @@ from pipeline.contracts.records import (
     UserProfile,
 )
 from pipeline.errors import DecodeError
-from pipeline.rendering import DEFAULT_LOCALE, TemplateCatalog
-from pipeline.settings import Settings
-from pipeline.topology import Catalog, Topology, TypeSpec
+from pipeline.rendering import DEFAULT_LOCALE
+from pipeline.runtime.records import Out, RawRecord
+from pipeline.stages.context import StageContext
+from pipeline.stages.delay import DelayTiers, attempt_of
+from pipeline.stages.outputs import malformed, status_out
+from pipeline.stages.push import usable_tokens
+from pipeline.topology import TypeSpec
 
 
 def quiet_until_ms(quiet: QuietHours | None, timezone: str | None, now_ms: int) -> int | None:
@@ -91,18 +91,13 @@ class Router:
     """The routing decisions for one recipient record (see the module docstring)."""
 
     def __init__(
-        self,
-        settings: Settings,
-        contracts: Contracts,
-        catalog: Catalog,
-        topology: Topology,
-        templates: TemplateCatalog,
-        invalid_tokens: Mapping[bytes, Any] | None = None,
+        self, ctx: StageContext, invalid_tokens: Mapping[bytes, Any] | None = None
     ) -> None:
-        self._contracts = contracts
-        self._catalog = catalog
-        self._templates = templates
-        # Push tokens the gateway reported dead, by user_id (pipeline.agents.push).
+        settings, topology = ctx.settings, ctx.topology
+        self._contracts = ctx.contracts
+        self._catalog = ctx.catalog
+        self._templates = ctx.templates
+        # Push tokens the gateway reported dead, by user_id (pipeline.stages.push).
         # (An empty table is falsy: test for None, not truth.)
         self._invalid_tokens: Mapping[bytes, Any] = {} if invalid_tokens is None else invalid_tokens
         self.recipients_topic = settings.topic("notification.recipients")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from pipeline.agents.base import AckedSink
+from pipeline.runtime.sink import AckedSink
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ it to the provider, classify the outcome.
 A transient failure waits in the email delay tiers and comes back to the lane it
 left; a permanent one, or the last allowed attempt, goes to the email DLQ.
 
-Never twice: the delivery registry (see pipeline.agents.deliveries) records every
+Never twice: the delivery registry (see pipeline.stages.deliveries) records every
 route's state. As soon as a route is done, the agent writes its registry entry to the
 changelog itself, together with the route's status event, and waits for Kafka's
 acknowledgement before the route's input may be committed; so once SMTP accepted a
@@ -22,18 +22,16 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from pipeline import metrics
-from pipeline.agents.base import Clock, Out, RawRecord, Write
-from pipeline.agents.deliveries import Deliveries
-from pipeline.contracts import Contracts
 from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import HeraldError, RenderError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers import EmailProvider
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.mime import build_message
-from pipeline.rendering import RenderedMail, TemplateCatalog, one_line, variables_of
-from pipeline.settings import Settings
-from pipeline.topology import Catalog, Topology
+from pipeline.rendering import RenderedMail, one_line, variables_of
+from pipeline.runtime.records import Out, RawRecord, Write
+from pipeline.stages.context import StageContext
+from pipeline.stages.deliveries import Deliveries
 from pipeline.views import SuppressionList
 
 log = logging.getLogger(__name__)
@@ -48,28 +46,23 @@ class EmailChannel:
 
     def __init__(
         self,
-        settings: Settings,
-        contracts: Contracts,
-        catalog: Catalog,
-        topology: Topology,
-        templates: TemplateCatalog,
+        ctx: StageContext,
         provider: EmailProvider,
         suppressions: SuppressionList,
         breaker: CircuitBreaker,
         write: Write,
-        clock: Clock,
     ) -> None:
-        self._settings = settings
-        self._catalog = catalog
-        self._templates = templates
+        self._settings = ctx.settings
+        self._catalog = ctx.catalog
+        self._templates = ctx.templates
         self._provider = provider
         self._suppressions = suppressions
         self._breaker = breaker
         self._write = write
         #: Routes being sent right now (a second copy in the same batch waits for none).
         self._in_flight: set[str] = set()
-        self._clock = clock
-        self._deliveries = Deliveries(settings, contracts, topology, "email", clock)
+        self._clock = ctx.clock
+        self._deliveries = Deliveries(ctx, "email")
         self.registry_topic = self._deliveries.registry_topic
 
     async def handle(self, raw: RawRecord, registry: MutableMapping[bytes, Any]) -> list[Out]:

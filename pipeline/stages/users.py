@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from pipeline.agents.base import Out, RawRecord, malformed
-from pipeline.contracts import Contracts
 from pipeline.errors import DecodeError
-from pipeline.settings import Settings
-from pipeline.topology import Topology
+from pipeline.runtime.records import Out, RawRecord
+from pipeline.stages.context import StageContext
+from pipeline.stages.outputs import malformed
 from pipeline.topology.partitioning import partition_for
 
 
@@ -21,8 +20,9 @@ class UserDirectory:
     partition first, through ``notification.users.keyed``.
     """
 
-    def __init__(self, settings: Settings, contracts: Contracts, topology: Topology) -> None:
-        self._contracts = contracts
+    def __init__(self, ctx: StageContext) -> None:
+        settings, topology = ctx.settings, ctx.topology
+        self._contracts = ctx.contracts
         self.users_topic = settings.topic("notification.users")
         self.keyed_topic = settings.topic("notification.users.keyed")
         self._malformed_topic = settings.topic("notification.malformed")

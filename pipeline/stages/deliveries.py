@@ -18,15 +18,14 @@ from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.agents.base import Clock, Out, RawRecord, malformed, status_out
-from pipeline.agents.delay import DelayTiers
-from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import Attempt, ChannelRequest, DeadLetter, StatusEvent
 from pipeline.errors import DecodeError, HeraldError
 from pipeline.logs import route_fields
-from pipeline.settings import Settings
-from pipeline.topology import Topology
+from pipeline.runtime.records import Out, RawRecord
+from pipeline.stages.context import StageContext
+from pipeline.stages.delay import DelayTiers
+from pipeline.stages.outputs import malformed, status_out
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +76,12 @@ class Deliveries:
     """One channel's records about its routes: decoding them, registry entries, status
     events, retries and dead letters."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        contracts: Contracts,
-        topology: Topology,
-        channel: str,
-        clock: Clock,
-    ) -> None:
+    def __init__(self, ctx: StageContext, channel: str) -> None:
+        settings = ctx.settings
         self.channel = channel
-        self._contracts = contracts
-        self._clock = clock
-        self.tiers = DelayTiers.of(topology.retry[channel], settings)
+        self._contracts = ctx.contracts
+        self._clock = ctx.clock
+        self.tiers = DelayTiers.of(ctx.topology.retry[channel], settings)
         self._rng = random.Random()
         self._status_topic = settings.topic("notification.status")
         self._dlq_topic = settings.topic(f"notification.{channel}.dlq")

@@ -1,0 +1,222 @@
+"""The runtime: one worker process's Faust app, its stages' loops, writes and guards.
+
+Stages (pipeline.stages) are framework-free: a handle takes a RawRecord and a table
+view and returns Out records. The runtime runs each over its topics in batches,
+writes the outputs and waits for Kafka's acknowledgement before it acks the inputs
+(so Faust commits only handled offsets), keeps tables, timers and background tasks,
+and watches for stalls and skipped records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping, Sequence
+from typing import Any, cast
+
+import faust
+
+from pipeline import logs
+from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, Release
+from pipeline.runtime.continuity import Continuity
+from pipeline.runtime.faust import ConsumerSeam, KeyPartitionedTable, create_faust_app
+from pipeline.runtime.health import WorkerHealth
+from pipeline.runtime.sink import AckedSink
+from pipeline.runtime.tables import WriteBehind
+from pipeline.runtime.watchdog import EXIT_STALLED, StallWatchdog
+from pipeline.settings import Settings
+from pipeline.times import Clock
+from pipeline.topology import Topology
+from pipeline.topology import admin as topology_admin
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Faust app, acknowledged writes and guards of one worker."""
+
+    def __init__(self, settings: Settings, topology: Topology, clock: Clock) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.clock = clock
+        longest_hold_s = max(t for r in topology.retry.values() for t in r.tiers)
+        self.app = create_faust_app(settings, longest_hold_s)
+        self.seam = ConsumerSeam(self.app)
+        self.sink = AckedSink(self._send, ack_timeout_s=settings.kafka_ack_timeout_s)
+        self.watchdog = StallWatchdog(settings, settings.stall_timeout_s)
+        self.continuity = self._continuity()
+
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> Any:
+        return await self.app.producer.send(
+            topic, key, value, partition, None, list(headers) or None
+        )
+
+    def table(self, name: str, changelog: str, value_serializer: str = "raw") -> Any:
+        """A KeyPartitionedTable on a declared changelog topic."""
+        spec = self.topology.spec(changelog)
+        return self.app.tables.add(
+            KeyPartitionedTable(
+                self.app,
+                name=name,
+                default=None,
+                beacon=self.app.tables.beacon,
+                partitions=spec.partitions,
+                changelog_topic=self.app.topic(
+                    self.settings.topic(changelog),
+                    partitions=spec.partitions,
+                    key_serializer="raw",
+                    value_serializer=value_serializer,
+                ),
+                key_type=bytes,
+                value_type=bytes if value_serializer == "raw" else None,
+            )
+        )
+
+    def stage(
+        self,
+        name: str,
+        topics: Sequence[str],
+        handle: Handle,
+        table: MutableMapping[bytes, Any] | None,
+        on_error: OnError,
+        *,
+        batch_max: int | None = None,
+    ) -> None:
+        """Run ``handle`` over ``topics`` (physical names) in batches; ``table`` is the
+        store its views write to once a batch is acknowledged."""
+        store: MutableMapping[bytes, Any] = {} if table is None else table
+
+        async def agent(stream: Any) -> None:
+            run = BatchRun(
+                handle,
+                on_error,
+                self.sink,
+                WriteBehind(store),
+                clock=self.clock,
+                batch_max=batch_max or self.settings.batch_max,
+                linger_s=self.settings.batch_linger_s,
+                continuity=self.continuity,
+            )
+            await run.run(stream)
+
+        self.app.agent(self._source(topics), name=name, concurrency=1)(agent)
+
+    def hold(self, name: str, topic: str, release: Release) -> None:
+        """Run a delay tier topic: each record held until ``release`` returns it."""
+
+        async def agent(stream: Any) -> None:
+            await HoldRun(release, self.sink, self.continuity).run(stream)
+
+        self.app.agent(self._source([topic]), name=name, concurrency=1)(agent)
+
+    def timer(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+        """Run ``action`` every ``interval_s`` while the worker runs."""
+
+        async def tick() -> None:
+            await action()
+
+        self.app.timer(interval_s)(tick)
+
+    def task(self, action: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``action`` in the background while the worker runs."""
+
+        async def background() -> None:
+            await action()
+
+        self.app.task(background)
+
+    def _source(self, topics: Sequence[str]) -> Any:
+        return self.app.topic(*topics, key_serializer="raw", value_serializer="raw")
+
+    def _continuity(self) -> Continuity:
+        """Hole detection for the stages' streams (see :class:`Continuity`)."""
+        compacted = {
+            self.settings.topic(spec.name)
+            for spec in self.topology.topics.values()
+            if "compact" in spec.config.get("cleanup.policy", "")
+        }
+        seam = self.seam
+
+        async def start(topic: str, partition: int) -> int:
+            offset = seam.committed_offset(topic, partition)
+            if offset is not None:
+                return offset
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.watchdog.start_offset, topic, partition)
+
+        async def seek(topic: str, partition: int, offset: int) -> None:
+            await seam.seek({(topic, partition): offset})
+
+        continuity = Continuity(lambda topic: topic not in compacted, start, seek)
+
+        def assigned(partitions: Iterable[tuple[str, int]]) -> None:
+            # The consumer exists by the first assignment.
+            seam.guard(continuity.guard, continuity.guard_gaps)
+            continuity.assigned(partitions)
+
+        seam.on_assigned(assigned)
+        return continuity
+
+    def watch(self, streams: Iterable[str]) -> None:
+        """Exit (to be restarted) when owned partitions of ``streams`` commit nothing
+        for the stall timeout although records wait, after one in-process re-read."""
+        watched = set(streams)
+        watchdog = self.watchdog
+        reseeked: dict[tuple[str, int], int] = {}
+
+        async def watch() -> None:
+            owned = [tp for tp in self.seam.assignment() if tp[0] in watched]
+            loop = asyncio.get_running_loop()
+            stuck = await loop.run_in_executor(None, watchdog.stalled, owned)
+            fresh = {tp: offset for tp, offset in stuck.items() if reseeked.get(tp) != offset}
+            if fresh:
+                # First cure: read them again from the committed offset, in-process.
+                log.warning("re-reading stalled partitions from their committed offsets: %s", fresh)
+                await self.seam.seek({tp: max(offset, 0) for tp, offset in fresh.items()})
+                reseeked.update(fresh)
+                watchdog.restart_clock(fresh)
+            elif stuck:
+                log.critical("worker stalled; exiting %d so that it is restarted", EXIT_STALLED)
+                os._exit(EXIT_STALLED)  # no shutdown commits: what is unfinished is re-read
+
+        self.timer(5.0, watch)
+
+    def serve_health(self) -> None:
+        """Serve /metrics, /healthz and /readyz on HERALD_METRICS_PORT (0: none)."""
+        if not self.settings.metrics_port:
+            return
+        health = WorkerHealth(self.settings, self.sink, self.seam.tables_recovered)
+        self.task(health.serve)
+
+    def verify_topics(self) -> None:
+        """Refuse to start on a broker whose topics differ from topologies/."""
+        report = topology_admin.check(self.settings, self.topology)
+        if report.drift:
+            listing = "\n  ".join(map(str, report.drift))
+            raise SystemExit(
+                f"topics differ from topologies/ (run `herald topics apply`):\n  {listing}"
+            )
+
+    def run(self) -> None:
+        """Run the worker until SIGINT/SIGTERM (blocking)."""
+        self.verify_topics()
+        self.settings.worker_dir.mkdir(parents=True, exist_ok=True)
+        worker = faust.Worker(
+            self.app,
+            loglevel=self.settings.log_level.lower(),
+            logging_config=logs.logging_config(self.settings),
+        )
+        worker.execute_from_commandline()
+
+
+def table_store(table: Any) -> MutableMapping[bytes, Any]:
+    """A Faust table as the mapping stages write through (Faust sends its changelog)."""
+    return cast(MutableMapping[bytes, Any], table)

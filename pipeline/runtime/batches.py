@@ -1,0 +1,195 @@
+"""The loop every Herald agent runs: handle records one by one, write and ack in batches.
+
+A batch is written (and its inputs acknowledged, so Faust may commit them) when it
+holds ``batch_max`` records, when no further record is waiting, or at the latest
+``linger_s`` after it was opened, whatever the stream does meanwhile.
+
+A handle may return an awaitable (a channel's delivery): it starts at once, the next
+record is handled meanwhile, and the batch is written when all of its awaitables are
+done; so a batch's deliveries overlap (push, and email over its connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from pipeline.runtime.continuity import Continuity, OffsetSet
+from pipeline.runtime.records import Out, RawRecord, normalize_headers
+from pipeline.runtime.sink import AckedSink
+from pipeline.runtime.tables import WriteBehind
+from pipeline.times import Clock
+
+log = logging.getLogger(__name__)
+
+#: Handles one record: its outputs, computed at once or awaited (the channels).
+Handle = Callable[[RawRecord, WriteBehind], Sequence[Out] | Awaitable[Sequence[Out]]]
+OnError = Callable[[RawRecord, Exception, int], Out]
+
+
+def raw_record_of(message: Any) -> RawRecord:
+    """The RawRecord of a Faust message."""
+    return RawRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else 0,
+        key=message.key,
+        value=message.value,
+        headers=normalize_headers(message.headers),
+    )
+
+
+class BatchRun:
+    """One run of an agent over its stream (a restarted actor gets a fresh one)."""
+
+    def __init__(
+        self,
+        handle: Handle,
+        on_error: OnError,
+        sink: AckedSink,
+        view: WriteBehind,
+        *,
+        clock: Clock,
+        batch_max: int,
+        linger_s: float,
+        continuity: Continuity | None = None,
+    ) -> None:
+        self._clock = clock
+        self._handle = handle
+        self._on_error = on_error
+        self._sink = sink
+        self._view = view
+        self._batch_max = batch_max
+        self._linger_s = linger_s
+        self._events: list[Any] = []
+        self._outputs: list[Out] = []
+        self._pending: list[tuple[RawRecord, asyncio.Future[Sequence[Out]]]] = []
+        self._opened = 0.0
+        self._lock = asyncio.Lock()
+        # Offsets handled per partition in this run. Faust may resume a stream before
+        # it seeks to the committed offsets (faust-streaming #216) and so hand over
+        # records twice; one already handled has its outputs in a batch, so it is only
+        # acknowledged. Exact offsets, not a high mark: a record faust skipped the first
+        # time must still be handled when the seek brings it back.
+        self._handled: dict[tuple[str, int], OffsetSet] = {}
+        self._continuity = continuity
+        self._sequence = continuity.tracker() if continuity else None
+
+    async def run(self, stream: Any) -> None:
+        """Consume ``stream`` until it ends (worker shutdown or rebalance cancel)."""
+        unacked = stream.noack()
+        lingering = asyncio.ensure_future(self._linger(unacked))
+        try:
+            async for event in unacked.events():
+                async with self._lock:
+                    await self._take(event)
+                    if len(self._events) >= self._batch_max or unacked.channel.empty():
+                        await self._flush(unacked)
+            async with self._lock:  # the stream ended (shutdown): write what was handled
+                await self._flush(unacked)
+        finally:
+            lingering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lingering
+            for _, delivery in self._pending:  # cancelled mid-batch: its inputs are re-read
+                delivery.cancel()
+
+    async def _take(self, event: Any) -> None:
+        message = event.message
+        sequence = self._sequence
+        if sequence and not await sequence.admits(message.topic, message.partition, message.offset):
+            return  # past a hole: dropped unacknowledged, read again after the seek
+        if not self._events:
+            self._opened = time.monotonic()
+        self._events.append(event)
+        seen = self._handled.setdefault((message.topic, message.partition), OffsetSet())
+        if not seen.add(message.offset):
+            return
+        raw = raw_record_of(message)
+        try:
+            outputs = self._handle(raw, self._view)
+            if inspect.isawaitable(outputs):
+                self._pending.append((raw, asyncio.ensure_future(outputs)))
+            else:
+                self._outputs.extend(outputs)
+        except Exception as exc:  # one record must never stop the stream
+            self._failed(raw, exc)
+
+    def _failed(self, raw: RawRecord, exc: Exception) -> None:
+        log.error(
+            "unexpected failure on %s[%d]@%d",
+            raw.topic,
+            raw.partition,
+            raw.offset,
+            exc_info=exc,
+        )
+        self._outputs.append(self._on_error(raw, exc, self._clock.now_ms()))
+
+    async def _flush(self, stream: Any) -> None:
+        if not self._events:
+            return
+        for raw, delivery in self._pending:
+            try:
+                self._outputs.extend(await delivery)
+            except Exception as exc:
+                self._failed(raw, exc)
+        self._pending.clear()
+        await self._sink.deliver(self._outputs)
+        try:
+            self._view.commit()
+        except Exception:  # outputs are out; a lost entry only costs a re-accept
+            log.exception("could not record a batch in the table")
+        for event in self._events:
+            if self._continuity is not None:
+                message = event.message
+                self._continuity.allow(message.topic, message.partition, message.offset)
+            await stream.ack(event)
+        self._events.clear()
+        self._outputs.clear()
+
+    async def _linger(self, stream: Any) -> None:
+        while True:
+            await asyncio.sleep(self._linger_s / 2)
+            if self._events and time.monotonic() - self._opened >= self._linger_s:
+                async with self._lock:
+                    await self._flush(stream)
+
+
+#: Releases one record of a delay tier topic (pipeline.stages.delay): waits, then the
+#: record to write.
+Release = Callable[[RawRecord], Awaitable[Out]]
+
+
+class HoldRun:
+    """The loop of a delay tier topic: one record at a time, each held until due,
+    written and acknowledged before the next (a tier partition is a FIFO queue)."""
+
+    def __init__(
+        self, release: Release, sink: AckedSink, continuity: Continuity | None = None
+    ) -> None:
+        self._release = release
+        self._sink = sink
+        self._continuity = continuity
+
+    async def run(self, stream: Any) -> None:
+        unacked = stream.noack()
+        handled: dict[tuple[str, int], OffsetSet] = {}  # see BatchRun: Faust may re-deliver
+        continuity = self._continuity
+        sequence = continuity.tracker() if continuity else None
+        async for event in unacked.events():
+            message = event.message
+            tp = (message.topic, message.partition)
+            if sequence and not await sequence.admits(*tp, message.offset):
+                continue  # past a hole the stream left (see Continuity)
+            seen = handled.setdefault(tp, OffsetSet())
+            if seen.add(message.offset):
+                await self._sink.deliver([await self._release(raw_record_of(message))])
+            if continuity:
+                continuity.allow(*tp, message.offset)
+            await unacked.ack(event)

@@ -1,0 +1,193 @@
+"""The seam between Herald and faust-streaming: every Faust internal Herald touches.
+
+Faust stays Herald's framework (agents, tables with changelogs, the consumer group,
+timers), but Herald relies on a few of its internals to keep its guarantees (see
+pipeline.runtime.continuity): the consumer's ``ack`` and ``_add_gap`` (wrapped), its
+``_committed_offset`` (read), ``seek_wait``, the manual-ack stream API and the table
+recovery event. They are all reached through this module, and :func:`check_faust`
+verifies each at start-up: a Faust release that renames or reshapes one stops the
+worker with the Faust version and what is missing, instead of quietly losing the
+guarantee. tests/unit/test_faust_seam.py pins them against the installed release.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import faust
+from faust.tables.recovery import Recovery
+from faust.transport.consumer import Consumer
+from faust.types import TP
+
+from pipeline.errors import ConfigurationError, FaustSeamError
+from pipeline.settings import Settings
+from pipeline.topology.partitioning import partition_for
+
+FAUST_VERSION: str = faust.__version__
+
+
+def _params(function: Any) -> list[str]:
+    return [p for p in inspect.signature(function).parameters if p != "self"]
+
+
+#: (what, check) pairs: each check is true on a Faust release Herald can run on.
+_CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
+    ("Consumer.ack(message) -> bool", lambda: _params(Consumer.ack) == ["message"]),
+    (
+        "async Consumer._add_gap(tp, offset_from, offset_to)",
+        lambda: inspect.iscoroutinefunction(Consumer._add_gap)
+        and _params(Consumer._add_gap) == ["tp", "offset_from", "offset_to"],
+    ),
+    (
+        "Consumer._committed_offset (set in Consumer.__init__)",
+        lambda: "self._committed_offset" in inspect.getsource(Consumer.__init__),
+    ),
+    (
+        "Consumer.ack consults Consumer._committed_offset",
+        lambda: "_committed_offset" in inspect.getsource(Consumer.ack),
+    ),
+    ("async Consumer.seek_wait(partitions)", lambda: _params(Consumer.seek_wait) == ["partitions"]),
+    ("Consumer.assignment()", lambda: callable(getattr(Consumer, "assignment", None))),
+    ("Stream.noack()", lambda: callable(getattr(faust.Stream, "noack", None))),
+    ("Stream.events()", lambda: inspect.isasyncgenfunction(faust.Stream.events)),
+    ("async Stream.ack(event)", lambda: _params(faust.Stream.ack) == ["event"]),
+    (
+        "Recovery.completed (set in Recovery.__init__)",
+        lambda: "self.completed" in inspect.getsource(Recovery.__init__),
+    ),
+    ("Table.partition_for_key(key)", lambda: _params(faust.Table.partition_for_key) == ["key"]),
+)
+
+
+def check_faust() -> None:
+    """Raise FaustSeamError unless the installed Faust has every internal Herald uses."""
+    missing = []
+    for what, check in _CHECKS:
+        try:
+            ok = check()
+        except (AttributeError, TypeError, ValueError, OSError):
+            ok = False
+        if not ok:
+            missing.append(what)
+    if missing:
+        raise FaustSeamError(
+            f"faust-streaming {FAUST_VERSION} lacks what pipeline/runtime/faust.py relies on: "
+            + "; ".join(missing)
+            + " (pin the release in constraints.txt that tests/unit/test_faust_seam.py passes on)"
+        )
+
+
+def create_faust_app(settings: Settings, longest_hold_s: float) -> faust.App:
+    """A Faust app configured from ``settings`` (no agents yet).
+
+    Raw bytes everywhere (stages decode, so a poison record cannot crash a stream),
+    acks=all, no topic creation by Faust (topologies/ owns every topic, changelogs
+    included), and a session timeout short enough that a killed worker's partitions
+    move quickly.
+    """
+    check_faust()
+    brokers = [f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")]
+    return faust.App(
+        settings.app_id,
+        broker=brokers,
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        datadir=str(settings.worker_dir),
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        web_enabled=False,
+        producer_acks=-1,
+        producer_linger=0.002,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.commit_interval_s,
+        # A killed worker's partitions move after this long; Faust's 60 s default
+        # would stall a SIGKILLed worker's share of the stream for a minute.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 4,
+        table_standby_replicas=0,
+        autodiscover=False,
+        # Delay agents hold a record for up to their tier's delay. Rebalances must not
+        # wait for them (their records are simply re-read by the next owner), and
+        # holding is not a stall worth a warning.
+        stream_wait_empty=False,
+        stream_processing_timeout=longest_hold_s + 60,
+        broker_commit_livelock_soft_timeout=longest_hold_s + 60,
+    )
+
+
+class KeyPartitionedTable(faust.Table[bytes, Any]):
+    """A table whose changelog partition is always its key's murmur2 partition.
+
+    Faust normally uses the partition of the event being processed, which forbids
+    writes outside an event (the expiry sweep) and within batches. Every stage
+    processes each key on exactly that partition, so both agree.
+    """
+
+    def partition_for_key(self, key: Any) -> int:
+        if not self.partitions:
+            raise ConfigurationError(f"table {self.name} was declared without partitions")
+        return partition_for(key, self.partitions)
+
+
+class ConsumerSeam:
+    """Herald's access to the Faust consumer of ``app``: committed offsets, seeks, the
+    assignment and the ack/gap guards (pipeline.runtime.continuity)."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+        self._guarded: list[Any] = []
+
+    @property
+    def _consumer(self) -> Any:
+        return cast(Any, self._app.consumer)
+
+    def committed_offset(self, topic: str, partition: int) -> int | None:
+        """Faust's view of the group's commit (the only copy that moves with Faust's
+        commits), or None before it has one (it fills it only after its seek)."""
+        offset = self._consumer._committed_offset.get(TP(topic, partition))
+        return None if offset is None else int(offset)
+
+    async def seek(self, partitions: dict[tuple[str, int], int]) -> None:
+        """Seek on the consumer's own thread and wait for the position (Consumer.seek
+        sets it from this thread, racing the fetcher)."""
+        await self._consumer.seek_wait(
+            {TP(topic, partition): offset for (topic, partition), offset in partitions.items()}
+        )
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this worker owns now."""
+        return [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
+
+    def guard(
+        self,
+        ack: Callable[[Callable[[Any], bool]], Callable[[Any], bool]],
+        add_gap: Callable[[Any], Any],
+    ) -> None:
+        """Wrap the consumer's ``ack`` and ``_add_gap`` (once per consumer)."""
+        consumer = self._consumer
+        if consumer in self._guarded:
+            return
+        for name in ("ack", "_add_gap", "_committed_offset"):
+            if not hasattr(consumer, name):
+                raise FaustSeamError(
+                    f"faust-streaming {FAUST_VERSION}: the consumer has no {name} "
+                    "(pipeline/runtime/faust.py relies on it)"
+                )
+        consumer.ack = ack(consumer.ack)
+        consumer._add_gap = add_gap(consumer._add_gap)
+        self._guarded.append(consumer)
+
+    def on_assigned(self, callback: Callable[[Iterable[tuple[str, int]]], None]) -> None:
+        """Call ``callback`` with the partitions of every new assignment."""
+
+        async def assigned(sender: Any, assigned: Any, **_: Any) -> None:
+            callback((tp.topic, tp.partition) for tp in assigned)
+
+        self._app.on_partitions_assigned.connect(cast(Any, assigned))
+
+    def tables_recovered(self) -> bool:
+        """True once Faust recovered the tables of the partitions it owns."""
+        return bool(cast(Any, self._app.tables).recovery.completed.is_set())

@@ -1,0 +1,217 @@
+"""A worker: Herald's stages, in flow order, wired into the runtime.
+
+This is the one module that knows both sides: the stages (pipeline.stages, framework
+free) and the runtime (pipeline.runtime, the only place that knows Faust and the
+Kafka clients). Every worker runs every stage; scale out by starting more.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from pipeline.providers import email_provider
+from pipeline.providers.breaker import CircuitBreaker
+from pipeline.providers.gateway import GatewayPublisher
+from pipeline.runtime.app import Runtime, table_store
+from pipeline.runtime.records import Out, RawRecord
+from pipeline.runtime.tables import WriteBehind
+from pipeline.settings import Settings
+from pipeline.stages.context import StageContext
+from pipeline.stages.delay import DelayRelease, DelayTiers
+from pipeline.stages.deliveries import expired_entries
+from pipeline.stages.email import LANES, EmailChannel
+from pipeline.stages.intake import Intake
+from pipeline.stages.outputs import malformed
+from pipeline.stages.push import DeviceFeedbackLog, PushChannel
+from pipeline.stages.route import Router
+from pipeline.stages.users import UserDirectory
+from pipeline.views import SuppressionList
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Herald's stages wired into one runtime."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = ctx = StageContext.load(settings)
+        self.runtime = Runtime(settings, ctx.topology, ctx.clock)
+        self.app = self.runtime.app
+        self.intake = Intake(ctx)
+        self.users = UserDirectory(ctx)
+        self.feedback = DeviceFeedbackLog(ctx)
+        self.invalid_tokens = table_store(
+            self.runtime.table("push-tokens", "herald.push.tokens.changelog")
+        )
+        self.router = Router(ctx, self.invalid_tokens)
+        self.suppressions = SuppressionList(settings)
+        self._wire_intake()
+        self._wire_routing()
+        self._wire_email()
+        self._wire_push()
+        self._wire_delays()
+        self._wire_watchdog()
+        self.runtime.serve_health()
+
+    def _wire_intake(self) -> None:
+        runtime, intake, clock = self.runtime, self.intake, self.ctx.clock
+        table = table_store(
+            runtime.table("intake-idempotency", "herald.intake.idempotency.changelog", "json")
+        )
+
+        def handle(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return intake.handle(raw, view, clock.now_ms())
+
+        runtime.stage(
+            "herald.intake",
+            [intake.intents_topic, intake.keyed_topic],
+            handle,
+            table,
+            intake.processing_error,
+        )
+
+        async def sweep_idempotency() -> None:
+            expired = intake.expired_keys(table, clock.now_ms())
+            for key in expired:
+                del table[key]
+            if expired:
+                log.info("idempotency sweep: %d expired keys deleted", len(expired))
+
+        runtime.timer(self.settings.idempotency_sweep_interval_s, sweep_idempotency)
+
+    def _wire_routing(self) -> None:
+        runtime, clock = self.runtime, self.ctx.clock
+        users = table_store(runtime.table("users", "herald.users.changelog"))
+        directory, router = self.users, self.router
+
+        def apply_profile(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return directory.handle(raw, view, clock.now_ms())
+
+        def route(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return router.handle(raw, view, clock.now_ms())
+
+        runtime.stage(
+            "herald.users",
+            [directory.users_topic, directory.keyed_topic],
+            apply_profile,
+            users,
+            self._malformed_other,
+        )
+        runtime.stage(
+            "herald.route",
+            [router.recipients_topic, router.rejoin_topic],
+            route,
+            users,
+            self._malformed_other,
+        )
+
+    def _registry(self, channel: str) -> Any:
+        """A channel's delivery registry store, and its expiry sweep.
+
+        The channel writes each entry's changelog record itself and waits for it
+        (pipeline.stages.deliveries), so views write the table's store directly,
+        without Faust's own (unawaited) changelog send."""
+        changelog = f"herald.{channel}.deliveries.changelog"
+        data = cast(Any, self.runtime.table(f"{channel}-deliveries", changelog)).data
+        registry_topic = self.settings.topic(changelog)
+        sink, clock = self.runtime.sink, self.ctx.clock
+
+        async def sweep_registry() -> None:
+            expired = expired_entries(
+                data, registry_topic, self.settings.idempotency_window_s * 1000, clock.now_ms()
+            )
+            if expired:
+                await sink.deliver(expired)
+                log.info("%s registry sweep: %d expired routes dropped", channel, len(expired))
+
+        self.runtime.timer(self.settings.idempotency_sweep_interval_s, sweep_registry)
+        return data
+
+    def _wire_email(self) -> None:
+        registry = self._registry("email")
+        # One breaker for both lanes: they talk to the same server.
+        breaker = CircuitBreaker.smtp(self.settings)
+        for lane, logical_topic in LANES.items():
+            # Each lane has its own connections: login codes never wait behind bulk mail.
+            channel = EmailChannel(
+                self.ctx,
+                email_provider(self.settings),
+                self.suppressions,
+                breaker,
+                self.runtime.sink.deliver,
+            )
+            self.runtime.stage(
+                f"herald.email.{lane}",
+                [self.settings.topic(logical_topic)],
+                channel.handle,
+                registry,
+                self._malformed_other,
+                batch_max=self.settings.smtp_connections,
+            )
+        self.runtime.task(self.suppressions.run)
+
+    def _wire_push(self) -> None:
+        channel = PushChannel(self.ctx, GatewayPublisher(self.settings), self.runtime.sink.deliver)
+        # A batch's publications overlap (see BatchRun), so push takes full batches.
+        self.runtime.stage(
+            "herald.push",
+            [channel.requests_topic],
+            channel.handle,
+            self._registry("push"),
+            self._malformed_other,
+        )
+        feedback, clock = self.feedback, self.ctx.clock
+
+        def record_feedback(raw: RawRecord, view: WriteBehind) -> list[Out]:
+            return feedback.handle(raw, view, clock.now_ms())
+
+        self.runtime.stage(
+            "herald.push.feedback",
+            [feedback.feedback_topic, feedback.keyed_topic],
+            record_feedback,
+            self.invalid_tokens,
+            self._malformed_other,
+        )
+
+    def _wire_delays(self) -> None:
+        for stage, policy in self.ctx.topology.retry.items():
+            tiers = DelayTiers.of(policy, self.settings)
+            for index, topic in enumerate(tiers.topics):
+                release = DelayRelease(self.ctx, tiers, index)
+                self.runtime.hold(f"herald.delay.{stage}.{index}", topic, release.release)
+
+    def _wire_watchdog(self) -> None:
+        self.runtime.watch(
+            [
+                self.intake.intents_topic,
+                self.intake.keyed_topic,
+                self.users.users_topic,
+                self.users.keyed_topic,
+                self.router.recipients_topic,
+                self.router.rejoin_topic,
+                # Channel lanes commit after every batch (a delivery times out after
+                # HERALD_SMTP_TIMEOUT_S / HERALD_GATEWAY_TIMEOUT_S), so a lane that
+                # commits nothing for the stall timeout is stuck. Delay tiers hold
+                # records on purpose: not watched.
+                *(self.settings.topic(t) for t in LANES.values()),
+                self.settings.topic("notification.push.requested"),
+                self.feedback.feedback_topic,
+                self.feedback.keyed_topic,
+            ]
+        )
+
+    def _malformed_other(self, raw: RawRecord, exc: Exception, now: int) -> Out:
+        return malformed(
+            self.ctx.contracts,
+            self.settings.topic("notification.malformed"),
+            raw,
+            "processing_error",
+            f"{type(exc).__name__}: {exc}",
+            now,
+        )
+
+    def run(self) -> None:
+        """Run the worker until SIGINT/SIGTERM (blocking)."""
+        self.runtime.run()

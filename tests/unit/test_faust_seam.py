@@ -1,0 +1,70 @@
+"""The Faust internals Herald's runtime relies on, pinned against the installed release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+import pytest
+from faust.transport.consumer import Consumer
+
+from pipeline.errors import FaustSeamError
+from pipeline.runtime.faust import FAUST_VERSION, ConsumerSeam, check_faust
+
+
+def test_the_installed_faust_has_every_internal_the_runtime_uses() -> None:
+    check_faust()
+
+
+def test_a_renamed_internal_stops_the_worker_naming_the_faust_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(Consumer, "_add_gap")
+    with pytest.raises(FaustSeamError, match=rf"faust-streaming {FAUST_VERSION}.*_add_gap"):
+        check_faust()
+
+
+def test_a_reshaped_internal_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def add_gap(self: Any, tp: Any, offsets: Any) -> None:
+        return None
+
+    monkeypatch.setattr(Consumer, "_add_gap", add_gap)
+    with pytest.raises(FaustSeamError, match="_add_gap"):
+        check_faust()
+
+
+def test_guarding_a_consumer_without_committed_offsets_fails_loudly() -> None:
+    class BareConsumer:
+        def ack(self, message: Any) -> bool:
+            return True
+
+        async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+            return None
+
+    class App:
+        consumer = BareConsumer()
+
+    seam = ConsumerSeam(App())  # type: ignore[arg-type]
+    with pytest.raises(FaustSeamError, match="_committed_offset"):
+        seam.guard(lambda ack: ack, lambda add_gap: add_gap)
+
+
+def test_guard_wraps_ack_and_gap_once_per_consumer() -> None:
+    class App:
+        consumer: Any = None
+
+    app = App()
+    seam = ConsumerSeam(app)  # type: ignore[arg-type]
+    app.consumer = faust.App("seam-test", broker="kafka://127.0.0.1:1").consumer
+    wrapped: list[str] = []
+
+    def wrap(name: str) -> Any:
+        def wrapper(original: Any) -> Any:
+            wrapped.append(name)
+            return original
+
+        return wrapper
+
+    seam.guard(wrap("ack"), wrap("gap"))
+    seam.guard(wrap("ack"), wrap("gap"))
+    assert wrapped == ["ack", "gap"]
