@@ -49,6 +49,12 @@ class ConfigurationError(PermanentError):
     reason = "configuration"
 
 
+class KafkaDeliveryError(TransientError):
+    """Kafka did not acknowledge one of Herald's own writes (the sink sends it again)."""
+
+    reason = "kafka_delivery"
+
+
 class FaustSeamError(ConfigurationError):
     """The installed faust-streaming lacks an internal that Herald's runtime relies on."""
 

@@ -8,14 +8,13 @@ Kafka clients). Every worker runs every stage; scale out by starting more.
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
 
 from pipeline.providers import email_provider
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.gateway import GatewayPublisher
-from pipeline.runtime.app import Runtime, table_store
+from pipeline.runtime.app import Runtime
 from pipeline.runtime.records import Out, RawRecord
-from pipeline.runtime.tables import WriteBehind
+from pipeline.runtime.tables import StageTable, WriteBehind
 from pipeline.settings import Settings
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayRelease, DelayTiers
@@ -42,10 +41,8 @@ class Worker:
         self.intake = Intake(ctx)
         self.users = UserDirectory(ctx)
         self.feedback = DeviceFeedbackLog(ctx)
-        self.invalid_tokens = table_store(
-            self.runtime.table("push-tokens", "herald.push.tokens.changelog")
-        )
-        self.router = Router(ctx, self.invalid_tokens)
+        self.invalid_tokens = self.runtime.table("push-tokens", "herald.push.tokens.changelog")
+        self.router = Router(ctx, self.invalid_tokens.store)
         self.suppressions = SuppressionList(settings)
         self._wire_intake()
         self._wire_routing()
@@ -57,9 +54,7 @@ class Worker:
 
     def _wire_intake(self) -> None:
         runtime, intake, clock = self.runtime, self.intake, self.ctx.clock
-        table = table_store(
-            runtime.table("intake-idempotency", "herald.intake.idempotency.changelog", "json")
-        )
+        table = runtime.table("intake-idempotency", "herald.intake.idempotency.changelog", "json")
 
         def handle(raw: RawRecord, view: WriteBehind) -> list[Out]:
             return intake.handle(raw, view, clock.now_ms())
@@ -73,9 +68,11 @@ class Worker:
         )
 
         async def sweep_idempotency() -> None:
-            expired = intake.expired_keys(table, clock.now_ms())
+            expired = intake.expired_keys(table.store, clock.now_ms())
+            if table.changelog is not None:
+                await runtime.sink.deliver([table.changelog.record(key, None) for key in expired])
             for key in expired:
-                del table[key]
+                table.store.pop(key, None)
             if expired:
                 log.info("idempotency sweep: %d expired keys deleted", len(expired))
 
@@ -83,7 +80,7 @@ class Worker:
 
     def _wire_routing(self) -> None:
         runtime, clock = self.runtime, self.ctx.clock
-        users = table_store(runtime.table("users", "herald.users.changelog"))
+        users = runtime.table("users", "herald.users.changelog")
         directory, router = self.users, self.router
 
         def apply_profile(raw: RawRecord, view: WriteBehind) -> list[Out]:
@@ -107,14 +104,15 @@ class Worker:
             self._malformed_other,
         )
 
-    def _registry(self, channel: str) -> Any:
+    def _registry(self, channel: str) -> StageTable:
         """A channel's delivery registry store, and its expiry sweep.
 
         The channel writes each entry's changelog record itself and waits for it
         (pipeline.stages.deliveries), so views write the table's store directly,
         without Faust's own (unawaited) changelog send."""
         changelog = f"herald.{channel}.deliveries.changelog"
-        data = cast(Any, self.runtime.table(f"{channel}-deliveries", changelog)).data
+        registry = self.runtime.table(f"{channel}-deliveries", changelog, write_changelog=False)
+        data = registry.store
         registry_topic = self.settings.topic(changelog)
         sink, clock = self.runtime.sink, self.ctx.clock
 
@@ -127,7 +125,7 @@ class Worker:
                 log.info("%s registry sweep: %d expired routes dropped", channel, len(expired))
 
         self.runtime.timer(self.settings.idempotency_sweep_interval_s, sweep_registry)
-        return data
+        return registry
 
     def _wire_email(self) -> None:
         registry = self._registry("email")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
 import faust
@@ -22,8 +22,15 @@ from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, Release
 from pipeline.runtime.continuity import Continuity
 from pipeline.runtime.faust import ConsumerSeam, KeyPartitionedTable, create_faust_app
 from pipeline.runtime.health import WorkerHealth
+from pipeline.runtime.producer import KafkaWriter
 from pipeline.runtime.sink import AckedSink
-from pipeline.runtime.tables import WriteBehind
+from pipeline.runtime.tables import (
+    Changelog,
+    StageTable,
+    WriteBehind,
+    encode_json,
+    encode_raw,
+)
 from pipeline.runtime.watchdog import EXIT_STALLED, StallWatchdog
 from pipeline.settings import Settings
 from pipeline.times import Clock
@@ -43,26 +50,32 @@ class Runtime:
         longest_hold_s = max(t for r in topology.retry.values() for t in r.tiers)
         self.app = create_faust_app(settings, longest_hold_s)
         self.seam = ConsumerSeam(self.app)
-        self.sink = AckedSink(self._send, ack_timeout_s=settings.kafka_ack_timeout_s)
+        self.writer = KafkaWriter(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "client.id": f"{settings.app_id}-worker",
+                # librdkafka gives up on a record after this long and reports it, so
+                # the sink sends it again (deterministic ids make the copy harmless).
+                "message.timeout.ms": int(settings.kafka_ack_timeout_s * 1000),
+            }
+        )
+        self.sink = AckedSink(self.writer.send, ack_timeout_s=settings.kafka_ack_timeout_s + 5)
         self.watchdog = StallWatchdog(settings, settings.stall_timeout_s)
         self.continuity = self._continuity()
 
-    async def _send(
+    def table(
         self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: Sequence[tuple[str, bytes]],
-    ) -> Any:
-        return await self.app.producer.send(
-            topic, key, value, partition, None, list(headers) or None
-        )
-
-    def table(self, name: str, changelog: str, value_serializer: str = "raw") -> Any:
-        """A KeyPartitionedTable on a declared changelog topic."""
+        name: str,
+        changelog: str,
+        value_serializer: str = "raw",
+        *,
+        write_changelog: bool = True,
+    ) -> StageTable:
+        """A table on a declared changelog topic: Faust recovers it (and keeps it with
+        the partitions it goes with); the runtime writes its changelog with each
+        batch's outputs, unless ``write_changelog`` is False (the stage writes it)."""
         spec = self.topology.spec(changelog)
-        return self.app.tables.add(
+        table = self.app.tables.add(
             KeyPartitionedTable(
                 self.app,
                 name=name,
@@ -79,27 +92,33 @@ class Runtime:
                 value_type=bytes if value_serializer == "raw" else None,
             )
         )
+        encode = encode_raw if value_serializer == "raw" else encode_json
+        topic = self.settings.topic(changelog)
+        return StageTable(
+            cast(Any, table).data,
+            Changelog(topic, spec.partitions, encode) if write_changelog else None,
+        )
 
     def stage(
         self,
         name: str,
         topics: Sequence[str],
         handle: Handle,
-        table: MutableMapping[bytes, Any] | None,
+        table: StageTable | None,
         on_error: OnError,
         *,
         batch_max: int | None = None,
     ) -> None:
         """Run ``handle`` over ``topics`` (physical names) in batches; ``table`` is the
-        store its views write to once a batch is acknowledged."""
-        store: MutableMapping[bytes, Any] = {} if table is None else table
+        table its views write to once a batch is acknowledged."""
+        table = table or StageTable({})
 
         async def agent(stream: Any) -> None:
             run = BatchRun(
                 handle,
                 on_error,
                 self.sink,
-                WriteBehind(store),
+                WriteBehind(table.store, table.changelog),
                 clock=self.clock,
                 batch_max=batch_max or self.settings.batch_max,
                 linger_s=self.settings.batch_linger_s,
@@ -215,8 +234,3 @@ class Runtime:
             logging_config=logs.logging_config(self.settings),
         )
         worker.execute_from_commandline()
-
-
-def table_store(table: Any) -> MutableMapping[bytes, Any]:
-    """A Faust table as the mapping stages write through (Faust sends its changelog)."""
-    return cast(MutableMapping[bytes, Any], table)

@@ -140,7 +140,8 @@ class BatchRun:
             except Exception as exc:
                 self._failed(raw, exc)
         self._pending.clear()
-        await self._sink.deliver(self._outputs)
+        # The table entries' changelog goes with the outputs: acknowledged together.
+        await self._sink.deliver([*self._outputs, *self._view.changelog_records()])
         try:
             self._view.commit()
         except Exception:  # outputs are out; a lost entry only costs a re-accept

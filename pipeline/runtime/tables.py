@@ -3,10 +3,55 @@ only once the batch's outputs are acknowledged."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+import json
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+from pipeline.runtime.records import Out
+from pipeline.topology.partitioning import partition_for
+
 _DELETED = object()
+
+
+def encode_json(value: Any) -> bytes:
+    """A JSON table value as Faust's ``json`` serializer reads it back on recovery."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def encode_raw(value: Any) -> bytes:
+    """A raw (bytes) table value."""
+    return bytes(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Changelog:
+    """Where a table's entries are made durable: the records the runtime writes with
+    each batch's outputs (acknowledged with them), each on its key's partition."""
+
+    topic: str
+    """Physical changelog topic."""
+    partitions: int
+    """Its partition count (the copartition group's)."""
+    encode: Callable[[Any], bytes]
+    """Value to changelog bytes, as the table's Faust serializer decodes them."""
+
+    def record(self, key: bytes, value: Any) -> Out:
+        """The changelog record of ``key`` set to ``value`` (None or deleted: a tombstone)."""
+        data = None if value is None or value is _DELETED else self.encode(value)
+        return Out(self.topic, key, data, partition=partition_for(key, self.partitions))
+
+
+@dataclass(frozen=True, slots=True)
+class StageTable:
+    """A table as stages use it: the local store, and (when the runtime writes it) the
+    changelog. A table without one (the delivery registries) gets its changelog
+    records from its stage, which writes each entry when it must be durable."""
+
+    store: MutableMapping[bytes, Any]
+    """The table's local data (Faust's store), read and written directly."""
+    changelog: Changelog | None = None
+    """Its changelog, when the runtime writes it with each batch."""
 
 
 class WriteBehind(MutableMapping[bytes, Any]):
@@ -17,8 +62,11 @@ class WriteBehind(MutableMapping[bytes, Any]):
     a duplicate of work whose outputs never reached Kafka.
     """
 
-    def __init__(self, table: MutableMapping[bytes, Any]) -> None:
+    def __init__(
+        self, table: MutableMapping[bytes, Any], changelog: Changelog | None = None
+    ) -> None:
         self._table = table
+        self._changelog = changelog
         self._pending: dict[bytes, Any] = {}
 
     def __getitem__(self, key: bytes) -> Any:
@@ -47,6 +95,13 @@ class WriteBehind(MutableMapping[bytes, Any]):
             return self[key]
         except KeyError:
             return default
+
+    def changelog_records(self) -> list[Out]:
+        """The changelog records of the pending writes (none without a changelog)."""
+        changelog = self._changelog
+        if changelog is None:
+            return []
+        return [changelog.record(key, value) for key, value in self._pending.items()]
 
     def commit(self) -> None:
         """Write the pending entries (and deletions) to the table."""

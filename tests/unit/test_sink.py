@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from pipeline.errors import KafkaDeliveryError
+from pipeline.runtime.producer import KafkaWriter
 from pipeline.runtime.records import Out
 from pipeline.runtime.sink import AckedSink
 from tests.unit.helpers import FakeBroker
@@ -21,3 +27,12 @@ async def test_a_send_never_answered_is_sent_again() -> None:
     sink = AckedSink(broker.send, max_backoff_s=0.01, ack_timeout_s=0.05)
     await sink.deliver([Out("a", None, b"1"), Out("a", None, b"2")])
     assert sorted(v or b"" for v in broker.acked) == [b"1", b"2"]
+
+
+async def test_a_record_kafka_never_takes_fails_with_a_transient_error() -> None:
+    writer = KafkaWriter({"bootstrap.servers": "127.0.0.1:1", "message.timeout.ms": 300})
+    future = await writer.send("t", b"k", b"v", None, ())
+    with pytest.raises(KafkaDeliveryError) as failed:
+        await asyncio.wait_for(future, 10)
+    assert failed.value.transient
+    writer.close(timeout_s=0.1)
