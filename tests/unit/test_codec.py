@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import uuid
 
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -14,6 +15,7 @@ from fastavro import parse_schema, schemaless_writer
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.avro import EmbeddedRegistry, RemoteRegistry
+from pipeline.contracts.ids import HERALD_NS, deterministic_id
 from pipeline.contracts.records import Malformed, PushDevice, QuietHours, UserProfile
 from pipeline.errors import DecodeError, UnknownSchemaError
 from pipeline.settings import Settings
@@ -107,3 +109,12 @@ def test_remote_registry_resolves_an_older_writer_schema() -> None:
 def test_embedded_registry_refuses_unknown_ids(settings: Settings) -> None:
     with pytest.raises(UnknownSchemaError):
         EmbeddedRegistry(settings.schemas_dir).schema_by_id(999)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [("n-1", "push", "u1"), ("key", None, "accepted", "topic", 3, 17), ("ünïcode", "✓"), ()],
+)
+def test_deterministic_ids_are_the_uuid5_they_always_were(parts: tuple[object, ...]) -> None:
+    expected = str(uuid.uuid5(HERALD_NS, "\x1f".join(map(str, parts))))
+    assert deterministic_id(*parts) == expected
