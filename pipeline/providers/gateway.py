@@ -1,35 +1,31 @@
 """The client gateway: push payloads published to its Kafka topic.
 
 The gateway topic is the push channel's outside world, so it gets a producer of its
-own (acks=all, idempotent): its failures are the channel's outcomes to classify, not
-something to retry forever the way Herald's own writes are (pipeline.agents.base.
-AckedSink), and it may live on another cluster (HERALD_GATEWAY_BOOTSTRAP_SERVERS).
+own (confluent-kafka like Herald's own writes, acks=all, idempotent): its failures are
+the channel's outcomes to classify, not something to retry forever the way Herald's
+own writes are (pipeline.runtime.sink.AckedSink), and it may live on another cluster
+(HERALD_GATEWAY_BOOTSTRAP_SERVERS).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    RecordTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
-)
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError as AIOKafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from pipeline.errors import (
     GatewayTimeoutError,
     GatewayUnavailableError,
     HeraldError,
+    KafkaDeliveryError,
     PushPayloadError,
 )
+from pipeline.runtime.producer import KafkaWriter
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
 
@@ -51,77 +47,79 @@ class GatewayPublisher:
         self.topic = settings.gateway_topic_name
         self._servers = settings.gateway_bootstrap_servers or settings.kafka_bootstrap_servers
         self._timeout_s = settings.gateway_timeout_s
-        self._producer: AIOKafkaProducer | None = None
+        self._writer = KafkaWriter(
+            {
+                "bootstrap.servers": self._servers,
+                "client.id": "herald-gateway",
+                "enable.idempotence": True,
+                "message.timeout.ms": int(self._timeout_s * 1000),
+            }
+        )
         self._reader: AIOKafkaConsumer | None = None
-        self._lock = asyncio.Lock()
         self._reader_lock = asyncio.Lock()
-
-    async def _started(self) -> AIOKafkaProducer:
-        async with self._lock:
-            if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self._servers,
-                    client_id="herald-gateway",
-                    acks="all",
-                    enable_idempotence=True,
-                    linger_ms=2,
-                    request_timeout_ms=int(self._timeout_s * 1000),
-                )
-                try:
-                    await producer.start()
-                except KafkaError as exc:
-                    with contextlib.suppress(Exception):
-                        await producer.stop()
-                    raise GatewayUnavailableError(
-                        f"cannot reach the gateway cluster {self._servers}: {exc!r}",
-                        reason="gateway_unreachable",
-                    ) from exc
-                self._producer = producer
-            return self._producer
 
     async def publish(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> PublishReceipt:
         """Publish one push and wait for the topic's acknowledgement."""
-        producer = await self._started()
         try:
-            metadata = await asyncio.wait_for(
-                producer.send_and_wait(self.topic, value, key=key, headers=list(headers)),
-                # aiokafka bounds each request by request_timeout_ms; this bounds the
-                # whole call (metadata wait included) a little later.
-                timeout=self._timeout_s + 1,
+            delivered = await self._writer.send(self.topic, key, value, None, headers)
+            # librdkafka gives up after message.timeout.ms; this bounds the whole call.
+            message = await asyncio.wait_for(delivered, timeout=self._timeout_s + 1)
+        except TimeoutError as exc:
+            raise await self._timeout() from exc
+        except KafkaDeliveryError as exc:
+            raise await self._classified(exc, len(value)) from exc
+        partition, offset = message.partition(), message.offset()
+        if partition is None or offset is None:  # an acknowledged record has both
+            raise GatewayTimeoutError(f"{self.topic} acknowledged a push without its offset")
+        return PublishReceipt(partition=partition, offset=offset)
+
+    async def _classified(self, exc: KafkaDeliveryError, size: int) -> HeraldError:
+        code = exc.code
+        if code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE):
+            return PushPayloadError(
+                f"the gateway topic refused a {size}-byte push: {exc}", reason="payload_too_large"
             )
-        except (TimeoutError, KafkaTimeoutError) as exc:
-            raise self._timeout(producer) from exc
-        except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
-            raise PushPayloadError(
-                f"the gateway topic refused a {len(value)}-byte push: {exc!r}",
-                reason="payload_too_large",
-            ) from exc
-        except TopicAuthorizationFailedError as exc:
-            raise GatewayUnavailableError(
+        if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            return GatewayUnavailableError(
                 f"not authorised to write {self.topic}", reason="gateway_unauthorized"
-            ) from exc
-        except UnknownTopicOrPartitionError as exc:
-            raise GatewayUnavailableError(
+            )
+        if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+            return GatewayUnavailableError(
                 f"topic {self.topic} does not exist", reason="gateway_topic_missing"
-            ) from exc
-        except KafkaError as exc:
-            raise GatewayUnavailableError(
-                f"publishing to {self.topic} failed: {exc!r}", reason="gateway_error"
-            ) from exc
-        return PublishReceipt(partition=metadata.partition, offset=metadata.offset)
+            )
+        if code == KafkaError._MSG_TIMED_OUT:
+            return await self._timeout()
+        return GatewayUnavailableError(
+            f"publishing to {self.topic} failed: {exc}", reason="gateway_error"
+        )
+
+    async def _timeout(self) -> HeraldError:
+        # librdkafka reports a missing topic as a timed-out record; the cluster's
+        # metadata says which it was.
+        try:
+            partitions = await self._writer.partitions(self.topic, self._timeout_s)
+        except KafkaException:
+            partitions = -1  # the cluster does not answer: a plain timeout
+        if partitions is None:
+            return GatewayUnavailableError(
+                f"topic {self.topic} does not exist (no acknowledgement in {self._timeout_s}s)",
+                reason="gateway_topic_missing",
+            )
+        return GatewayTimeoutError(f"no acknowledgement from {self.topic} in {self._timeout_s}s")
 
     async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
         """Where the push of ``route_id`` (keyed ``key``) was published at or after
         ``since_ms`` (broker timestamps), if it was: the check for a route whose
         previous owner died between publishing it and recording that it had."""
-        producer = await self._started()
         try:
-            partitions = await asyncio.wait_for(
-                producer.partitions_for(self.topic), timeout=self._timeout_s
-            )
-            tp = TopicPartition(self.topic, partition_for(key, len(partitions)))
+            partitions = await self._writer.partitions(self.topic, self._timeout_s)
+            if partitions is None:
+                raise GatewayUnavailableError(
+                    f"topic {self.topic} does not exist", reason="gateway_topic_missing"
+                )
+            tp = TopicPartition(self.topic, partition_for(key, partitions))
             async with self._reader_lock:
                 reader = await self._reader_started()
                 reader.assign([tp])
@@ -136,7 +134,7 @@ class GatewayPublisher:
                             return PublishReceipt(message.partition, message.offset)
                     if not batch:
                         raise GatewayTimeoutError(f"reading {tp} stalled before offset {end}")
-        except (TimeoutError, KafkaError) as exc:
+        except (TimeoutError, AIOKafkaError, KafkaException) as exc:
             raise GatewayUnavailableError(
                 f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
             ) from exc
@@ -155,28 +153,11 @@ class GatewayPublisher:
             self._reader = reader
         return self._reader
 
-    def _timeout(self, producer: AIOKafkaProducer) -> HeraldError:
-        # aiokafka reports a missing or forbidden topic as a metadata timeout; its
-        # cluster view says which.
-        cluster = producer.client.cluster
-        if self.topic in cluster.unauthorized_topics:
-            return GatewayUnavailableError(
-                f"not authorised to write {self.topic}", reason="gateway_unauthorized"
-            )
-        if self.topic not in cluster.topics():
-            return GatewayUnavailableError(
-                f"topic {self.topic} does not exist (no metadata in {self._timeout_s}s)",
-                reason="gateway_topic_missing",
-            )
-        return GatewayTimeoutError(f"no acknowledgement from {self.topic} in {self._timeout_s}s")
-
     async def close(self) -> None:
         """Flush and stop the producer (and the reader, if a check started it)."""
         async with self._reader_lock:
             if self._reader is not None:
                 reader, self._reader = self._reader, None
                 await reader.stop()
-        async with self._lock:
-            if self._producer is not None:
-                producer, self._producer = self._producer, None
-                await producer.stop()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._writer.close, self._timeout_s)

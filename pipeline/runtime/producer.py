@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.errors import KafkaDeliveryError
 
@@ -85,6 +85,23 @@ class KafkaWriter:
                 return future
             except BufferError:  # librdkafka's queue is full: let it drain
                 await asyncio.sleep(_QUEUE_FULL_WAIT_S)
+            except KafkaException as exc:  # refused at once (e.g. over message.max.bytes)
+                error = exc.args[0]
+                future.set_exception(KafkaDeliveryError(error.str(), code=error.code()))
+                return future
+
+    async def partitions(self, topic: str, timeout_s: float) -> int | None:
+        """How many partitions ``topic`` has, or None when the cluster has no such
+        topic (a metadata request, off the event loop)."""
+        producer = self._started()
+        loop = asyncio.get_running_loop()
+        metadata = await loop.run_in_executor(
+            None, lambda: producer.list_topics(topic, timeout=timeout_s)
+        )
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            return None
+        return len(found.partitions)
 
     def _poll(self) -> None:
         """The poll thread: serve delivery reports, wake the loop once per bunch."""
