@@ -101,6 +101,15 @@ class Settings(BaseSettings):
         description="Longest a handled record waits for its batch to be written.",
     )
 
+    batches_in_flight: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "Batches a stage writes while it handles the next (0: it waits for each); "
+            "their table writes and acks still land in order, after their outputs."
+        ),
+    )
+
     clock_offset_ms: int = Field(
         default=0,
         description="Shifts the worker's notion of now (tests, drills); 0 in production.",

@@ -147,6 +147,9 @@ class Worker:
                 registry,
                 self._malformed_other,
                 batch_max=self.settings.smtp_connections,
+                # One batch at a time: a lane never has more routes at the server than
+                # it has connections (docs/email.md).
+                in_flight=0,
             )
         self.runtime.task(self.suppressions.run)
 

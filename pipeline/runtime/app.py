@@ -108,9 +108,11 @@ class Runtime:
         on_error: OnError,
         *,
         batch_max: int | None = None,
+        in_flight: int | None = None,
     ) -> None:
         """Run ``handle`` over ``topics`` (physical names) in batches; ``table`` is the
-        table its views write to once a batch is acknowledged."""
+        table its views write to once a batch is acknowledged; ``in_flight`` batches
+        are written while the next is handled (default HERALD_BATCHES_IN_FLIGHT)."""
         table = table or StageTable({})
 
         async def agent(stream: Any) -> None:
@@ -122,6 +124,7 @@ class Runtime:
                 clock=self.clock,
                 batch_max=batch_max or self.settings.batch_max,
                 linger_s=self.settings.batch_linger_s,
+                in_flight=self.settings.batches_in_flight if in_flight is None else in_flight,
                 continuity=self.continuity,
             )
             await run.run(stream)

@@ -12,17 +12,19 @@ done; so a batch's deliveries overlap (push, and email over its connections).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.runtime.continuity import Continuity, OffsetSet
 from pipeline.runtime.records import Out, RawRecord, normalize_headers
 from pipeline.runtime.sink import AckedSink
-from pipeline.runtime.tables import WriteBehind
+from pipeline.runtime.tables import Layer, WriteBehind
 from pipeline.times import Clock
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,25 @@ def raw_record_of(message: Any) -> RawRecord:
     )
 
 
+@dataclass(slots=True)
+class _Batch:
+    """A batch on its way out: its inputs, outputs, deliveries and table writes."""
+
+    events: list[Any] = field(default_factory=list)
+    outputs: list[Out] = field(default_factory=list)
+    pending: list[tuple[RawRecord, asyncio.Future[Sequence[Out]]]] = field(default_factory=list)
+    layer: Layer = field(default_factory=dict)
+    opened: float = 0.0
+
+
 class BatchRun:
-    """One run of an agent over its stream (a restarted actor gets a fresh one)."""
+    """One run of a stage over its stream (a restarted actor gets a fresh one).
+
+    While Kafka acknowledges up to ``in_flight`` batches, the next one is handled (0:
+    each batch is written before the next record is handled). Each batch's table
+    writes and input acks still happen only after its outputs are acknowledged, and
+    in the order the batches were opened.
+    """
 
     def __init__(
         self,
@@ -58,6 +77,7 @@ class BatchRun:
         clock: Clock,
         batch_max: int,
         linger_s: float,
+        in_flight: int = 0,
         continuity: Continuity | None = None,
     ) -> None:
         self._clock = clock
@@ -67,10 +87,10 @@ class BatchRun:
         self._view = view
         self._batch_max = batch_max
         self._linger_s = linger_s
-        self._events: list[Any] = []
-        self._outputs: list[Out] = []
-        self._pending: list[tuple[RawRecord, asyncio.Future[Sequence[Out]]]] = []
-        self._opened = 0.0
+        self._in_flight = in_flight
+        self._batch = _Batch()
+        #: Batches being written, oldest first.
+        self._writing: collections.deque[asyncio.Task[None]] = collections.deque()
         self._lock = asyncio.Lock()
         # Offsets handled per partition in this run. Faust may resume a stream before
         # it seeks to the committed offsets (faust-streaming #216) and so hand over
@@ -89,25 +109,31 @@ class BatchRun:
             async for event in unacked.events():
                 async with self._lock:
                     await self._take(event)
-                    if len(self._events) >= self._batch_max or unacked.channel.empty():
+                    if len(self._batch.events) >= self._batch_max or unacked.channel.empty():
                         await self._flush(unacked)
             async with self._lock:  # the stream ended (shutdown): write what was handled
                 await self._flush(unacked)
+            while self._writing:
+                await self._writing.popleft()
         finally:
             lingering.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lingering
-            for _, delivery in self._pending:  # cancelled mid-batch: its inputs are re-read
+            # Cancelled mid-batch: the unwritten batches' inputs are re-read.
+            for _, delivery in self._batch.pending:
                 delivery.cancel()
+            for writing in self._writing:
+                writing.cancel()
 
     async def _take(self, event: Any) -> None:
         message = event.message
         sequence = self._sequence
         if sequence and not await sequence.admits(message.topic, message.partition, message.offset):
             return  # past a hole: dropped unacknowledged, read again after the seek
-        if not self._events:
-            self._opened = time.monotonic()
-        self._events.append(event)
+        batch = self._batch
+        if not batch.events:
+            batch.opened = time.monotonic()
+        batch.events.append(event)
         seen = self._handled.setdefault((message.topic, message.partition), OffsetSet())
         if not seen.add(message.offset):
             return
@@ -115,13 +141,13 @@ class BatchRun:
         try:
             outputs = self._handle(raw, self._view)
             if inspect.isawaitable(outputs):
-                self._pending.append((raw, asyncio.ensure_future(outputs)))
+                batch.pending.append((raw, asyncio.ensure_future(outputs)))
             else:
-                self._outputs.extend(outputs)
+                batch.outputs.extend(outputs)
         except Exception as exc:  # one record must never stop the stream
-            self._failed(raw, exc)
+            batch.outputs.append(self._failed(raw, exc))
 
-    def _failed(self, raw: RawRecord, exc: Exception) -> None:
+    def _failed(self, raw: RawRecord, exc: Exception) -> Out:
         log.error(
             "unexpected failure on %s[%d]@%d",
             raw.topic,
@@ -129,35 +155,47 @@ class BatchRun:
             raw.offset,
             exc_info=exc,
         )
-        self._outputs.append(self._on_error(raw, exc, self._clock.now_ms()))
+        return self._on_error(raw, exc, self._clock.now_ms())
 
     async def _flush(self, stream: Any) -> None:
-        if not self._events:
+        """Send the current batch on its way; wait while more than ``in_flight`` are."""
+        batch = self._batch
+        if not batch.events:
             return
-        for raw, delivery in self._pending:
+        batch.layer = self._view.seal()
+        self._batch = _Batch()
+        previous = self._writing[-1] if self._writing else None
+        self._writing.append(asyncio.ensure_future(self._write(batch, previous, stream)))
+        while len(self._writing) > self._in_flight or (
+            self._writing and self._writing[0].done()
+        ):
+            await self._writing.popleft()
+
+    async def _write(self, batch: _Batch, previous: asyncio.Task[None] | None, stream: Any) -> None:
+        for raw, delivery in batch.pending:
             try:
-                self._outputs.extend(await delivery)
+                batch.outputs.extend(await delivery)
             except Exception as exc:
-                self._failed(raw, exc)
-        self._pending.clear()
+                batch.outputs.append(self._failed(raw, exc))
         # The table entries' changelog goes with the outputs: acknowledged together.
-        await self._sink.deliver([*self._outputs, *self._view.changelog_records()])
+        await self._sink.deliver([*batch.outputs, *self._view.changelog_records(batch.layer)])
+        if previous is not None:
+            await asyncio.shield(previous)  # the table takes the batches in order
         try:
-            self._view.commit()
+            self._view.commit(batch.layer)
         except Exception:  # outputs are out; a lost entry only costs a re-accept
             log.exception("could not record a batch in the table")
-        for event in self._events:
+        for event in batch.events:
             if self._continuity is not None:
                 message = event.message
                 self._continuity.allow(message.topic, message.partition, message.offset)
             await stream.ack(event)
-        self._events.clear()
-        self._outputs.clear()
 
     async def _linger(self, stream: Any) -> None:
         while True:
             await asyncio.sleep(self._linger_s / 2)
-            if self._events and time.monotonic() - self._opened >= self._linger_s:
+            batch = self._batch
+            if batch.events and time.monotonic() - batch.opened >= self._linger_s:
                 async with self._lock:
                     await self._flush(stream)
 

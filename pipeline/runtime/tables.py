@@ -54,12 +54,19 @@ class StageTable:
     """Its changelog, when the runtime writes it with each batch."""
 
 
-class WriteBehind(MutableMapping[bytes, Any]):
-    """A table view whose writes reach the table only on :meth:`commit`.
+#: The writes of one batch, sealed when the batch is written (key -> value or deleted).
+Layer = dict[bytes, Any]
 
-    An agent commits after its outputs are acknowledged: had the table entry been
-    written first, a crash in between would make the re-delivered input look like
-    a duplicate of work whose outputs never reached Kafka.
+
+class WriteBehind(MutableMapping[bytes, Any]):
+    """A table view whose writes reach the table only once their batch is acknowledged.
+
+    A stage commits a batch's writes after its outputs are acknowledged: had the
+    table entry been written first, a crash in between would make the re-delivered
+    input look like a duplicate of work whose outputs never reached Kafka. Several
+    batches may be in flight at once (:meth:`seal`): reads see the newest write of
+    the current batch, then of the sealed ones, then the table; sealed layers reach
+    the table oldest first.
     """
 
     def __init__(
@@ -67,14 +74,16 @@ class WriteBehind(MutableMapping[bytes, Any]):
     ) -> None:
         self._table = table
         self._changelog = changelog
-        self._pending: dict[bytes, Any] = {}
+        self._pending: Layer = {}
+        self._sealed: list[Layer] = []
 
     def __getitem__(self, key: bytes) -> Any:
-        if key in self._pending:
-            value = self._pending[key]
-            if value is _DELETED:
-                raise KeyError(key)
-            return value
+        for layer in (self._pending, *reversed(self._sealed)):
+            if key in layer:
+                value = layer[key]
+                if value is _DELETED:
+                    raise KeyError(key)
+                return value
         return self._table[key]
 
     def __setitem__(self, key: bytes, value: Any) -> None:
@@ -84,8 +93,10 @@ class WriteBehind(MutableMapping[bytes, Any]):
         self._pending[key] = _DELETED
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from (k for k, v in self._pending.items() if v is not _DELETED)
-        yield from (k for k in self._table if k not in self._pending)
+        merged: Layer = {k: None for k in self._table}
+        for layer in (*self._sealed, self._pending):
+            merged.update(layer)
+        yield from (k for k, v in merged.items() if v is not _DELETED)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -96,18 +107,34 @@ class WriteBehind(MutableMapping[bytes, Any]):
         except KeyError:
             return default
 
-    def changelog_records(self) -> list[Out]:
-        """The changelog records of the pending writes (none without a changelog)."""
+    def seal(self) -> Layer:
+        """Close the current batch's writes (to :meth:`commit` once it is written)."""
+        layer, self._pending = self._pending, {}
+        self._sealed.append(layer)
+        return layer
+
+    def changelog_records(self, layer: Layer | None = None) -> list[Out]:
+        """The changelog records of ``layer`` (default: the current writes); none
+        without a changelog."""
         changelog = self._changelog
         if changelog is None:
             return []
-        return [changelog.record(key, value) for key, value in self._pending.items()]
+        writes = self._pending if layer is None else layer
+        return [changelog.record(key, value) for key, value in writes.items()]
 
-    def commit(self) -> None:
-        """Write the pending entries (and deletions) to the table."""
-        for key, value in self._pending.items():
+    def commit(self, layer: Layer | None = None) -> None:
+        """Write ``layer`` (the oldest sealed one) to the table; without one, every
+        sealed layer and the current writes."""
+        if layer is None:
+            self.seal()
+            while self._sealed:
+                self.commit(self._sealed[0])
+            return
+        if not self._sealed or self._sealed[0] is not layer:
+            raise RuntimeError("table layers must be committed in the order they were sealed")
+        self._sealed.pop(0)
+        for key, value in layer.items():
             if value is _DELETED:
                 self._table.pop(key, None)
             else:
                 self._table[key] = value
-        self._pending.clear()

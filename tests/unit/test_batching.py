@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from pipeline.runtime.batches import BatchRun, Handle, OnError
 from pipeline.runtime.continuity import Continuity, OffsetSet
 from pipeline.runtime.records import Out, RawRecord
@@ -69,6 +71,8 @@ def batch_run(
     table: dict[bytes, Any] | None = None,
     linger_s: float = 0.02,
     continuity: Continuity | None = None,
+    in_flight: int = 0,
+    batch_max: int = 100,
 ) -> BatchRun:
     """A BatchRun writing through ``broker`` into ``table``."""
     return BatchRun(
@@ -77,8 +81,9 @@ def batch_run(
         AckedSink(broker.send),
         WriteBehind({} if table is None else table),
         clock=Clock(),
-        batch_max=100,
+        batch_max=batch_max,
         linger_s=linger_s,
+        in_flight=in_flight,
         continuity=continuity,
     )
 
@@ -320,3 +325,50 @@ async def test_faust_does_not_fill_a_jump_in_a_stream_topic_as_acked() -> None:
     await guarded(Message("in", 0, 0), 58, 65)  # records Faust lost: no fill
     await guarded(Message("compacted", 0, 0), 3, 9)  # compaction: fill as before
     assert filled == [("compacted", 3, 9)]
+
+
+async def test_batches_in_flight_overlap_but_land_in_order_after_their_acks() -> None:
+    """With two batches in flight, the third waits; a later batch acked first is not
+    recorded before the earlier one, and reads see the unacknowledged writes."""
+    seen: list[Any] = []
+
+    def count(raw: RawRecord, view: WriteBehind) -> list[Out]:
+        seen.append(view.get(b"n"))
+        view[b"n"] = (view.get(b"n") or 0) + 1
+        return [Out(f"t{raw.offset}", None, str(raw.offset).encode())]
+
+    stream, broker = FakeStream(), FakeBroker()
+    table: dict[bytes, Any] = {}
+    run = batch_run(count, failing_error, broker, table=table, in_flight=2, batch_max=1)
+    broker.answering.clear()
+    for offset in range(4):
+        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+    task = asyncio.ensure_future(run.run(stream))
+    await asyncio.sleep(0.1)
+    # Batches 0 and 1 are in flight, 2 is handled and waits for room: 3 is not.
+    assert seen == [None, 1, 2]
+    assert (stream.acked, table) == ([], {})
+    broker.answering.set()
+    await asyncio.sleep(0.1)
+    assert seen == [None, 1, 2, 3]
+    assert stream.acked == [0, 1, 2, 3]
+    assert table == {b"n": 4}
+    stream.queue.put_nowait(None)
+    await task
+
+
+def test_sealed_layers_reach_the_table_only_in_order() -> None:
+    table: dict[bytes, Any] = {b"a": 0}
+    view = WriteBehind(table)
+    view[b"a"] = 1
+    first = view.seal()
+    del view[b"a"]
+    second = view.seal()
+    view[b"b"] = 2
+    assert (view.get(b"a"), view[b"b"], sorted(view)) == (None, 2, [b"b"])
+    with pytest.raises(RuntimeError, match="order"):
+        view.commit(second)
+    view.commit(first)
+    assert table == {b"a": 1}
+    view.commit()
+    assert table == {b"b": 2}
