@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Self
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Field names of each record class, in schema order.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 class AvroRecord:
@@ -23,7 +25,13 @@ class AvroRecord:
 
     def to_avro(self) -> dict[str, Any]:
         """The record as a dict for fastavro."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:  # dataclasses.fields() per record costs more than the dict
+            names = _FIELD_NAMES[type(self)] = tuple(
+                f.name
+                for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            )
+        return {name: getattr(self, name) for name in names}
 
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> Self:

@@ -9,6 +9,7 @@ reason) or ``recipient_unknown`` (the user never appeared within the wait budget
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -95,6 +96,9 @@ class Router:
     ) -> None:
         settings, topology = ctx.settings, ctx.topology
         self._contracts = ctx.contracts
+        # Profiles change rarely and are read per recipient: decode each version once
+        # (keyed by its bytes, so a new version is a new entry; never mutated here).
+        self._profile = functools.lru_cache(maxsize=8192)(ctx.contracts.user.decode)
         self._catalog = ctx.catalog
         self._templates = ctx.templates
         # Push tokens the gateway reported dead, by user_id (pipeline.stages.push).
@@ -136,7 +140,7 @@ class Router:
         profile_bytes = users.get(user_id.encode("utf-8"))
         if profile_bytes is None:
             return self._wait_for_user(raw, recipient, spec, now_ms)
-        profile = self._contracts.user.decode(profile_bytes)
+        profile = self._profile(profile_bytes)
         return self._user_routes(recipient, spec, profile, now_ms)
 
     def _wait_for_user(
