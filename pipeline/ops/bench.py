@@ -7,15 +7,25 @@ nothing. docs/performance.md explains the method and keeps the figures.
 - Baselines: a raw confluent-kafka consume-and-produce passthrough, and a minimal
   Faust passthrough agent configured like Herald's (acks=all, raw bytes), each moving
   the same number of ~300-byte records between two 6-partition topics.
-- Push saturation: intents for users with a device and no email are published first,
-  then a worker is started; the rate is intents / (first status event .. last gateway
-  record), the end-to-end work of intake, enrichment, routing and push.
-- Push at a fixed load: the running worker gets intents at ``rate`` per second;
+- Saturation, backlog drain: intents for users with a device and no email are
+  published first, then the workers (``--workers``, push only) are started; the rate
+  is intents / (first status event .. last gateway record), intake, enrichment,
+  routing and push working off a backlog stage after stage.
+- Saturation, pipelined: once the workers' group is stable and they have drained the
+  backlog, as many intents again are offered as fast as the producer takes them; the
+  rate is intents / (first intent handed to the producer .. last delivered), the
+  stages overlapping as they do in production.
+- Latency at a fixed load: the running workers get intents at ``rate`` per second;
   latency is gateway record time minus the moment the intent was handed to the
   producer, per intent.
-- The same two for email, against an in-process SMTP sink that records when it
-  accepted each mail.
-- The worker's peak resident memory (VmHWM) after each run.
+- The same three for email (always one worker), against an in-process SMTP sink that
+  records when it accepted each mail.
+- The workers' peak resident memory (VmHWM, summed over the workers) after each run.
+- Each pipeline rate also as a share of the two baselines of the same bench run.
+
+One producer per channel publishes every intent; it is connected and holds its
+idempotence PID before anything is timed. Push deliveries are seen by one consumer
+following the gateway topic on a thread of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupState,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     NewTopic,
@@ -44,7 +62,7 @@ from pipeline.contracts import Contracts
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.records import PushDevice, UserProfile
 from pipeline.errors import HeraldError
-from pipeline.ops.reader import read_messages, read_topic
+from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.topology import Topology
@@ -54,6 +72,8 @@ Echo = Callable[[str], None]
 _HERALD = str(Path(sys.executable).with_name("herald"))
 _SEQ = re.compile(r"bench-(\d+)")
 _USERS = 1000
+_RAW = "raw confluent-kafka passthrough"
+_FAUST = "minimal Faust passthrough agent"
 
 
 @dataclass
@@ -64,11 +84,17 @@ class Run:
     count: int
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
-    peak_rss_mb: float | None = None
+    peak_rss_each_mb: list[float] = field(default_factory=list)
+    """Each worker's peak RSS (one entry per worker process)."""
 
     @property
     def rate(self) -> float:
         return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        """The workers' peak RSS, summed."""
+        return sum(self.peak_rss_each_mb) if self.peak_rss_each_mb else None
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies_ms:
@@ -86,6 +112,7 @@ class Run:
             "p95_ms": self.percentile(0.95),
             "p99_ms": self.percentile(0.99),
             "peak_rss_mb": self.peak_rss_mb,
+            "peak_rss_each_mb": self.peak_rss_each_mb or None,
         }
 
 
@@ -117,6 +144,53 @@ class WorkerProcess:
         self._log.close()
 
 
+class Workers:
+    """``count`` `herald worker` processes in one consumer group, each with a state
+    directory of its own (their local table stores must not be shared)."""
+
+    def __init__(self, settings: Settings, count: int, state: Path, name: str) -> None:
+        self.settings = settings
+        self.procs: list[WorkerProcess] = []
+        try:
+            for index in range(count):
+                own = settings.model_copy(update={"state_dir": state / f"worker-{index}"})
+                self.procs.append(WorkerProcess(own, state / f"worker-{name}-{index}.log"))
+        except BaseException:
+            self.stop()
+            raise
+
+    def peak_rss_each_mb(self) -> list[float]:
+        return [rss for rss in (w.peak_rss_mb() for w in self.procs) if rss is not None]
+
+    def await_stable(self, timeout_s: float = 180) -> None:
+        """Until the group is stable with every worker in it: a rebalance inside a
+        timed run would measure the join, not the pipeline."""
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+        group = self.settings.app_id  # Faust's consumer group is its app id
+        deadline = time.monotonic() + timeout_s
+        seen = "not described"
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.proc.poll() is not None:
+                    raise HeraldError(f"a worker exited with {proc.proc.returncode}")
+            try:
+                found = admin.describe_consumer_groups([group])[group].result(timeout=15)
+            except KafkaException as exc:
+                seen = str(exc)
+            else:
+                seen = f"{found.state.name}, {len(found.members)} member(s)"
+                if found.state == ConsumerGroupState.STABLE and len(found.members) == len(
+                    self.procs
+                ):
+                    return
+            time.sleep(0.5)
+        raise HeraldError(f"group {group} not stable with {len(self.procs)} workers: {seen}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
 def _settings_for(base: Settings, run: str, state: Path, **updates: Any) -> Settings:
     return base.model_copy(
         update={
@@ -127,6 +201,55 @@ def _settings_for(base: Settings, run: str, state: Path, **updates: Any) -> Sett
             **updates,
         }
     )
+
+
+class _Follower:
+    """One consumer following a whole topic from its beginning on a thread of its own,
+    handing each record to ``on_message``: re-reading the topic to see what arrived
+    would cost the bench process (and so the workers beside it) more as the topic
+    grows."""
+
+    def __init__(
+        self, settings: Settings, topic: str, on_message: Callable[[Message], None]
+    ) -> None:
+        self._on_message = on_message
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "group.id": f"{settings.app_id}-bench-follower",  # never joined
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
+        try:
+            meta = self._consumer.list_topics(topic, timeout=15).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise HeraldError(f"cannot follow {topic}: {meta.error if meta else 'missing'}")
+            self._consumer.assign(
+                [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+            )
+        except BaseException:
+            self._consumer.close()
+            raise
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._follow, name=f"follow {topic}", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for message in self._consumer.consume(num_messages=1000, timeout=0.2):
+                    if not message.error():
+                        self._on_message(message)
+        except BaseException as exc:  # shown by whoever waits on this follower
+            self.failure = exc
+        finally:
+            self._consumer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
 
 
 # --- baselines ---------------------------------------------------------------------
@@ -163,12 +286,14 @@ def _fill(settings: Settings, topic: str, count: int, size: int = 300) -> None:
 def _window(settings: Settings, topic: str, count: int, timeout_s: float) -> float:
     """Seconds between the first and the last of ``count`` records on ``topic``, once
     they are all there (record timestamps: when their producer wrote them)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stamps = [ts for _, _, ts, _, _ in read_topic(settings, topic)]
-        if len(stamps) >= count or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    stamps: list[int] = []
+    follower = _Follower(settings, topic, lambda m: stamps.append(m.timestamp()[1]))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(stamps) < count and time.monotonic() < deadline and not follower.failure:
+            time.sleep(0.1)
+    finally:
+        follower.stop()
     if len(stamps) < count:
         raise HeraldError(f"only {len(stamps)} of {count} records reached {topic}")
     return (max(stamps) - min(stamps)) / 1000
@@ -212,7 +337,7 @@ def raw_passthrough(settings: Settings, count: int) -> Run:
         seconds = time.monotonic() - started
     finally:
         consumer.close()
-    return Run("raw confluent-kafka passthrough", count, seconds)
+    return Run(_RAW, count, seconds)
 
 
 def faust_passthrough(settings: Settings, count: int, state: Path) -> Run:
@@ -232,45 +357,57 @@ def faust_passthrough(settings: Settings, count: int, state: Path) -> Run:
         finally:
             proc.terminate()
             proc.wait(30)
-    return Run("minimal Faust passthrough agent", count, seconds)
+    return Run(_FAUST, count, seconds)
 
 
 # --- the pipeline ------------------------------------------------------------------
 
 
-def _users(settings: Settings, channel: str) -> None:
-    with HeraldProducer(settings) as herald:
-        for index in range(_USERS):
-            if channel == "push":
-                profile = UserProfile(
-                    user_id=f"b{index}",
-                    channels_disabled=["email"],
-                    push_devices=[PushDevice(token=f"token-{index}")],
-                )
-            else:
-                profile = UserProfile(user_id=f"b{index}", email=f"b{index}@bench.invalid")
-            herald.put_user(profile, wait=False)
+class _BenchProducer(HeraldProducer):
+    """The one producer of a channel's runs."""
+
+    def warm(self) -> None:
+        """Have the connection, the idempotence PID and the intents topic's metadata
+        before anything is timed: the first timed intents would pay for them."""
+        self._producer.list_topics(self._intents_topic, timeout=15)
+        self.flush()  # at least one acknowledged record (the users): PID acquired
 
 
-def _publish(settings: Settings, first: int, count: int, rate: float | None) -> dict[int, float]:
-    """Publish intents ``first`` .. ``first+count-1``; the time each was handed over."""
+def _users(herald: HeraldProducer, channel: str) -> None:
+    for index in range(_USERS):
+        if channel == "push":
+            profile = UserProfile(
+                user_id=f"b{index}",
+                channels_disabled=["email"],
+                push_devices=[PushDevice(token=f"token-{index}")],
+            )
+        else:
+            profile = UserProfile(user_id=f"b{index}", email=f"b{index}@bench.invalid")
+        herald.put_user(profile, wait=False)
+
+
+def _publish(
+    herald: HeraldProducer, first: int, count: int, rate: float | None
+) -> dict[int, float]:
+    """Publish intents ``first`` .. ``first+count-1`` (at ``rate`` per second, or as fast
+    as the producer takes them); the time each was handed over."""
     sent: dict[int, float] = {}
     started = time.monotonic()
-    with HeraldProducer(settings) as herald:
-        for seq in range(first, first + count):
-            if rate:
-                delay = started + (seq - first) / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            sent[seq] = time.time() * 1000
-            herald.publish_intent(
-                notification_type="game.turn.ready",
-                producer="bench",
-                idempotency_key=f"intent-{seq}",
-                recipient_user_ids=[f"b{seq % _USERS}"],
-                payload={"game_id": "g", "game_name": f"bench-{seq}", "turn_number": 1},
-                wait=False,
-            )
+    for seq in range(first, first + count):
+        if rate:
+            delay = started + (seq - first) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        sent[seq] = time.time() * 1000
+        herald.publish_intent(
+            notification_type="game.turn.ready",
+            producer="bench",
+            idempotency_key=f"intent-{seq}",
+            recipient_user_ids=[f"b{seq % _USERS}"],
+            payload={"game_id": "g", "game_name": f"bench-{seq}", "turn_number": 1},
+            wait=False,
+        )
+    herald.flush(60)
     return sent
 
 
@@ -290,14 +427,18 @@ class _Arrivals:
             return sum(1 for s in seqs if s in self.at_ms)
 
 
-def _gateway_arrivals(settings: Settings, arrivals: _Arrivals) -> None:
-    for message in read_messages(settings, settings.gateway_topic_name):
+def _follow_gateway(settings: Settings, arrivals: _Arrivals) -> _Follower:
+    """Record each bench push as it reaches the gateway topic (its record time)."""
+
+    def arrived(message: Message) -> None:
         try:
             payload = push_payloads.decode(message.value())
         except HeraldError:
-            continue
+            return
         if match := _SEQ.fullmatch(str(payload.body.get("game_name", ""))):
             arrivals.add(int(match[1]), float(message.timestamp()[1]))
+
+    return _Follower(settings, settings.gateway_topic_name, arrived)
 
 
 class _SmtpSink:
@@ -327,20 +468,25 @@ class _SmtpSink:
 
 
 def _wait(
-    arrivals: _Arrivals, seqs: Sequence[int], timeout_s: float, refresh: Callable[[], None]
+    arrivals: _Arrivals, seqs: Sequence[int], timeout_s: float, follower: _Follower | None
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while arrivals.count(seqs) < len(seqs):
+        if follower is not None and follower.failure is not None:
+            raise HeraldError(f"following the gateway topic failed: {follower.failure}")
         if time.monotonic() > deadline:
             raise HeraldError(f"only {arrivals.count(seqs)} of {len(seqs)} delivered in time")
-        time.sleep(1)
-        refresh()
+        time.sleep(0.1)
 
 
 def _first_status_ms(settings: Settings, contracts: Contracts) -> float:
     return float(
         min(ts for _, _, ts, _, _ in read_topic(settings, settings.topic("notification.status")))
     )
+
+
+def _label(channel: str, workers: int) -> str:
+    return f"{channel}, {workers} worker{'s' if workers > 1 else ''}"
 
 
 def pipeline_runs(
@@ -351,53 +497,77 @@ def pipeline_runs(
     duration_s: float,
     state: Path,
     echo: Echo,
+    workers: int = 1,
 ) -> list[Run]:
-    """Saturation and fixed-load runs of the whole pipeline to one channel."""
+    """Backlog-drain, pipelined and fixed-load runs of the whole pipeline to one
+    channel, with ``workers`` worker processes."""
     contracts = Contracts(settings)
     arrivals = _Arrivals()
+    label = _label(channel, workers)
     sink: _SmtpSink | None = None
-    if channel == "email":
-        sink = _SmtpSink(arrivals)
-        settings = settings.model_copy(update={"smtp_port": sink.start(), "email_provider": "smtp"})
-
-    def refresh() -> None:
-        if channel == "push":
-            _gateway_arrivals(settings, arrivals)
-
-    _users(settings, channel)
-    echo(f"  {channel}: publishing {saturation} intents, then starting a worker")
-    sent = _publish(settings, 0, saturation, None)
-    worker = WorkerProcess(settings, state / f"worker-{channel}.log")
-    runs = []
+    follower: _Follower | None = None
+    group: Workers | None = None
+    runs: list[Run] = []
     try:
-        seqs = list(range(saturation))
-        _wait(arrivals, seqs, 900, refresh)
-        first = _first_status_ms(settings, contracts)
-        last = max(arrivals.at_ms[s] for s in seqs)
-        runs.append(
-            Run(
-                f"{channel}: end to end at saturation",
-                saturation,
-                (last - first) / 1000,
-                peak_rss_mb=worker.peak_rss_mb(),
+        if channel == "email":
+            sink = _SmtpSink(arrivals)
+            settings = settings.model_copy(
+                update={"smtp_port": sink.start(), "email_provider": "smtp"}
             )
-        )
-        offered = int(rate * duration_s)
-        echo(f"  {channel}: offering {offered} intents at {rate:.0f}/s")
-        sent = _publish(settings, saturation, offered, rate)
-        seqs = list(range(saturation, saturation + offered))
-        _wait(arrivals, seqs, 900, refresh)
-        runs.append(
-            Run(
-                f"{channel}: latency at {rate:.0f} intents/s",
-                offered,
-                (max(arrivals.at_ms[s] for s in seqs) - min(sent.values())) / 1000,
-                latencies_ms=[arrivals.at_ms[s] - sent[s] for s in seqs],
-                peak_rss_mb=worker.peak_rss_mb(),
+        else:
+            follower = _follow_gateway(settings, arrivals)
+        with _BenchProducer(settings) as herald:
+            _users(herald, channel)
+            herald.warm()
+
+            echo(f"  {label}: publishing {saturation} intents, then starting the workers")
+            _publish(herald, 0, saturation, None)
+            group = Workers(settings, workers, state, channel)
+            seqs = list(range(saturation))
+            _wait(arrivals, seqs, 900, follower)
+            first = _first_status_ms(settings, contracts)
+            runs.append(
+                Run(
+                    f"{label}: saturation, backlog drain",
+                    saturation,
+                    (max(arrivals.at_ms[s] for s in seqs) - first) / 1000,
+                    peak_rss_each_mb=group.peak_rss_each_mb(),
+                )
             )
-        )
+
+            group.await_stable()
+            echo(f"  {label}: offering {saturation} intents as fast as the producer takes them")
+            sent = _publish(herald, saturation, saturation, None)
+            seqs = list(range(saturation, 2 * saturation))
+            _wait(arrivals, seqs, 900, follower)
+            runs.append(
+                Run(
+                    f"{label}: saturation, pipelined",
+                    saturation,
+                    (max(arrivals.at_ms[s] for s in seqs) - min(sent.values())) / 1000,
+                    peak_rss_each_mb=group.peak_rss_each_mb(),
+                )
+            )
+
+            offered = int(rate * duration_s)
+            echo(f"  {label}: offering {offered} intents at {rate:.0f}/s")
+            sent = _publish(herald, 2 * saturation, offered, rate)
+            seqs = list(range(2 * saturation, 2 * saturation + offered))
+            _wait(arrivals, seqs, 900, follower)
+            runs.append(
+                Run(
+                    f"{label}: latency at {rate:.0f} intents/s",
+                    offered,
+                    (max(arrivals.at_ms[s] for s in seqs) - min(sent.values())) / 1000,
+                    latencies_ms=[arrivals.at_ms[s] - sent[s] for s in seqs],
+                    peak_rss_each_mb=group.peak_rss_each_mb(),
+                )
+            )
     finally:
-        worker.stop()
+        if group is not None:
+            group.stop()
+        if follower is not None:
+            follower.stop()
         if sink is not None:
             sink.stop()
     return runs
@@ -412,8 +582,10 @@ def run_bench(
     email_intents: int,
     baselines: bool,
     echo: Echo,
+    workers: int = 1,
 ) -> list[Run]:
-    """Every run, printed as it finishes; topics deleted at the end."""
+    """Every run, printed as it finishes; topics deleted at the end. ``workers`` worker
+    processes serve the push runs (the email runs have one)."""
     run_id = uuid.uuid4().hex[:8]
     state = base.state_dir / "bench" / run_id
     state.mkdir(parents=True, exist_ok=True)
@@ -434,7 +606,9 @@ def run_bench(
             done(raw_passthrough(settings, intents))
             done(faust_passthrough(settings, intents, state))
         echo("pipeline")
-        for run in pipeline_runs(settings, "push", intents, rate, duration_s, state, echo):
+        for run in pipeline_runs(
+            settings, "push", intents, rate, duration_s, state, echo, workers=workers
+        ):
             done(run)
         if email_intents:
             mail = _settings_for(base, f"{run_id}m", state)
@@ -449,10 +623,14 @@ def run_bench(
                 done(run)
     finally:
         topology_admin.delete_prefixed(settings)
-    _ratios(runs, echo)
-    (state / "figures.json").write_text(json.dumps([r.as_dict() for r in runs], indent=2))
+    shares = _ratios(runs, echo)
+    figures = [{**run.as_dict(), **shares.get(run.name, {})} for run in runs]
+    (state / "figures.json").write_text(json.dumps(figures, indent=2))
     echo(f"figures: {state / 'figures.json'}")
     return runs
+
+
+_NAME_WIDTH = 44
 
 
 def _line(run: Run) -> str:
@@ -460,14 +638,32 @@ def _line(run: Run) -> str:
     if run.latencies_ms:
         p50, p95, p99 = (run.percentile(q) for q in (0.5, 0.95, 0.99))
         latency = f"  P50 {p50:.0f} ms  P95 {p95:.0f} ms  P99 {p99:.0f} ms"
-    memory = f"  peak RSS {run.peak_rss_mb:.0f} MiB" if run.peak_rss_mb else ""
+    memory = ""
+    if run.peak_rss_mb:
+        memory = f"  peak RSS {run.peak_rss_mb:.0f} MiB"
+        if len(run.peak_rss_each_mb) > 1:
+            memory += " (" + " + ".join(f"{rss:.0f}" for rss in run.peak_rss_each_mb) + ")"
     figures = f"{run.count:7d} in {run.seconds:6.1f}s = {run.rate:8.0f}/s"
-    return f"  {run.name:38} {figures}{latency}{memory}"
+    return f"  {run.name:{_NAME_WIDTH}} {figures}{latency}{memory}"
 
 
-def _ratios(runs: list[Run], echo: Echo) -> None:
+def _ratios(runs: list[Run], echo: Echo) -> dict[str, dict[str, float]]:
+    """Print each pipeline rate as a share of this bench run's baselines; the shares
+    by run name (``of_raw``, ``of_faust``) for figures.json."""
     by_name = {run.name: run for run in runs}
-    push = by_name.get("push: end to end at saturation")
-    for baseline in ("raw confluent-kafka passthrough", "minimal Faust passthrough agent"):
-        if push and baseline in by_name and by_name[baseline].rate:
-            echo(f"  push pipeline / {baseline}: {push.rate / by_name[baseline].rate:.1%}")
+    bases = [
+        (key, short, by_name[name])
+        for key, short, name in (("of_faust", "Faust", _FAUST), ("of_raw", "raw", _RAW))
+        if name in by_name and by_name[name].rate
+    ]
+    shares: dict[str, dict[str, float]] = {}
+    if not bases:
+        return shares
+    echo("pipeline rates as shares of the passthroughs")
+    for run in runs:
+        if run.name in (_RAW, _FAUST):
+            continue
+        shares[run.name] = {key: round(run.rate / base.rate, 5) for key, _, base in bases}
+        text = "  ".join(f"{run.rate / base.rate:7.2%} of {short}" for _, short, base in bases)
+        echo(f"  {run.name:{_NAME_WIDTH}} {text}")
+    return shares

@@ -497,7 +497,7 @@ def malformed_show(origin: str) -> None:
     type=int,
     default=20000,
     show_default=True,
-    help="Records per baseline and intents for the push saturation run.",
+    help="Records per baseline and intents for each push saturation run (drain, pipelined).",
 )
 @click.option(
     "--rate",
@@ -518,11 +518,23 @@ def malformed_show(origin: str) -> None:
     type=int,
     default=2000,
     show_default=True,
-    help="Intents for the email saturation run (0: no email runs).",
+    help="Intents for each email saturation run (0: no email runs).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes (one consumer group) serving the push runs; email runs use one.",
 )
 @click.option("--no-baselines", is_flag=True, help="Skip the passthrough baselines.")
 def bench(
-    intents: int, rate: float, duration: float, email_intents: int, no_baselines: bool
+    intents: int,
+    rate: float,
+    duration: float,
+    email_intents: int,
+    workers: int,
+    no_baselines: bool,
 ) -> None:
     """Measure throughput, latency and memory on this broker; print the figures
     (docs/performance.md)."""
@@ -536,6 +548,7 @@ def bench(
         email_intents=email_intents,
         baselines=not no_baselines,
         echo=click.echo,
+        workers=workers,
     )
 
 

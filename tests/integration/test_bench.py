@@ -37,18 +37,17 @@ def test_the_benchmark_prints_every_figure(isolated: Settings, tmp_path: Path) -
         check=False,
     )
     assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
-    for name in (
-        "raw confluent-kafka passthrough",
-        "minimal Faust passthrough agent",
-        "push: end to end at saturation",
-        "push: latency at 200 intents/s",
-        "email: end to end at saturation",
-        "email: latency at 200 intents/s",
-        "push pipeline / minimal Faust passthrough agent",
-    ):
+    figures = ("saturation, backlog drain", "saturation, pipelined", "latency at 200 intents/s")
+    pipeline = [f"{channel}, 1 worker: {run}" for channel in ("push", "email") for run in figures]
+    for name in ["raw confluent-kafka passthrough", "minimal Faust passthrough agent", *pipeline]:
         assert name in shown.stdout, name
-    (figures,) = (tmp_path / "bench").glob("*/figures.json")
-    runs = {run["name"]: run for run in json.loads(figures.read_text())}
-    assert runs["push: latency at 200 intents/s"]["count"] == 200
-    assert runs["push: latency at 200 intents/s"]["p99_ms"] is not None
-    assert runs["push: end to end at saturation"]["peak_rss_mb"] > 0
+    assert "pipeline rates as shares of the passthroughs" in shown.stdout
+    (written,) = (tmp_path / "bench").glob("*/figures.json")
+    runs = {run["name"]: run for run in json.loads(written.read_text())}
+    assert runs["push, 1 worker: latency at 200 intents/s"]["count"] == 200
+    assert runs["push, 1 worker: latency at 200 intents/s"]["p99_ms"] is not None
+    assert runs["push, 1 worker: saturation, pipelined"]["count"] == 300
+    assert runs["push, 1 worker: saturation, backlog drain"]["peak_rss_mb"] > 0
+    for name in pipeline:  # every pipeline figure as a share of both baselines
+        assert runs[name]["of_faust"] > 0, name
+        assert runs[name]["of_raw"] > 0, name
