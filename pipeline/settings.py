@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         description="Longest a handled record waits for its batch to be written.",
     )
 
+    push_handoff: bool = Field(
+        default=True,
+        description=(
+            "The route stage publishes a push it routes now itself instead of writing it "
+            "to notification.push.requested for the push stage (docs/push.md)."
+        ),
+    )
+
     batches_in_flight: int = Field(
         default=2,
         ge=0,

@@ -13,6 +13,7 @@ from pipeline.providers import email_provider
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.runtime.app import Runtime
+from pipeline.runtime.batches import Handle
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.tables import StageTable, WriteBehind
 from pipeline.settings import Settings
@@ -20,6 +21,7 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayRelease, DelayTiers
 from pipeline.stages.deliveries import expired_entries
 from pipeline.stages.email import LANES, EmailChannel
+from pipeline.stages.handoff import PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.intake import Intake
 from pipeline.stages.outputs import malformed
 from pipeline.stages.push import DeviceFeedbackLog, PushChannel
@@ -44,6 +46,10 @@ class Worker:
         self.invalid_tokens = self.runtime.table("push-tokens", "herald.push.tokens.changelog")
         self.router = Router(ctx, self.invalid_tokens.store)
         self.suppressions = SuppressionList(settings)
+        # One push channel for the push stage and the route stage's hand-off: its
+        # in-flight set keeps the two from publishing one route at once.
+        self.push = PushChannel(ctx, GatewayPublisher(settings), self.runtime.sink.deliver)
+        self.push_registry = self._registry("push")
         self._wire_intake()
         self._wire_routing()
         self._wire_email()
@@ -89,6 +95,12 @@ class Worker:
         def route(raw: RawRecord, view: WriteBehind) -> list[Out]:
             return router.handle(raw, view, clock.now_ms())
 
+        handle: Handle = route
+        attached = None
+        if self.settings.push_handoff:
+            handle = RouteAndPush(self.ctx, router, self.push).handle
+            attached = {PUSH_REGISTRY: self.push_registry}
+
         runtime.stage(
             "herald.users",
             [directory.users_topic, directory.keyed_topic],
@@ -99,9 +111,10 @@ class Worker:
         runtime.stage(
             "herald.route",
             [router.recipients_topic, router.rejoin_topic],
-            route,
+            handle,
             users,
             self._malformed_other,
+            attached=attached,
         )
 
     def _registry(self, channel: str) -> StageTable:
@@ -154,13 +167,13 @@ class Worker:
         self.runtime.task(self.suppressions.run)
 
     def _wire_push(self) -> None:
-        channel = PushChannel(self.ctx, GatewayPublisher(self.settings), self.runtime.sink.deliver)
+        channel = self.push
         # A batch's publications overlap (see BatchRun), so push takes full batches.
         self.runtime.stage(
             "herald.push",
             [channel.requests_topic],
             channel.handle,
-            self._registry("push"),
+            self.push_registry,
             self._malformed_other,
         )
         feedback, clock = self.feedback, self.ctx.clock

@@ -229,6 +229,7 @@ _TAILS = {
     "users": ("notification.users", "user"),
     "email-requests": ("notification.email.requested", "channel_request"),
     "push-requests": ("notification.push.requested", "channel_request"),
+    "push-routes": ("notification.push.routes", "channel_request"),
     "email-priority": ("notification.email.priority", "channel_request"),
     "email-dlq": ("notification.email.dlq", "dead_letter"),
     "push-dlq": ("notification.push.dlq", "dead_letter"),

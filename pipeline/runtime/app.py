@@ -109,10 +109,12 @@ class Runtime:
         *,
         batch_max: int | None = None,
         in_flight: int | None = None,
+        attached: dict[str, StageTable] | None = None,
     ) -> None:
         """Run ``handle`` over ``topics`` (physical names) in batches; ``table`` is the
         table its views write to once a batch is acknowledged; ``in_flight`` batches
-        are written while the next is handled (default HERALD_BATCHES_IN_FLIGHT)."""
+        are written while the next is handled (default HERALD_BATCHES_IN_FLIGHT);
+        ``attached`` tables are further ones the stage writes (``view.attached(name)``)."""
         table = table or StageTable({})
 
         async def agent(stream: Any) -> None:
@@ -120,7 +122,14 @@ class Runtime:
                 handle,
                 on_error,
                 self.sink,
-                WriteBehind(table.store, table.changelog),
+                WriteBehind(
+                    table.store,
+                    table.changelog,
+                    {
+                        name: WriteBehind(other.store, other.changelog)
+                        for name, other in (attached or {}).items()
+                    },
+                ),
                 clock=self.clock,
                 batch_max=batch_max or self.settings.batch_max,
                 linger_s=self.settings.batch_linger_s,
@@ -168,9 +177,10 @@ class Runtime:
         seam = self.seam
 
         async def start(topic: str, partition: int) -> int:
-            offset = seam.committed_offset(topic, partition)
-            if offset is not None:
-                return offset
+            # The broker's commit, never Faust's _committed_offset: Faust clears that on
+            # revoke, but a commit finishing in the rebalance window writes it again for
+            # the revoked partitions and nothing clears it after, so a partition that
+            # comes back would find its earlier ownership's offset.
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, self.watchdog.start_offset, topic, partition)
 
@@ -181,7 +191,7 @@ class Runtime:
 
         def assigned(partitions: Iterable[tuple[str, int]]) -> None:
             # The consumer exists by the first assignment.
-            seam.guard(continuity.guard, continuity.guard_gaps)
+            seam.guard(continuity.guard, continuity.guard_gaps, continuity.read_offsets)
             continuity.assigned(partitions)
 
         seam.on_assigned(assigned)
@@ -202,7 +212,8 @@ class Runtime:
             if fresh:
                 # First cure: read them again from the committed offset, in-process.
                 log.warning("re-reading stalled partitions from their committed offsets: %s", fresh)
-                await self.seam.seek({tp: max(offset, 0) for tp, offset in fresh.items()})
+                for (topic, partition), offset in fresh.items():  # with floors (continuity)
+                    await self.continuity.rewind(topic, partition, max(offset, 0))
                 reseeked.update(fresh)
                 watchdog.restart_clock(fresh)
             elif stuck:

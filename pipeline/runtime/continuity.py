@@ -59,6 +59,31 @@ class OffsetSet:
 REWIND_AGAIN_S = 3.0
 
 
+class FlooredReadOffsets(dict[Any, Any]):
+    """Faust's ``Consumer._read_offset`` with a floor per partition sought back.
+
+    Faust's fetch loop drops every record below a partition's read offset and, for
+    each record it hands on, sets that offset to the record's, also for the rest of a
+    batch it fetched before a seek: a seek back is undone within milliseconds and the
+    re-fetched records are dropped (its dev-level "DROPPED MESSAGE ROFF"), so the hole
+    is sought again and again while records keep coming (the two-worker stall of
+    issue 13). While a partition has a floor (the first offset of a hole), its read
+    offset reads as at most the floor, so the records from the floor on get through,
+    whatever the loop wrote meanwhile.
+    """
+
+    def __init__(self, floors: dict[tuple[str, int], int], *args: Any) -> None:
+        super().__init__(*args)
+        self._floors = floors
+
+    def __getitem__(self, key: Any) -> int | None:  # Faust's was defaultdict(lambda: None)
+        value = dict.get(self, key)
+        floor = self._floors.get(key)  # Faust's TP is a (topic, partition) named tuple
+        if floor is None or value is None:
+            return None if value is None else int(value)
+        return min(int(value), floor)
+
+
 class Continuity:
     """Catches records a stream skipped, and has them read again.
 
@@ -88,6 +113,9 @@ class Continuity:
         self._start = start
         self._seek = seek
         self._allowed: set[tuple[str, int, int]] = set()
+        #: Partitions sought back over a hole: the hole's first offset, until a run
+        #: admits it (see :class:`FlooredReadOffsets`).
+        self.floors: dict[tuple[str, int], int] = {}
         #: Bumped per partition at each assignment: an expectation from an older
         #: ownership does not hold (someone else may have moved the partition on).
         self.epochs: dict[tuple[str, int], int] = {}
@@ -95,6 +123,13 @@ class Continuity:
     def assigned(self, partitions: Iterable[tuple[str, int]]) -> None:
         for tp in partitions:
             self.epochs[tp] = self.epochs.get(tp, 0) + 1
+            self.floors.pop(tp, None)
+
+    def read_offsets(self, faust_read_offsets: Any) -> FlooredReadOffsets:
+        """The consumer's ``_read_offset`` to install (see :class:`FlooredReadOffsets`)."""
+        if isinstance(faust_read_offsets, FlooredReadOffsets):
+            return faust_read_offsets
+        return FlooredReadOffsets(self.floors, faust_read_offsets)
 
     def gapless(self, topic: str) -> bool:
         return self._gapless(topic)
@@ -105,7 +140,16 @@ class Continuity:
         return await self._start(topic, partition)
 
     async def rewind(self, topic: str, partition: int, offset: int) -> None:
+        """Read ``topic[partition]`` again from ``offset``."""
+        # The floor first: Faust's fetch loop must not drop the records read again.
+        self.floors[(topic, partition)] = offset
         await self._seek(topic, partition, offset)
+
+    def reached(self, topic: str, partition: int, offset: int) -> None:
+        """A run admitted ``offset``: a floor at or below it has done its work."""
+        floor = self.floors.get((topic, partition))
+        if floor is not None and offset >= floor:
+            del self.floors[(topic, partition)]
 
     def allow(self, topic: str, partition: int, offset: int) -> None:
         """The next ack of this record is a run's own (see :meth:`guard`)."""
@@ -191,5 +235,6 @@ class SequenceTracker:
             self._next[tp] = (epoch, expected)
             return False
         self._rewinding.pop(tp, None)
+        continuity.reached(topic, partition, offset)
         self._next[tp] = (epoch, max(offset + 1, expected))
         return True

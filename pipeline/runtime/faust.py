@@ -3,8 +3,8 @@
 Faust stays Herald's framework (agents, tables with changelogs, the consumer group,
 timers), but Herald relies on a few of its internals to keep its guarantees (see
 pipeline.runtime.continuity): the consumer's ``ack`` and ``_add_gap`` (wrapped), its
-``_committed_offset`` (read), ``seek_wait``, the manual-ack stream API and the table
-recovery event. They are all reached through this module, and :func:`check_faust`
+``_read_offset`` (replaced by one with floors), ``seek_wait``, the manual-ack stream
+API and the table recovery event. They are all reached through this module, and :func:`check_faust`
 verifies each at start-up: a Faust release that renames or reshapes one stops the
 worker with the Faust version and what is missing, instead of quietly losing the
 guarantee. tests/unit/test_faust_seam.py pins them against the installed release.
@@ -41,12 +41,12 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
         and _params(Consumer._add_gap) == ["tp", "offset_from", "offset_to"],
     ),
     (
-        "Consumer._committed_offset (set in Consumer.__init__)",
-        lambda: "self._committed_offset" in inspect.getsource(Consumer.__init__),
+        "Consumer._read_offset (set in Consumer.__init__)",
+        lambda: "self._read_offset" in inspect.getsource(Consumer.__init__),
     ),
     (
-        "Consumer.ack consults Consumer._committed_offset",
-        lambda: "_committed_offset" in inspect.getsource(Consumer.ack),
+        "Consumer._drain_messages filters records by self._read_offset.__getitem__",
+        lambda: "self._read_offset.__getitem__" in inspect.getsource(Consumer._drain_messages),
     ),
     ("async Consumer.seek_wait(partitions)", lambda: _params(Consumer.seek_wait) == ["partitions"]),
     ("Consumer.assignment()", lambda: callable(getattr(Consumer, "assignment", None))),
@@ -144,12 +144,6 @@ class ConsumerSeam:
     def _consumer(self) -> Any:
         return cast(Any, self._app.consumer)
 
-    def committed_offset(self, topic: str, partition: int) -> int | None:
-        """Faust's view of the group's commit (the only copy that moves with Faust's
-        commits), or None before it has one (it fills it only after its seek)."""
-        offset = self._consumer._committed_offset.get(TP(topic, partition))
-        return None if offset is None else int(offset)
-
     async def seek(self, partitions: dict[tuple[str, int], int]) -> None:
         """Seek on the consumer's own thread and wait for the position (Consumer.seek
         sets it from this thread, racing the fetcher)."""
@@ -165,12 +159,15 @@ class ConsumerSeam:
         self,
         ack: Callable[[Callable[[Any], bool]], Callable[[Any], bool]],
         add_gap: Callable[[Any], Any],
+        read_offsets: Callable[[Any], Any],
     ) -> None:
-        """Wrap the consumer's ``ack`` and ``_add_gap`` (once per consumer)."""
+        """Wrap the consumer's ``ack`` and ``_add_gap`` and replace its
+        ``_read_offset`` (once per consumer, at its first assignment: before the fetch
+        loop starts, which binds ``_read_offset.__getitem__`` when it does)."""
         consumer = self._consumer
         if consumer in self._guarded:
             return
-        for name in ("ack", "_add_gap", "_committed_offset"):
+        for name in ("ack", "_add_gap", "_read_offset"):
             if not hasattr(consumer, name):
                 raise FaustSeamError(
                     f"faust-streaming {FAUST_VERSION}: the consumer has no {name} "
@@ -178,6 +175,7 @@ class ConsumerSeam:
                 )
         consumer.ack = ack(consumer.ack)
         consumer._add_gap = add_gap(consumer._add_gap)
+        consumer._read_offset = read_offsets(consumer._read_offset)
         self._guarded.append(consumer)
 
     def on_assigned(self, callback: Callable[[Iterable[tuple[str, int]]], None]) -> None:

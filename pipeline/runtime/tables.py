@@ -70,12 +70,21 @@ class WriteBehind(MutableMapping[bytes, Any]):
     """
 
     def __init__(
-        self, table: MutableMapping[bytes, Any], changelog: Changelog | None = None
+        self,
+        table: MutableMapping[bytes, Any],
+        changelog: Changelog | None = None,
+        attached: dict[str, WriteBehind] | None = None,
     ) -> None:
         self._table = table
         self._changelog = changelog
         self._pending: Layer = {}
         self._sealed: list[Layer] = []
+        #: Views of further tables one stage writes, sealed and committed with this one.
+        self._attached = attached or {}
+
+    def attached(self, name: str) -> WriteBehind:
+        """The view of the stage's further table ``name`` (same batches as this one)."""
+        return self._attached[name]
 
     def __getitem__(self, key: bytes) -> Any:
         for layer in (self._pending, *reversed(self._sealed)):
@@ -111,16 +120,29 @@ class WriteBehind(MutableMapping[bytes, Any]):
         """Close the current batch's writes (to :meth:`commit` once it is written)."""
         layer, self._pending = self._pending, {}
         self._sealed.append(layer)
+        for view in self._attached.values():
+            view.seal()
         return layer
 
     def changelog_records(self, layer: Layer | None = None) -> list[Out]:
         """The changelog records of ``layer`` (default: the current writes); none
         without a changelog."""
+        records = []
+        if self._attached:  # their layers were sealed with this one: same position
+            index = None if layer is None else self._position(layer)
+            for view in self._attached.values():
+                records += view.changelog_records(None if index is None else view._sealed[index])
         changelog = self._changelog
         if changelog is None:
-            return []
+            return records
         writes = self._pending if layer is None else layer
-        return [changelog.record(key, value) for key, value in writes.items()]
+        return records + [changelog.record(key, value) for key, value in writes.items()]
+
+    def _position(self, layer: Layer) -> int:
+        for index, sealed in enumerate(self._sealed):
+            if sealed is layer:
+                return index
+        raise RuntimeError("not a sealed layer of this view")
 
     def commit(self, layer: Layer | None = None) -> None:
         """Write ``layer`` (the oldest sealed one) to the table; without one, every
@@ -133,6 +155,8 @@ class WriteBehind(MutableMapping[bytes, Any]):
         if not self._sealed or self._sealed[0] is not layer:
             raise RuntimeError("table layers must be committed in the order they were sealed")
         self._sealed.pop(0)
+        for view in self._attached.values():
+            view.commit(view._sealed[0])
         for key, value in layer.items():
             if value is _DELETED:
                 self._table.pop(key, None)

@@ -107,6 +107,9 @@ LANES = (
     "notification.email.priority",
     "notification.push.requested",
 )
+#: Topics that keep routes a stage delivered without their lane (the push hand-off,
+#: docs/push.md): the lane a resend of them goes to.
+KEPT_ROUTES = {"notification.push.routes": "notification.push.requested"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +183,18 @@ class StatusStore:
         return new
 
     def keep_requests(
-        self, requests: Iterable[tuple[str, bytes]], topic: str, offsets: dict[int, int]
+        self,
+        requests: Iterable[tuple[str, bytes]],
+        topic: str,
+        offsets: dict[int, int],
+        lane: str | None = None,
     ) -> None:
         """Keep the first copy of each route's request (route_id, wire bytes) as read
-        from a lane ``topic``: what a resend clones."""
+        from ``topic``: what a resend clones onto ``lane`` (default: ``topic``)."""
         with self._transaction():
             self._db.executemany(
                 "INSERT OR IGNORE INTO requests (route_id, topic, value) VALUES (?, ?, ?)",
-                [(route_id, topic, value) for route_id, value in requests],
+                [(route_id, lane or topic, value) for route_id, value in requests],
             )
             self._save_offsets(topic, offsets)
 
@@ -395,7 +402,10 @@ class StatusFollower(Follower):
         self.status_topic = settings.topic("notification.status")
         self._partitions = {
             settings.topic(name): topology.spec(name).partitions
-            for name in ("notification.status", *LANES)
+            for name in ("notification.status", *LANES, *KEPT_ROUTES)
+        }
+        self._lanes = {
+            settings.topic(kept): settings.topic(lane) for kept, lane in KEPT_ROUTES.items()
         }
         self.ready = asyncio.Event()
 
@@ -442,4 +452,4 @@ class StatusFollower(Follower):
                 requests.append((decode_request.decode(record.value).route_id, record.value))
             except DecodeError:
                 continue  # the channel agent reports it as malformed
-        self._store.keep_requests(requests, tp.topic, offsets)
+        self._store.keep_requests(requests, tp.topic, offsets, self._lanes.get(tp.topic))

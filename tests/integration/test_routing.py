@@ -79,7 +79,10 @@ def route_outcomes(
 
 
 def requests(settings: Settings, contracts: Contracts, channel: str) -> list[ChannelRequest]:
-    return read_all(settings, f"notification.{channel}.requested", contracts.channel_request)
+    """The routes the route stage made on ``channel``: email ones on their lane, push
+    ones (published by the route stage itself, docs/push.md) on notification.push.routes."""
+    topic = "notification.push.routes" if channel == "push" else f"notification.{channel}.requested"
+    return read_all(settings, topic, contracts.channel_request)
 
 
 def test_users_are_joined_updated_forgotten_and_waited_for(

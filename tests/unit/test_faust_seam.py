@@ -33,7 +33,7 @@ def test_a_reshaped_internal_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
         check_faust()
 
 
-def test_guarding_a_consumer_without_committed_offsets_fails_loudly() -> None:
+def test_guarding_a_consumer_without_read_offsets_fails_loudly() -> None:
     class BareConsumer:
         def ack(self, message: Any) -> bool:
             return True
@@ -45,8 +45,8 @@ def test_guarding_a_consumer_without_committed_offsets_fails_loudly() -> None:
         consumer = BareConsumer()
 
     seam = ConsumerSeam(App())  # type: ignore[arg-type]
-    with pytest.raises(FaustSeamError, match="_committed_offset"):
-        seam.guard(lambda ack: ack, lambda add_gap: add_gap)
+    with pytest.raises(FaustSeamError, match="_read_offset"):
+        seam.guard(lambda ack: ack, lambda add_gap: add_gap, lambda offsets: offsets)
 
 
 def test_guard_wraps_ack_and_gap_once_per_consumer() -> None:
@@ -65,6 +65,6 @@ def test_guard_wraps_ack_and_gap_once_per_consumer() -> None:
 
         return wrapper
 
-    seam.guard(wrap("ack"), wrap("gap"))
-    seam.guard(wrap("ack"), wrap("gap"))
-    assert wrapped == ["ack", "gap"]
+    seam.guard(wrap("ack"), wrap("gap"), wrap("read"))
+    seam.guard(wrap("ack"), wrap("gap"), wrap("read"))
+    assert wrapped == ["ack", "gap", "read"]

@@ -19,7 +19,7 @@ from pipeline.contracts import Contracts
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.fbs import notification_generated as fbs
 from pipeline.contracts.ids import deterministic_id
-from pipeline.contracts.records import ChannelRequest, DeviceFeedback, PushDevice
+from pipeline.contracts.records import ChannelRequest, DeviceFeedback, PushDevice, QuietHours
 from pipeline.errors import (
     GatewayTimeoutError,
     GatewayUnavailableError,
@@ -31,6 +31,8 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.runtime.records import Out, Write
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import REPO_ROOT, Settings
+from pipeline.stages.delay import TARGET
+from pipeline.stages.handoff import PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.push import (
     DOUBT_MARGIN_MS,
     DeviceFeedbackLog,
@@ -43,7 +45,7 @@ from pipeline.times import Clock
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.partitioning import partition_for
 from tests.unit.helpers import raw, stage_context
-from tests.unit.test_route import outcomes, profile, recipient, route
+from tests.unit.test_route import NOON_UTC, outcomes, profile, recipient, route
 
 NOW = 1_800_000_000_000
 
@@ -552,3 +554,56 @@ async def test_a_route_stays_in_doubt_while_the_gateway_cannot_be_read(
     (entry,) = [json.loads(o.value or b"") for o in outputs if o.topic.endswith("changelog")]
     assert (entry["state"], entry["doubt"]) == ("retrying", str(wall))
     assert gateway.published == []
+
+
+async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
+    settings: Settings, contracts: Contracts
+) -> None:
+    """Routed now: published by the route stage, its request kept on push.routes and
+    its registry entry in the attached push registry. Waiting (quiet hours): written
+    to the push tiers for the push stage, as before."""
+    ctx = stage_context(settings, Clock(offset_ms=NOON_UTC - Clock().now_ms()))
+    gateway = FakeGateway()
+    ahead: list[Out] = []
+
+    async def write(records: Sequence[Out]) -> None:
+        ahead.extend(records)
+
+    push = PushChannel(ctx, gateway, write)  # type: ignore[arg-type]
+    handoff = RouteAndPush(ctx, Router(ctx), push)
+    registry: dict[bytes, Any] = {}
+    user = profile(channels_disabled=["email"])
+    view = WriteBehind(
+        {b"u1": contracts.user.encode(user)}, None, {PUSH_REGISTRY: WriteBehind(registry)}
+    )
+    record = raw(
+        contracts.recipient.encode(recipient()), topic="notification.recipients", key=b"u1"
+    )
+    outputs = list(await settle(handoff.handle(record, view)))
+
+    assert len(gateway.published) == 1
+    assert not [o for o in outputs if o.topic == "notification.push.requested"]
+    (kept,) = [o for o in outputs if o.topic == "notification.push.routes"]
+    request = contracts.channel_request.decode(kept.value)
+    assert sorted(outcome_pairs(outputs, contracts)) == [
+        ("published", "push"),
+        ("routed", "push"),
+        ("skipped", "email"),
+    ]
+    view.commit()
+    assert json.loads(registry[request.route_id.encode()])["state"] == "published"
+    assert json.loads(ahead[0].value or b"")["state"] == "publishing"
+
+    quiet = profile(quiet_hours=QuietHours(start="11:00", end="13:00"), timezone="UTC")
+    view = WriteBehind(
+        {b"u1": contracts.user.encode(quiet)}, None, {PUSH_REGISTRY: WriteBehind({})}
+    )
+    waiting = list(await settle(handoff.handle(record, view)))
+    assert len(gateway.published) == 1  # not again, not yet
+    (tier,) = [o for o in waiting if o.topic.startswith("notification.push.retry.")]
+    assert dict(tier.headers)[TARGET] == b"notification.push.requested"
+
+
+def outcome_pairs(outputs: Sequence[Out], contracts: Contracts) -> list[tuple[str, str]]:
+    events = [contracts.status.decode(o.value) for o in outputs if o.topic == "notification.status"]
+    return [(e.status, e.channel or "") for e in events]
