@@ -203,13 +203,16 @@ class SequenceTracker:
         #: Partitions sought back over a hole, still waiting for its first record:
         #: when they were sought.
         self._rewinding: dict[tuple[str, int], float] = {}
+        #: Compacted partitions: (assignment epoch, the offset that made the run read
+        #: the partition again from its start, or None once it reads on).
+        self._compacted: dict[tuple[str, int], tuple[int, int | None]] = {}
 
     async def admits(self, topic: str, partition: int, offset: int) -> bool:
         """False for a record beyond a hole the stream left: the run drops it
         (unhandled, unacknowledged); the consumer, sought back, brings it again."""
         continuity = self._continuity
         if not continuity.gapless(topic):
-            return True
+            return await self._admits_compacted(topic, partition, offset)
         tp = (topic, partition)
         epoch = continuity.epochs.get(tp, 0)
         known = self._next.get(tp)
@@ -238,3 +241,45 @@ class SequenceTracker:
         continuity.reached(topic, partition, offset)
         self._next[tp] = (epoch, max(offset + 1, expected))
         return True
+
+    async def _admits_compacted(self, topic: str, partition: int, offset: int) -> bool:
+        """A compacted topic (the users) has holes of its own, so a jump proves nothing
+        mid-stream. But the records Faust drops around an assignment (fetched before
+        its seek) are at the start of an ownership: when its first record lies beyond
+        where the ownership starts, the partition is read once more from there; the
+        records past the first one are dropped until the re-read reaches them, so
+        profiles are applied in order."""
+        continuity = self._continuity
+        tp = (topic, partition)
+        epoch = continuity.epochs.get(tp, 0)
+        state = self._compacted.get(tp)
+        if state is not None and state[0] == epoch:
+            trigger = state[1]
+            if trigger is None:
+                return True
+            if offset > trigger:
+                return False  # the rest of what was fetched before the seek
+            self._compacted[tp] = (epoch, None)
+            continuity.reached(topic, partition, offset)
+            return True
+        start = await continuity.start(topic, partition)
+        if offset <= start:
+            self._compacted[tp] = (epoch, None)
+            return True
+        log.warning(
+            "%s[%d]: this ownership starts at %d but its first record is %d; reading "
+            "the partition once more from %d",
+            topic,
+            partition,
+            start,
+            offset,
+            start,
+        )
+        self._compacted[tp] = (epoch, offset)
+        try:
+            await continuity.rewind(topic, partition, start)
+        except Exception:  # no longer ours (rebalance): its new owner reads it
+            log.warning("could not seek %s[%d] back", topic, partition, exc_info=True)
+            self._compacted[tp] = (epoch, None)
+            return True
+        return False

@@ -36,7 +36,10 @@ class KafkaWriter:
         self._config = {
             "acks": "all",
             "partitioner": "murmur2_random",  # Java's (and Faust's) key -> partition
-            "linger.ms": 2,
+            # No linger: a batch's records are produced in one go and librdkafka batches
+            # what queues while a request is in flight; a lone write (a mail's registry
+            # entry) is acknowledged in ~0.5 ms instead of ~3.
+            "linger.ms": 0,
             **config,
         }
         self._producer: Producer | None = None

@@ -76,3 +76,27 @@ async def test_a_floor_ends_when_reached_or_at_a_new_assignment() -> None:
     await continuity.rewind(T, 0, 7)
     continuity.assigned([(T, 0)])
     assert (offsets[TP(T, 0)], offsets[TP(T, 1)]) == (50, None)
+
+
+async def test_a_compacted_partition_whose_first_record_is_late_is_read_once_more() -> None:
+    """The users topic has holes of its own (compaction), so only the start of an
+    ownership is checked: records Faust dropped there are read again, in order."""
+    sought: list[int] = []
+
+    async def start(topic: str, partition: int) -> int:
+        return 0
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        sought.append(offset)
+
+    continuity = Continuity(lambda topic: False, start, seek)
+    continuity.assigned([(T, 0)])
+    tracker = continuity.tracker()
+    first = [await tracker.admits(T, 0, offset) for offset in (1, 2, 4)]
+    again = [await tracker.admits(T, 0, offset) for offset in (0, 1, 2, 4, 9)]
+    assert (first, again, sought) == ([False] * 3, [True] * 5, [0])
+
+    continuity.assigned([(T, 0)])  # a new ownership, starting where it should
+    settled = Continuity(lambda topic: False, start, seek).tracker()
+    assert [await settled.admits(T, 0, offset) for offset in (0, 3, 7)] == [True] * 3
+    assert sought == [0]
