@@ -50,8 +50,8 @@ def already_handled(entry: dict[str, Any] | None, request: ChannelRequest) -> bo
         return False
     if entry.get("state") in DONE:
         return True
-    if entry.get("state") == "publishing":
-        return False  # in doubt: the channel checks its outside world (see agents.push)
+    if entry.get("state") in ("publishing", "sending"):
+        return False  # in doubt: the channel decides (stages.push, stages.email)
     if entry.get("replay_of") != request.replay_of:
         return False  # a replay starts a fresh chain of attempts
     # Dead-lettered, or a later attempt already made: this is a stale copy.

@@ -31,7 +31,7 @@ from pipeline.providers.mime import build_message
 from pipeline.rendering import RenderedMail, one_line, variables_of
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.stages.context import StageContext
-from pipeline.stages.deliveries import Deliveries
+from pipeline.stages.deliveries import Deliveries, registry_entry
 from pipeline.views import SuppressionList
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,24 @@ class EmailChannel:
         if request.route_id in self._in_flight:
             log.info("email route %s is being sent; copy skipped", request.route_id)
             return []
+        entry = registry_entry(registry.get(request.route_id.encode("utf-8")))
+        in_doubt = entry is not None and entry.get("state") == "sending"
         self._in_flight.add(request.route_id)
         try:
             outputs = await self._deliver(raw, registry, request, now)
+            if in_doubt:
+                # Its SMTP transaction began (the write-ahead below) but no outcome was
+                # recorded: a worker died mid-send. It goes again, with the same
+                # Message-ID; the event (and its metric) lets an operator see every
+                # possible duplicate (issue 18).
+                doubt = self._deliveries.status(
+                    request,
+                    "in_doubt",
+                    now,
+                    request.attempt + 1,
+                    detail="an earlier owner started its SMTP transaction; outcome unknown",
+                )
+                outputs.insert(0, doubt)
             await self._write(outputs)
         finally:
             self._in_flight.discard(request.route_id)
@@ -126,6 +141,11 @@ class EmailChannel:
                 locale=mail.locale,
                 attachments=request.attachments,
                 now_ms=now,
+            )
+            # Write-ahead: a route whose transaction starts is recorded as such, so a
+            # new owner after a crash knows it is in doubt (see handle).
+            await self._write(
+                [deliveries.record(registry, raw, request, "sending", attempt, now)]
             )
             receipt = await metrics.timed(
                 metrics.SMTP_SECONDS, self._provider.send(message, request.address or "")

@@ -15,9 +15,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from pipeline.contracts import Contracts
 from pipeline.settings import Settings
 from tests.smtp import ScriptedSmtp
-from tests.support import WorkerProcess, owner_of_connection, publish, wait_for_deliveries
+from tests.support import (
+    WorkerProcess,
+    owner_of_connection,
+    publish,
+    read_all,
+    wait_for_deliveries,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +100,11 @@ def test_a_worker_killed_mid_stream_loses_and_repeats_nothing(
 ) -> None:
     """Three workers; while intents stream in, the worker holding the 60th SMTP
     transaction is killed with SIGKILL (no shutdown, no commit). The two survivors
-    take over its partitions and tables: every intent is mailed and pushed once."""
+    take over its partitions and tables: every intent is pushed once and mailed at
+    least once. SMTP has no idempotency: a mail the server accepted in the
+    milliseconds before the kill, before its outcome was recorded, is sent again; each
+    such route is reported ``in_doubt`` (issue 18), so mails beyond one per intent
+    are at most the in-doubt routes reported."""
     settings = isolated.model_copy(update={"smtp_port": smtp.port})
     smtp.hold_at = 60
     with ExitStack() as stack:
@@ -117,7 +128,7 @@ def test_a_worker_killed_mid_stream_loses_and_repeats_nothing(
         assert all(worker.alive() for worker in survivors)
     assert len(ids) == 300
     assert set().union(*owned.values()) == set(range(6))
-    assert mails == Counter(ids), {k: v for k, v in mails.items() if v != 1}
+    assert_mailed_once_or_in_doubt(settings, mails, ids)
     assert pushes == Counter(ids), {k: v for k, v in pushes.items() if v != 1}
 
 
@@ -154,5 +165,22 @@ def test_a_worker_leaving_and_rejoining_under_load_never_stalls_the_group(
         stalls = [w.log_path.name for w in workers if "re-reading stalled" in w.log()]
         assert (stalls, [w.restarts for w in workers]) == ([], [0] * len(workers))
     assert len(ids) == 360
-    assert mails == Counter(ids), {k: v for k, v in mails.items() if v != 1}
+    # A stopped worker's SMTP sends are cancelled mid-transaction: reported in doubt.
+    assert_mailed_once_or_in_doubt(settings, mails, ids)
     assert pushes == Counter(ids), {k: v for k, v in pushes.items() if v != 1}
+
+
+def assert_mailed_once_or_in_doubt(
+    settings: Settings, mails: Counter[str], ids: list[str]
+) -> None:
+    """Every intent mailed; mails beyond one per intent at most the email routes the
+    workers reported ``in_doubt`` (SMTP has no idempotency: issue 18)."""
+    assert set(mails) == set(ids), set(ids) - set(mails)  # none missing
+    contracts = Contracts(settings)
+    in_doubt = [
+        e
+        for e in read_all(settings, "notification.status", contracts.status)
+        if e.status == "in_doubt" and e.channel == "email"
+    ]
+    duplicates = {k: v for k, v in mails.items() if v != 1}
+    assert sum(duplicates.values()) - len(duplicates) <= len(in_doubt), (duplicates, in_doubt)
