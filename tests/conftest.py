@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         elif f"{os.sep}e2e{os.sep}" in path:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def workers_accounted_for(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test whose worker exited by itself (a stall, a crash): nothing restarts
+    workers in tests, so such an exit is never hidden behind a passing assertion.
+    When a test fails, its workers' warnings are printed with the failure (CI keeps
+    nothing else of a run)."""
+    WorkerProcess.started.clear()
+    yield
+    started = list(WorkerProcess.started)
+    WorkerProcess.started.clear()
+    if request.node.stash.get(CALL_FAILED, False):
+        for worker in started:
+            notable = [
+                line
+                for line in worker.log().splitlines()
+                if any(level in line for level in ("WARNING", "ERROR", "CRITICAL"))
+            ]
+            print(f"--- {worker.log_path.name}: warnings and errors", file=sys.stderr)
+            print("\n".join(notable[-80:]), file=sys.stderr)
+    reports = [
+        f"{w.log_path.name} exited {status} by itself; its log ends:\n{w.log()[-3000:]}"
+        for w, status in ((w, w.unexpected_exit()) for w in started)
+        if status is not None
+    ]
+    if reports:
+        pytest.fail("\n".join(reports), pytrace=False)
 
 
 @pytest.fixture

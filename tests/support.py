@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -23,11 +22,10 @@ import yaml
 from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.push import decode
-from pipeline.contracts.records import ChannelRequest, PushDevice, UserProfile
+from pipeline.contracts.records import ChannelRequest, PushDevice, StatusEvent, UserProfile
 from pipeline.errors import BrokerUnavailableError
 from pipeline.ops.reader import read_messages, read_topic
 from pipeline.producer import HeraldProducer
-from pipeline.runtime.watchdog import EXIT_STALLED
 from pipeline.settings import Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin
@@ -44,44 +42,42 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One `herald worker` subprocess, its output in a log file, supervised like in
-    production: a worker that exits with EXIT_STALLED is started again."""
+    """One `herald worker` subprocess, its output in a log file.
+
+    Nothing restarts it: a worker that exits on its own (the stall watchdog's
+    exit status 75, a crash) stays down, and the test that started it fails at teardown
+    with the exit status and the log's tail (tests/conftest.py), so no restart is ever
+    hidden from a test's assertions."""
+
+    #: Every worker started, for the teardown check of unexpected exits.
+    started: list[WorkerProcess] = []
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.settings = settings
         self.log_path = log_path
-        self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-        self._supervising = False
-        self._supervisor: threading.Thread | None = None
+        self._ending = False
 
     def start(self) -> None:
         self._log = self.log_path.open("ab")
-        self._spawn()
-        self._supervising = True
-        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
-        self._supervisor.start()
-
-    def _spawn(self) -> None:
         self._proc = subprocess.Popen(
             [HERALD, "worker"],
             env=settings_env(self.settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        WorkerProcess.started.append(self)
 
-    def _supervise(self) -> None:
-        while self._supervising:
-            proc = self._proc
-            if proc is not None and proc.poll() == EXIT_STALLED and self._supervising:
-                self.restarts += 1
-                self._spawn()
-            time.sleep(0.5)
+    def unexpected_exit(self) -> int | None:
+        """The exit status of a worker that ended without kill() or stop()."""
+        if self._ending or self._proc is None:
+            return None
+        return self._proc.poll()
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no final commit (and no restart)."""
-        self._supervising = False
+        """SIGKILL: no shutdown, no final commit."""
+        self._ending = True
         assert self._proc is not None
         self._proc.kill()
         self._proc.wait(30)
@@ -89,18 +85,14 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """SIGTERM and wait; SIGKILL after 30 s."""
-        self._supervising = False
-        if self._supervisor is not None:
-            self._supervisor.join(5)
-        if self._proc is None or self._proc.poll() is not None:
-            self._close_log()
-            return
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(10)
+        if self._proc is not None and self._proc.poll() is None:
+            self._ending = True
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
         self._close_log()
 
     def alive(self) -> bool:
@@ -276,16 +268,44 @@ def wait_for_deliveries(
     would arrive then): mails and pushes per game id."""
     smtp.wait_for(len(ids), timeout_s=240)
     contracts = Contracts(settings)
-    wait_for(
-        settings,
-        "notification.status",
-        contracts.status,
-        lambda evs: (
-            len({e.route_id for e in evs if e.status in ("sent", "published")}) >= 2 * len(ids)
-        ),
-        timeout_s=240,
-        what="a sent mail and a published push per intent",
-    )
+    try:
+        wait_for(
+            settings,
+            "notification.status",
+            contracts.status,
+            lambda evs: (
+                len({e.route_id for e in evs if e.status in ("sent", "published")}) >= 2 * len(ids)
+            ),
+            timeout_s=240,
+            what="a sent mail and a published push per intent",
+        )
+    except AssertionError as timeout:
+        events = read_all(settings, "notification.status", contracts.status)
+        raise AssertionError(f"{timeout}\n{unfinished(events)}") from None
     time.sleep(3)
     mails = Counter(game_of(m) for _, m in smtp.received)
     return mails, gateway_games(settings)
+
+
+def unfinished(events: list[StatusEvent]) -> str:
+    """What a timed-out delivery wait explains itself with: the routes without a
+    ``sent``/``published`` event and their histories, and notifications never routed."""
+    routes: dict[str, list[str]] = {}
+    routed: set[str] = set()
+    notifications: set[str] = set()
+    for event in events:
+        if event.notification_id:
+            notifications.add(event.notification_id)
+        if event.route_id:
+            routes.setdefault(event.route_id, []).append(f"{event.channel}:{event.status}")
+            routed.add(event.notification_id or "?")
+    open_routes = {
+        route: history
+        for route, history in routes.items()
+        if not any(step.endswith((":sent", ":published")) for step in history)
+    }
+    return (
+        f"{len(notifications)} notifications, {len(routes)} routes; "
+        f"never routed: {sorted(notifications - routed)[:20]}; "
+        f"unfinished routes ({len(open_routes)}): {dict(list(open_routes.items())[:20])}"
+    )

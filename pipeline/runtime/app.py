@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
 import faust
+from confluent_kafka import KafkaException
 
 from pipeline import logs
 from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, Release
@@ -61,6 +62,8 @@ class Runtime:
         )
         self.sink = AckedSink(self.writer.send, ack_timeout_s=settings.kafka_ack_timeout_s + 5)
         self.watchdog = StallWatchdog(settings, settings.stall_timeout_s)
+        #: The topics the stages and holds read (the ones Continuity guards).
+        self._streams: set[str] = set()
         self.continuity = self._continuity()
 
     def table(
@@ -146,6 +149,8 @@ class Runtime:
         async def agent(stream: Any) -> None:
             await HoldRun(release, self.sink, self.continuity).run(stream)
 
+        self.continuity.held.add(topic)
+
         self.app.agent(self._source([topic]), name=name, concurrency=1)(agent)
 
     def timer(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
@@ -165,6 +170,7 @@ class Runtime:
         self.app.task(background)
 
     def _source(self, topics: Sequence[str]) -> Any:
+        self._streams.update(topics)
         return self.app.topic(*topics, key_serializer="raw", value_serializer="raw")
 
     def _continuity(self) -> Continuity:
@@ -187,14 +193,41 @@ class Runtime:
         async def seek(topic: str, partition: int, offset: int) -> None:
             await seam.seek({(topic, partition): offset})
 
-        continuity = Continuity(lambda topic: topic not in compacted, start, seek)
+        streams = self._streams
+        continuity = Continuity(
+            lambda topic: topic not in compacted, start, seek, lambda topic: topic in streams
+        )
 
-        def assigned(partitions: Iterable[tuple[str, int]]) -> None:
+        async def assigned(partitions: list[tuple[str, int]]) -> None:
             # The consumer exists by the first assignment.
             seam.guard(continuity.guard, continuity.guard_gaps, continuity.read_offsets)
             continuity.assigned(partitions)
+            guarded = [tp for tp in partitions if continuity.guards(tp[0])]
+            loop = asyncio.get_running_loop()
+            try:
+                starts = await loop.run_in_executor(None, self.watchdog.start_offsets, guarded)
+            except KafkaException as exc:  # the runs' hole checks still stand
+                log.warning("no floors for this assignment: %s", exc)
+                return
+            continuity.floor_starts(starts)
 
         seam.on_assigned(assigned)
+
+        async def ends(tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.watchdog.end_offsets, tps)
+
+        async def reread() -> None:
+            if not seam.streaming():
+                return  # in a rebalance: Faust seeks to the commits when it ends
+            if continuity.skipped:
+                await continuity.reread_skipped(seam.assignment())
+            try:
+                await continuity.seek_unreached_floors(seam.assignment(), ends)
+            except KafkaException as exc:  # the broker is away; the next tick tries again
+                log.info("floors not checked: %s", exc)
+
+        self.timer(1.0, reread)
         return continuity
 
     def watch(self, streams: Iterable[str]) -> None:

@@ -166,9 +166,7 @@ class BatchRun:
         self._batch = _Batch()
         previous = self._writing[-1] if self._writing else None
         self._writing.append(asyncio.ensure_future(self._write(batch, previous, stream)))
-        while len(self._writing) > self._in_flight or (
-            self._writing and self._writing[0].done()
-        ):
+        while len(self._writing) > self._in_flight or (self._writing and self._writing[0].done()):
             await self._writing.popleft()
 
     async def _write(self, batch: _Batch, previous: asyncio.Task[None] | None, stream: Any) -> None:

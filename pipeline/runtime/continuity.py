@@ -12,7 +12,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,17 @@ class Continuity:
     worker was killed: a survivor's stream jumped from offset 55 to 65 of a partition
     it had just taken over), acks records it skips, and commits the highest run of
     acknowledged offsets without checking where that run starts: the records were
-    lost. Two guards, for Herald's stream topics (not compacted, no transactions, so
-    no holes of their own):
+    lost. Three guards, for the topics Herald's runs read:
 
     - :meth:`guard` wraps the consumer's ack: only acks of records a run handled
-      (:meth:`allow`) count, and :meth:`guard_gaps` stops Faust from filling a jump in
-      the offsets it read as if acked, so the commit cannot pass a record nobody
-      handled;
+      (:meth:`allow`) count, so the commit cannot pass a record nobody handled, and
+      each record Faust skipped that way is noted and, once the stream flows again,
+      read again (:meth:`reread_skipped`): also the last records of a partition, which
+      no later record would reveal (a users partition whose profiles all came in the
+      batch Faust dropped at an assignment lost them for good: issue 13's kill test);
+    - :meth:`guard_gaps` stops Faust from filling a jump in the offsets it read as if
+      acked, in stream topics (not compacted, no transactions, so no holes of their
+      own);
     - each run's :class:`SequenceTracker` expects every partition's next offset; past
       a hole it drops (does not handle, does not acknowledge) that partition's records
       until the consumer, sought back, brings the first missing one.
@@ -108,22 +113,51 @@ class Continuity:
         gapless: Callable[[str], bool],
         start: Callable[[str, int], Awaitable[int]],
         seek: Callable[[str, int, int], Awaitable[None]],
+        guarded: Callable[[str], bool] = lambda topic: True,
     ) -> None:
         self._gapless = gapless
         self._start = start
         self._seek = seek
-        self._allowed: set[tuple[str, int, int]] = set()
+        self._guarded = guarded
+        #: Acks a run gave (a record handed over twice is acked twice).
+        self._allowed: Counter[tuple[str, int, int]] = Counter()
+        #: Per partition, the first record Faust acked without a run (skipped): read
+        #: again by :meth:`reread_skipped`.
+        self.skipped: dict[tuple[str, int], int] = {}
         #: Partitions sought back over a hole: the hole's first offset, until a run
         #: admits it (see :class:`FlooredReadOffsets`).
         self.floors: dict[tuple[str, int], int] = {}
+        #: When each floor was set, and how often it was sought again since
+        #: (see :meth:`seek_unreached_floors`).
+        self._floored_at: dict[tuple[str, int], float] = {}
+        self._reseeks: dict[tuple[str, int], int] = {}
+        #: Delay tier topics: their runs hold a record for its delay, by design.
+        self.held: set[str] = set()
         #: Bumped per partition at each assignment: an expectation from an older
         #: ownership does not hold (someone else may have moved the partition on).
         self.epochs: dict[tuple[str, int], int] = {}
 
     def assigned(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """A new assignment: expectations and floors of the last one no longer hold.
+        Call it in the rebalance, before anything else can await."""
         for tp in partitions:
             self.epochs[tp] = self.epochs.get(tp, 0) + 1
             self.floors.pop(tp, None)
+            self._floored_at.pop(tp, None)
+            self._reseeks.pop(tp, None)
+
+    def floor_starts(self, starts: Mapping[tuple[str, int], int]) -> None:
+        """Floor each partition of a new assignment at where its ownership starts (the
+        group's commit) until a run admits that far. Faust seeks there, but its fetch
+        loop drops what it reads below the read offset it had reached before (records
+        its stream then skipped as of a stale generation), so without the floor those
+        came again only once a later record revealed the hole, or never when they were
+        the partition's last (a stall)."""
+        now = time.monotonic()
+        for tp, start in starts.items():
+            if tp not in self.floors:  # a run's rewind got there first
+                self.floors[tp] = start
+                self._floored_at[tp] = now
 
     def read_offsets(self, faust_read_offsets: Any) -> FlooredReadOffsets:
         """The consumer's ``_read_offset`` to install (see :class:`FlooredReadOffsets`)."""
@@ -134,6 +168,10 @@ class Continuity:
     def gapless(self, topic: str) -> bool:
         return self._gapless(topic)
 
+    def guards(self, topic: str) -> bool:
+        """Whether ``topic`` is one the runs read (its acks guarded, its floors kept)."""
+        return self._guarded(topic)
+
     async def start(self, topic: str, partition: int) -> int:
         """Where this ownership of the partition starts: the group's committed offset,
         or the partition's first offset when the group never committed one."""
@@ -143,6 +181,7 @@ class Continuity:
         """Read ``topic[partition]`` again from ``offset``."""
         # The floor first: Faust's fetch loop must not drop the records read again.
         self.floors[(topic, partition)] = offset
+        self._floored_at[(topic, partition)] = time.monotonic()
         await self._seek(topic, partition, offset)
 
     def reached(self, topic: str, partition: int, offset: int) -> None:
@@ -150,26 +189,101 @@ class Continuity:
         floor = self.floors.get((topic, partition))
         if floor is not None and offset >= floor:
             del self.floors[(topic, partition)]
+            self._floored_at.pop((topic, partition), None)
+            self._reseeks.pop((topic, partition), None)
 
     def allow(self, topic: str, partition: int, offset: int) -> None:
         """The next ack of this record is a run's own (see :meth:`guard`)."""
-        if self._gapless(topic):
-            self._allowed.add((topic, partition, offset))
+        if self._guarded(topic):
+            self._allowed[(topic, partition, offset)] += 1
+            if self.skipped.get((topic, partition)) == offset:
+                del self.skipped[(topic, partition)]  # read again already (Faust's seek)
 
     def guard(self, ack: Callable[[Any], bool]) -> Callable[[Any], bool]:
         """``ack`` (the Faust consumer's) letting through only the acks of records a
         run handled. A Faust stream acks the records it skips (a stale generation
-        after a rebalance, flow control off), which would let the commit pass them."""
+        after a rebalance, flow control off), which would let the commit pass them;
+        those are noted instead, to be read again."""
 
         def guarded(message: Any) -> bool:
             key = (message.topic, message.partition, message.offset)
-            if self._gapless(message.topic) and key not in self._allowed:
+            if not self._guarded(message.topic):
+                return ack(message)
+            allowed = self._allowed
+            if not allowed[key]:
+                del allowed[key]
+                tp = (message.topic, message.partition)
+                self.skipped[tp] = min(self.skipped.get(tp, message.offset), message.offset)
                 log.debug("ack of unhandled %s[%d]@%d withheld", *key)
                 return False
-            self._allowed.discard(key)
+            allowed[key] -= 1
+            if not allowed[key]:
+                del allowed[key]
             return ack(message)
 
         return guarded
+
+    async def seek_unreached_floors(
+        self,
+        owned: Iterable[tuple[str, int]],
+        ends: Callable[[list[tuple[str, int]]], Awaitable[dict[tuple[str, int], int]]],
+    ) -> None:
+        """Seek again to each floor no run has reached for REWIND_AGAIN_S although its
+        partition has records from there (``ends``: the partitions' end offsets). A
+        seek can be lost (one made while the group settles: the records read again
+        were dropped before any run saw them, and nothing after them revealed it: a
+        kill test stalled 20 s on one partition until the watchdog)."""
+        owned = set(owned)
+        now = time.monotonic()
+        due = [
+            tp
+            for tp, since in self._floored_at.items()
+            if tp in owned
+            and tp[0] not in self.held
+            # Backing off: a busy run (a slow SMTP lane) may simply not have got there.
+            and now - since >= min(REWIND_AGAIN_S * 2 ** self._reseeks.get(tp, 0), 60.0)
+        ]
+        if not due:
+            return
+        end = await ends(due)
+        for tp in due:
+            floor = self.floors.get(tp)
+            if floor is None:
+                continue  # reached meanwhile
+            if end.get(tp, 0) <= floor:
+                self._floored_at[tp] = time.monotonic()  # nothing to read yet
+                continue
+            log.warning(
+                "%s[%d]: offset %d still not read again; seeking there once more", *tp, floor
+            )
+            self._reseeks[tp] = self._reseeks.get(tp, 0) + 1
+            try:
+                await self.rewind(*tp, floor)
+            except Exception:  # no longer ours (rebalance): its new owner reads it
+                log.warning("could not seek %s[%d] back", *tp, exc_info=True)
+
+    async def reread_skipped(self, owned: Iterable[tuple[str, int]]) -> None:
+        """Read again, from the first one, the records Faust skipped on partitions
+        still ``owned`` (call it while the stream flows: after a rebalance, not in
+        one). A partition no longer owned is its new owner's: the group's commit
+        never passed the skipped records, so it reads them."""
+        skipped, self.skipped = self.skipped, {}
+        owned = set(owned)
+        for (topic, partition), offset in skipped.items():
+            if (topic, partition) not in owned:
+                continue
+            if offset < await self._start(topic, partition):
+                continue  # committed since (by an owner in between): handled
+            log.warning(
+                "%s[%d]: the stream skipped records from offset %d; reading them again",
+                topic,
+                partition,
+                offset,
+            )
+            try:
+                await self.rewind(topic, partition, offset)
+            except Exception:  # no longer ours (rebalance): its new owner reads it
+                log.warning("could not seek %s[%d] back", topic, partition, exc_info=True)
 
     def guard_gaps(
         self, add_gap: Callable[[Any, int, int], Awaitable[None]]
@@ -256,6 +370,7 @@ class SequenceTracker:
         if state is not None and state[0] == epoch:
             trigger = state[1]
             if trigger is None:
+                continuity.reached(topic, partition, offset)
                 return True
             if offset > trigger:
                 return False  # the rest of what was fetched before the seek
@@ -265,6 +380,7 @@ class SequenceTracker:
         start = await continuity.start(topic, partition)
         if offset <= start:
             self._compacted[tp] = (epoch, None)
+            continuity.reached(topic, partition, offset)
             return True
         log.warning(
             "%s[%d]: this ownership starts at %d but its first record is %d; reading "

@@ -13,13 +13,14 @@ guarantee. tests/unit/test_faust_seam.py pins them against the installed release
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import faust
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
 from faust.types import TP
+from mode.utils.queues import FlowControlEvent
 
 from pipeline.errors import ConfigurationError, FaustSeamError
 from pipeline.settings import Settings
@@ -37,8 +38,10 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("Consumer.ack(message) -> bool", lambda: _params(Consumer.ack) == ["message"]),
     (
         "async Consumer._add_gap(tp, offset_from, offset_to)",
-        lambda: inspect.iscoroutinefunction(Consumer._add_gap)
-        and _params(Consumer._add_gap) == ["tp", "offset_from", "offset_to"],
+        lambda: (
+            inspect.iscoroutinefunction(Consumer._add_gap)
+            and _params(Consumer._add_gap) == ["tp", "offset_from", "offset_to"]
+        ),
     ),
     (
         "Consumer._read_offset (set in Consumer.__init__)",
@@ -58,6 +61,13 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
         lambda: "self.completed" in inspect.getsource(Recovery.__init__),
     ),
     ("Table.partition_for_key(key)", lambda: _params(faust.Table.partition_for_key) == ["key"]),
+    (
+        "App.flow_control.is_active() (suspended while rebalancing)",
+        lambda: (
+            "flow_control.suspend" in inspect.getsource(faust.App._on_partitions_revoked)
+            and callable(FlowControlEvent.is_active)
+        ),
+    ),
 )
 
 
@@ -178,13 +188,18 @@ class ConsumerSeam:
         consumer._read_offset = read_offsets(consumer._read_offset)
         self._guarded.append(consumer)
 
-    def on_assigned(self, callback: Callable[[Iterable[tuple[str, int]]], None]) -> None:
-        """Call ``callback`` with the partitions of every new assignment."""
+    def on_assigned(self, callback: Callable[[list[tuple[str, int]]], Awaitable[None]]) -> None:
+        """Await ``callback`` with the partitions of every new assignment (in the
+        rebalance: before the streams resume)."""
 
         async def assigned(sender: Any, assigned: Any, **_: Any) -> None:
-            callback((tp.topic, tp.partition) for tp in assigned)
+            await callback([(tp.topic, tp.partition) for tp in assigned])
 
         self._app.on_partitions_assigned.connect(cast(Any, assigned))
+
+    def streaming(self) -> bool:
+        """True while the streams flow (not in a rebalance or its table recovery)."""
+        return bool(self._app.flow_control.is_active())
 
     def tables_recovered(self) -> bool:
         """True once Faust recovered the tables of the partitions it owns."""

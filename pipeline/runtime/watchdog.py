@@ -59,6 +59,7 @@ class StallWatchdog:
             committed, ends = self._offsets(tps)
         except KafkaException as exc:  # the broker is away: readiness reports that
             log.debug("watchdog cannot read offsets: %s", exc)
+            self._seen.clear()  # an outage is not a stall: judge afresh once it is back
             return {}
         now = time.monotonic()
         stuck: dict[tuple[str, int], int] = {}
@@ -87,13 +88,32 @@ class StallWatchdog:
     def start_offset(self, topic: str, partition: int) -> int:
         """Where the group reads ``topic[partition]`` from: its committed offset, or the
         partition's first offset when it has none. Blocking: run it in an executor."""
+        return self.start_offsets([(topic, partition)])[(topic, partition)]
+
+    def start_offsets(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """:meth:`start_offset` of each of ``tps``, with one request for the commits."""
         consumer = self._offsets_consumer()
-        tp = TopicPartition(topic, partition)
-        (committed,) = consumer.committed([tp], timeout=10)
-        if committed.offset >= 0:
-            return int(committed.offset)
-        low, _ = consumer.get_watermark_offsets(tp, timeout=10)
-        return int(low)
+        wanted = [TopicPartition(topic, partition) for topic, partition in tps]
+        if not wanted:
+            return {}
+        starts = {}
+        for committed in consumer.committed(wanted, timeout=10):
+            tp = (committed.topic, committed.partition)
+            if committed.offset >= 0:
+                starts[tp] = int(committed.offset)
+            else:
+                starts[tp] = int(consumer.get_watermark_offsets(committed, timeout=10)[0])
+        return starts
+
+    def end_offsets(self, tps: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Each partition's end offset (high watermark). Blocking."""
+        consumer = self._offsets_consumer()
+        return {
+            (topic, partition): int(
+                consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+            )
+            for topic, partition in tps
+        }
 
     def _offsets_consumer(self) -> Consumer:
         if self._consumer is None:

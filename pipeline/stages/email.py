@@ -144,9 +144,7 @@ class EmailChannel:
             )
             # Write-ahead: a route whose transaction starts is recorded as such, so a
             # new owner after a crash knows it is in doubt (see handle).
-            await self._write(
-                [deliveries.record(registry, raw, request, "sending", attempt, now)]
-            )
+            await self._write([deliveries.record(registry, raw, request, "sending", attempt, now)])
             receipt = await metrics.timed(
                 metrics.SMTP_SECONDS, self._provider.send(message, request.address or "")
             )

@@ -91,7 +91,8 @@ class ConsumerLagCollector(Collector):
 
     def __init__(self, settings: Settings, max_age_s: float = 5.0) -> None:
         self._group = settings.app_id
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        self._bootstrap = settings.kafka_bootstrap_servers
+        self._admin: AdminClient | None = None
         self._max_age_s = max_age_s
         self._lock = threading.Lock()
         self._cached: tuple[float, list[PartitionLag]] = (0.0, [])
@@ -101,14 +102,24 @@ class ConsumerLagCollector(Collector):
         with self._lock:
             read_at, lags = self._cached
             if time.monotonic() - read_at > self._max_age_s:
-                lags = consumer_lag(self._admin, self._group)
+                lags = consumer_lag(self._client(), self._group)
                 self._cached = (time.monotonic(), lags)
             return lags
+
+    def _client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self._bootstrap})
+        return self._admin
+
+    def close(self) -> None:
+        """Drop the admin client: librdkafka keeps reconnecting while a handle lives."""
+        with self._lock:
+            self._admin = None
 
     def broker_reachable(self) -> bool:
         """Whether the brokers answer a metadata request within two seconds."""
         try:
-            self._admin.list_topics(timeout=2.0)
+            self._client().list_topics(timeout=2.0)
         except KafkaException:
             return False
         return True

@@ -151,6 +151,7 @@ def create_app(settings: Settings) -> web.Application:
         await intake.stop()
         await follower.stop()
         store.close()
+        lag.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

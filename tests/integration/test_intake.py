@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
@@ -159,12 +158,6 @@ def test_standard_serializer_without_key_is_deduplicated_across_partitions(
     assert len(read_all(isolated, "notification.recipients", contracts.recipient)) == 1
 
 
-# Known open defect, not a test problem: in a few percent of runs a worker started
-# right after a SIGKILL never commits one record of a partition (see
-# docs/architecture.md, "Stall watchdog"). Nothing is lost (the record stays
-# uncommitted), but the run cannot finish; it is rerun on fresh topics while the
-# root cause is hunted.
-@pytest.mark.flaky(reruns=2)
 def test_restarted_worker_remembers_accepted_intents(isolated: Settings, tmp_path: Path) -> None:
     """Kill -9 after N accepted; a new worker restores the table from its changelog, so
     the same N published again are all duplicates."""

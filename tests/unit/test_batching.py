@@ -285,7 +285,9 @@ async def test_after_a_new_assignment_the_committed_offset_is_the_expectation() 
 
 def test_faust_acks_of_records_no_run_handled_are_withheld() -> None:
     """A Faust stream acks the records it skips (stale generation after a rebalance);
-    let through, they would move the commit past records nobody handled."""
+    let through, they would move the commit past records nobody handled. Withheld,
+    they are noted per partition (the first one) to be read again, in a compacted
+    topic too; topics no run reads (changelogs) pass untouched."""
     passed: list[int] = []
 
     def ack(message: Any) -> bool:
@@ -298,14 +300,46 @@ def test_faust_acks_of_records_no_run_handled_are_withheld() -> None:
     async def start(topic: str, partition: int) -> int:
         return 0
 
-    continuity = Continuity(lambda topic: topic != "compacted", start, seek)
+    continuity = Continuity(
+        lambda topic: topic != "compacted", start, seek, lambda topic: topic != "changelog"
+    )
     guarded = continuity.guard(ack)
     continuity.allow("in", 0, 1)
     assert guarded(Message("in", 0, 0)) is False  # skipped by Faust, not handled
     assert guarded(Message("in", 0, 1)) is True  # handled by a run
     assert guarded(Message("in", 0, 1)) is False  # once per allowance
-    assert guarded(Message("compacted", 0, 5)) is True  # holes are normal there
-    assert passed == [1, 5]
+    assert guarded(Message("compacted", 0, 7)) is False
+    assert guarded(Message("compacted", 0, 5)) is False
+    assert guarded(Message("changelog", 0, 3)) is True
+    for _ in range(2):  # a record handed over twice: both copies acked by the run
+        continuity.allow("in", 0, 2)
+    assert (guarded(Message("in", 0, 2)), guarded(Message("in", 0, 2))) == (True, True)
+    assert passed == [1, 3, 2, 2]
+    assert continuity.skipped == {("in", 0): 0, ("compacted", 0): 5}
+    continuity.allow("compacted", 0, 5)  # Faust's own seek brought it again
+    assert continuity.skipped == {("in", 0): 0}
+
+
+async def test_skipped_records_are_read_again_on_partitions_still_owned() -> None:
+    """The last records of a partition Faust skipped: no later record reveals the
+    hole, so the skipped ones themselves are sought again (not on a partition that
+    moved away, nor below the group's commit)."""
+    seeks: list[tuple[str, int, int]] = []
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        seeks.append((topic, partition, offset))
+
+    async def start(topic: str, partition: int) -> int:
+        return {0: 3, 1: 0, 2: 9}[partition]
+
+    continuity = Continuity(lambda topic: False, start, seek)
+    guarded = continuity.guard(lambda message: True)
+    for partition, offset in ((0, 4), (0, 3), (1, 0), (2, 8), (3, 1)):
+        assert guarded(Message("users", partition, offset)) is False
+    await continuity.reread_skipped([("users", 0), ("users", 1), ("users", 2)])
+    assert seeks == [("users", 0, 3), ("users", 1, 0)]  # 2: committed since; 3: not ours
+    assert continuity.floors == {("users", 0): 3, ("users", 1): 0}
+    assert continuity.skipped == {}
 
 
 async def test_faust_does_not_fill_a_jump_in_a_stream_topic_as_acked() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from faust.types import TP
 
-from pipeline.runtime.continuity import Continuity
+from pipeline.runtime.continuity import REWIND_AGAIN_S, Continuity
 
 T = "t.notification.intents"
 
@@ -100,3 +100,61 @@ async def test_a_compacted_partition_whose_first_record_is_late_is_read_once_mor
     settled = Continuity(lambda topic: False, start, seek).tracker()
     assert [await settled.admits(T, 0, offset) for offset in (0, 3, 7)] == [True] * 3
     assert sought == [0]
+
+
+async def test_an_assignment_floors_each_partition_at_where_its_ownership_starts() -> None:
+    """After a rebalance Faust seeks a kept partition back to its commit, but its read
+    offset still says 50 (what the stream skipped as of the old generation): without
+    the floor, the fetch loop drops 40..49 and a partition with nothing after them
+    stalls. With it they get through until a run admits the first."""
+    delivered: list[int] = []
+
+    async def start(topic: str, partition: int) -> int:
+        return 40
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        return None
+
+    continuity = Continuity(lambda topic: True, start, seek)
+    read_offset = continuity.read_offsets(defaultdict(lambda: None, {TP(T, 0): 50}))
+    continuity.assigned([(T, 0), ("changelog", 0)])
+    continuity.floor_starts({(T, 0): 40})
+    drain(read_offset, list(range(40, 50)), delivered)
+    assert delivered == list(range(40, 50))
+    tracker = continuity.tracker()
+    assert [await tracker.admits(T, 0, offset) for offset in (40, 41)] == [True, True]
+    assert continuity.floors == {}
+
+
+async def test_a_floor_not_reached_is_sought_again_while_records_wait() -> None:
+    """A seek made while the group settles can be lost: the records read again never
+    reach a run, and nothing after them reveals it. After 3 s without a run reaching
+    the floor, the partition is sought there once more (not when it has nothing to
+    read from there, nor when it is no longer owned)."""
+    seeks: list[tuple[int, int]] = []
+
+    async def start(topic: str, partition: int) -> int:
+        return 0
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        seeks.append((partition, offset))
+
+    async def ends(tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        return {(T, 0): 51, (T, 1): 9, (T, 2): 99}
+
+    continuity = Continuity(lambda topic: True, start, seek)
+    await continuity.rewind(T, 0, 14)
+    continuity.floor_starts({(T, 1): 9, (T, 2): 30})
+    await continuity.seek_unreached_floors([(T, 0), (T, 1)], ends)
+    assert seeks == [(0, 14)]  # not due yet
+    for tp in continuity._floored_at:
+        continuity._floored_at[tp] -= REWIND_AGAIN_S
+    await continuity.seek_unreached_floors([(T, 0), (T, 1)], ends)
+    assert seeks == [(0, 14), (0, 14)]  # 1: nothing beyond 9; 2: not ours
+    continuity.reached(T, 0, 14)
+    assert (T, 0) not in continuity.floors
+    continuity.held.add("tier")  # a delay tier's run holds records by design
+    continuity.floor_starts({("tier", 0): 0})
+    continuity._floored_at[("tier", 0)] -= 60
+    await continuity.seek_unreached_floors([("tier", 0)], ends)
+    assert seeks == [(0, 14), (0, 14)]

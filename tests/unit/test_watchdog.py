@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from pipeline.runtime.watchdog import StallWatchdog
 from pipeline.settings import Settings
@@ -17,8 +17,11 @@ class ScriptedWatchdog(StallWatchdog):
         super().__init__(Settings(), timeout_s)
         self.committed: Offsets = {}
         self.ends: Offsets = {}
+        self.broker_away = False
 
     def _offsets(self, tps: list[TopicPartition]) -> tuple[Offsets, Offsets]:
+        if self.broker_away:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
         return dict(self.committed), dict(self.ends)
 
 
@@ -62,3 +65,17 @@ def test_a_reread_partition_is_judged_afresh() -> None:
     assert dog.stalled(owned) == {}
     time.sleep(0.1)
     assert dog.stalled(owned) == {("t", 0): 5}
+
+
+def test_a_broker_outage_is_not_a_stall() -> None:
+    """Nothing is committed while the broker is away (the restart drill): once it is
+    back, the worker gets the full timeout to move again, not an instant verdict."""
+    dog = ScriptedWatchdog(timeout_s=0.05)
+    owned = [("t", 0)]
+    dog.committed, dog.ends = {("t", 0): 5}, {("t", 0): 9}
+    dog.stalled(owned)
+    dog.broker_away = True
+    time.sleep(0.1)
+    assert dog.stalled(owned) == {}
+    dog.broker_away = False
+    assert dog.stalled(owned) == {}
