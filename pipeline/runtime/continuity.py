@@ -98,8 +98,8 @@ class Continuity:
       (:meth:`allow`) count, so the commit cannot pass a record nobody handled, and
       each record Faust skipped that way is noted and, once the stream flows again,
       read again (:meth:`reread_skipped`): also the last records of a partition, which
-      no later record would reveal (a users partition whose profiles all came in the
-      batch Faust dropped at an assignment lost them for good: issue 13's kill test);
+      no later record would reveal (unguarded, a users partition whose profiles all
+      came in one batch Faust skipped could be committed past, its users lost);
     - :meth:`guard_gaps` stops Faust from filling a jump in the offsets it read as if
       acked, in stream topics (not compacted, no transactions, so no holes of their
       own);
