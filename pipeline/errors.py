@@ -91,6 +91,12 @@ class BrokerUnavailableError(TransientError):
     reason = "broker_unavailable"
 
 
+class RecordTooLargeError(PermanentError):
+    """A record over the producer's or the broker's size limit: sending it again cannot help."""
+
+    reason = "record_too_large"
+
+
 class SchemaRegistryUnavailableError(TransientError):
     """The configured schema registry did not answer."""
 

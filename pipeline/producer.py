@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
@@ -33,7 +33,7 @@ from pipeline.contracts.records import (
     UserProfile,
     intent_key,
 )
-from pipeline.errors import BrokerUnavailableError
+from pipeline.errors import BrokerUnavailableError, RecordTooLargeError
 from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
@@ -60,12 +60,16 @@ class HeraldProducer:
         config.update(producer_config)
         self._producer = Producer(config)
         self._errors: list[str] = []
+        self._too_large: list[str] = []
         self._intents_topic = settings.topic("notification.intents")
         self._users_topic = settings.topic("notification.users")
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
+            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                self._too_large.append(f"{msg.topic()}: {len(msg.value() or b'')} bytes")
+            else:
+                self._errors.append(f"{msg.topic()}: {err}")
 
     def _produce(self, topic: str, key: bytes, value: bytes | None, wait: bool) -> None:
         while True:
@@ -74,6 +78,13 @@ class HeraldProducer:
                 break
             except BufferError:  # local queue full: let deliveries drain
                 self._producer.poll(0.1)
+            except KafkaException as exc:
+                if exc.args and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise RecordTooLargeError(
+                        f"{topic}: a record of {len(value or b'')} bytes is over the "
+                        "producer's limit (message.max.bytes, 1 MB by default)"
+                    ) from None
+                raise BrokerUnavailableError(f"{topic}: {exc}") from exc
         self._producer.poll(0)
         if wait:
             self.flush()
@@ -212,6 +223,11 @@ class HeraldProducer:
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every record is acknowledged; BrokerUnavailableError if any was not."""
         remaining = self._producer.flush(timeout_s)
+        too_large, self._too_large = self._too_large, []
+        if too_large:
+            raise RecordTooLargeError(
+                "over the broker's size limit (max.message.bytes): " + "; ".join(too_large[:5])
+            )
         errors, self._errors = self._errors, []
         if remaining:
             errors.append(f"{remaining} record(s) not acknowledged within {timeout_s}s")

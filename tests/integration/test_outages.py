@@ -130,6 +130,14 @@ def test_broker_restart_under_load_loses_and_repeats_nothing(
     assert len(ids) == 200
     assert mails == Counter(ids), {k: v for k, v in mails.items() if v != 1}
     assert pushes == Counter(ids), {k: v for k, v in pushes.items() if v != 1}
+    # A broker restart is a transient fault: no route may be dead-lettered by it
+    # (issue 14), nor spend an attempt on it.
+    contracts = Contracts(settings)
+    for channel in ("email", "push"):
+        dead = read_all(settings, f"notification.{channel}.dlq", contracts.dead_letter)
+        assert dead == [], [(d.reason, d.last_error) for d in dead]
+    events = read_all(settings, "notification.status", contracts.status)
+    assert [e for e in events if e.status in ("dead_lettered", "failed")] == []
 
 
 def broker(command: str) -> None:
