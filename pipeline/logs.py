@@ -140,3 +140,28 @@ def configure(settings: Settings) -> None:
     import logging.config
 
     logging.config.dictConfig(logging_config(settings))
+
+
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once (numbers ignored): librdkafka repeats
+    "Connect to ... failed: Connection refused (after 0ms ...)" every second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = re.sub(r"\d+", "#", record.getMessage())
+        if text in self._seen:
+            return False
+        self._seen.add(text)
+        return True
+
+
+def librdkafka_logger(name: str) -> logging.Logger:
+    """The Python logger a confluent-kafka client's own log goes to (its ``logger``
+    setting), each distinct line once, instead of librdkafka printing to stderr."""
+    logger = logging.getLogger(f"librdkafka.{name}")
+    if not any(isinstance(f, OncePerMessage) for f in logger.filters):
+        logger.addFilter(OncePerMessage())
+    return logger

@@ -34,12 +34,17 @@ from pipeline.contracts.records import (
     intent_key,
 )
 from pipeline.errors import BrokerUnavailableError, RecordTooLargeError
+from pipeline.logs import librdkafka_logger
 from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
 
 #: notification_type of mails sent with :meth:`HeraldProducer.send_email`.
 RENDERED_TYPE = "email.rendered"
+
+
+#: The bootstrap of the local broker scripts/kafka-local starts (the default).
+LOCAL_BOOTSTRAPS = frozenset({"127.0.0.1:9092", "localhost:9092"})
 
 
 class HeraldProducer:
@@ -56,6 +61,7 @@ class HeraldProducer:
             "enable.idempotence": True,
             "partitioner": CONFLUENT_PARTITIONER,
             "linger.ms": 5,
+            "logger": librdkafka_logger("producer"),
         }
         config.update(producer_config)
         self._producer = Producer(config)
@@ -232,7 +238,10 @@ class HeraldProducer:
         if remaining:
             errors.append(f"{remaining} record(s) not acknowledged within {timeout_s}s")
         if errors:
-            raise BrokerUnavailableError("; ".join(errors[:5]))
+            hint = ""
+            if self._settings.kafka_bootstrap_servers in LOCAL_BOOTSTRAPS:
+                hint = " (is the local broker running? `scripts/kafka-local start`)"
+            raise BrokerUnavailableError("; ".join(errors[:5]) + hint)
 
     def __enter__(self) -> Self:
         return self

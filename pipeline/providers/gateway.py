@@ -25,6 +25,7 @@ from pipeline.errors import (
     KafkaDeliveryError,
     PushPayloadError,
 )
+from pipeline.logs import librdkafka_logger
 from pipeline.runtime.producer import KafkaWriter
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
@@ -53,6 +54,7 @@ class GatewayPublisher:
                 "client.id": "herald-gateway",
                 "enable.idempotence": True,
                 "message.timeout.ms": int(self._timeout_s * 1000),
+                "logger": librdkafka_logger("gateway"),
             }
         )
         self._reader: AIOKafkaConsumer | None = None

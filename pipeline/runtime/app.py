@@ -10,9 +10,10 @@ and watches for stalls and skipped records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
 import faust
@@ -58,6 +59,7 @@ class Runtime:
                 # librdkafka gives up on a record after this long and reports it, so
                 # the sink sends it again (deterministic ids make the copy harmless).
                 "message.timeout.ms": int(settings.kafka_ack_timeout_s * 1000),
+                "logger": logs.librdkafka_logger("worker"),
             }
         )
         self.sink = AckedSink(self.writer.send, ack_timeout_s=settings.kafka_ack_timeout_s + 5)
@@ -139,7 +141,8 @@ class Runtime:
                 in_flight=self.settings.batches_in_flight if in_flight is None else in_flight,
                 continuity=self.continuity,
             )
-            await run.run(stream)
+            async with self._reread_on_crash(topics):
+                await run.run(stream)
 
         self.app.agent(self._source(topics), name=name, concurrency=1)(agent)
 
@@ -147,11 +150,28 @@ class Runtime:
         """Run a delay tier topic: each record held until ``release`` returns it."""
 
         async def agent(stream: Any) -> None:
-            await HoldRun(release, self.sink, self.continuity).run(stream)
+            async with self._reread_on_crash([topic]):
+                await HoldRun(release, self.sink, self.continuity).run(stream)
 
         self.continuity.held.add(topic)
 
         self.app.agent(self._source([topic]), name=name, concurrency=1)(agent)
+
+    @contextlib.asynccontextmanager
+    async def _reread_on_crash(self, topics: Sequence[str]) -> AsyncIterator[None]:
+        """A run that crashes (Faust restarts its agent) took records it never acked,
+        and the stream will not hand them over again: its owned partitions are read
+        again from the group's commits, so the new run gets them (a crashed delay tier
+        run otherwise held its routes until the next rebalance)."""
+        try:
+            yield
+        except Exception:
+            owned = [tp for tp in self.seam.assignment() if tp[0] in topics]
+            log.exception("a stage run crashed; re-reading %s from the commits", owned)
+            for tp in owned:
+                with contextlib.suppress(Exception):  # no longer ours: its owner reads it
+                    await self.continuity.rewind(*tp, await self.continuity.start(*tp))
+            raise
 
     def timer(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
         """Run ``action`` every ``interval_s`` while the worker runs."""
@@ -188,7 +208,16 @@ class Runtime:
             # the revoked partitions and nothing clears it after, so a partition that
             # comes back would find its earlier ownership's offset.
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, self.watchdog.start_offset, topic, partition)
+            backoff = 0.2
+            while True:
+                try:
+                    return await loop.run_in_executor(
+                        None, self.watchdog.start_offset, topic, partition
+                    )
+                except KafkaException as exc:  # the broker is away: wait, never crash the run
+                    log.warning("no committed offset for %s[%d] yet: %s", topic, partition, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
 
         async def seek(topic: str, partition: int, offset: int) -> None:
             await seam.seek({(topic, partition): offset})
