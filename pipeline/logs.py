@@ -65,7 +65,9 @@ class QuietRepeats(logging.Filter):
     times a second; the first line says it all. The next one let through carries
     how many were held back. Herald's own lines are never held back."""
 
-    def __init__(self, window_s: float = 10.0, prefixes: tuple[str, ...] = ("aiokafka",)) -> None:
+    def __init__(
+        self, window_s: float = 10.0, prefixes: tuple[str, ...] = ("aiokafka", "librdkafka")
+    ) -> None:
         super().__init__()
         self._window_s = window_s
         self._prefixes = prefixes
@@ -74,7 +76,9 @@ class QuietRepeats(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self._prefixes):
             return True
-        key = (record.name, str(record.msg))
+        # The text, numbers aside ("after 0ms", ports): librdkafka logs everything
+        # through one "%s [%s] %s" format.
+        key = (record.name, re.sub(r"\d+", "#", record.getMessage()))
         last, held = self._seen.get(key, (None, 0))
         if last is not None and record.created - last < self._window_s:
             self._seen[key] = (last, held + 1)
@@ -142,26 +146,11 @@ def configure(settings: Settings) -> None:
     logging.config.dictConfig(logging_config(settings))
 
 
-class OncePerMessage(logging.Filter):
-    """Lets each distinct message through once (numbers ignored): librdkafka repeats
-    "Connect to ... failed: Connection refused (after 0ms ...)" every second."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = re.sub(r"\d+", "#", record.getMessage())
-        if text in self._seen:
-            return False
-        self._seen.add(text)
-        return True
-
-
 def librdkafka_logger(name: str) -> logging.Logger:
     """The Python logger a confluent-kafka client's own log goes to (its ``logger``
-    setting), each distinct line once, instead of librdkafka printing to stderr."""
+    setting), repeats held back like aiokafka's, instead of librdkafka printing every
+    reconnect attempt to stderr."""
     logger = logging.getLogger(f"librdkafka.{name}")
-    if not any(isinstance(f, OncePerMessage) for f in logger.filters):
-        logger.addFilter(OncePerMessage())
+    if not any(isinstance(f, QuietRepeats) for f in logger.filters):
+        logger.addFilter(QuietRepeats())  # also where no logging config is set up (the CLI)
     return logger
