@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NotRequired, Self, TypedDict, Unpack
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -33,7 +33,7 @@ from pipeline.contracts.records import (
     UserProfile,
     intent_key,
 )
-from pipeline.errors import BrokerUnavailableError, RecordTooLargeError
+from pipeline.errors import BrokerUnavailableError, RecordTooLargeError, ValidationError
 from pipeline.logs import librdkafka_logger
 from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
@@ -45,6 +45,57 @@ RENDERED_TYPE = "email.rendered"
 
 #: The bootstrap of the local broker scripts/kafka-local starts (the default).
 LOCAL_BOOTSTRAPS = frozenset({"127.0.0.1:9092", "localhost:9092"})
+
+
+class IntentFields(TypedDict):
+    """What a producer says in an intent (schemas/intent.avsc)."""
+
+    notification_type: str
+    """A type of topologies/catalog.yaml."""
+    producer: str
+    """The publishing service; with the key, the idempotency scope."""
+    idempotency_key: str
+    """The producer's key: a retry sends the same intent with the same key."""
+    recipient_user_ids: NotRequired[Iterable[str]]
+    """Recipients (audience user)."""
+    audience_kind: NotRequired[str]
+    """"user" (default) or "admin_email"."""
+    payload: NotRequired[Mapping[str, Any] | None]
+    """The type's fields, a JSON object."""
+    occurred_at_ms: NotRequired[int | None]
+    """When it happened; default now. A retry passes its first try's."""
+    request_id: NotRequired[str | None]
+    """The caller's request id (status lookups)."""
+    trace_id: NotRequired[str | None]
+    """A trace id carried to every record of the notification."""
+    tenant_id: NotRequired[str | None]
+    """The tenant, where there are several."""
+    priority: NotRequired[str]
+    """"normal" (default) or "high"; a type may raise it."""
+
+
+def build_intent(**fields: Unpack[IntentFields]) -> Intent:
+    """An intent envelope. ValidationError when the payload is not a mapping (a JSON
+    object): intake would refuse it, and Python callers get told here."""
+    payload = fields.get("payload")
+    if payload is not None and not isinstance(payload, Mapping):
+        raise ValidationError(
+            f"the payload must be a JSON object, not {type(payload).__name__}",
+            reason="payload_not_json_object",
+        )
+    return Intent(
+        notification_type=fields["notification_type"],
+        producer=fields["producer"],
+        audience_kind=fields.get("audience_kind", "user"),
+        recipient_user_ids=list(fields.get("recipient_user_ids", ())),
+        idempotency_key=fields["idempotency_key"],
+        occurred_at_ms=fields.get("occurred_at_ms") or int(time.time() * 1000),
+        request_id=fields.get("request_id"),
+        trace_id=fields.get("trace_id"),
+        tenant_id=fields.get("tenant_id"),
+        priority=fields.get("priority", "normal"),
+        payload_json=json.dumps(dict(payload or {}), separators=(",", ":"), ensure_ascii=False),
+    )
 
 
 class HeraldProducer:
@@ -95,36 +146,10 @@ class HeraldProducer:
         if wait:
             self.flush()
 
-    def publish_intent(
-        self,
-        *,
-        notification_type: str,
-        producer: str,
-        idempotency_key: str,
-        recipient_user_ids: Iterable[str] = (),
-        audience_kind: str = "user",
-        payload: Mapping[str, Any] | None = None,
-        occurred_at_ms: int | None = None,
-        request_id: str | None = None,
-        trace_id: str | None = None,
-        tenant_id: str | None = None,
-        priority: str = "normal",
-        wait: bool = True,
-    ) -> Intent:
-        """Publish one intent keyed by ``<producer>:<idempotency_key>``; returns it."""
-        intent = Intent(
-            notification_type=notification_type,
-            producer=producer,
-            audience_kind=audience_kind,
-            recipient_user_ids=list(recipient_user_ids),
-            idempotency_key=idempotency_key,
-            occurred_at_ms=occurred_at_ms or int(time.time() * 1000),
-            request_id=request_id,
-            trace_id=trace_id,
-            tenant_id=tenant_id,
-            priority=priority,
-            payload_json=json.dumps(dict(payload or {}), separators=(",", ":"), ensure_ascii=False),
-        )
+    def publish_intent(self, *, wait: bool = True, **fields: Unpack[IntentFields]) -> Intent:
+        """Publish one intent keyed by ``<producer>:<idempotency_key>``; returns it.
+        ``fields`` are :func:`build_intent`'s."""
+        intent = build_intent(**fields)
         self.publish(intent, wait=wait)
         return intent
 

@@ -129,26 +129,33 @@ def produce(
     trace_id: str | None,
     tenant_id: str | None,
 ) -> None:
-    """Publish one intent (Avro, Confluent wire format) and wait for Kafka's ack."""
-    from pipeline.producer import HeraldProducer
+    """Publish one intent (Avro, Confluent wire format) and wait for Kafka's ack. It is
+    checked against the catalog first, as intake will: one that intake would refuse is
+    not sent, and the command exits 1 with the reason."""
+    from pipeline.producer import HeraldProducer, build_intent
+    from pipeline.stages.intake import validate
+    from pipeline.topology import Catalog
 
     try:
         payload_obj = json.loads(payload)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from exc
-    with HeraldProducer(_settings()) as herald:
-        intent = herald.publish_intent(
-            notification_type=notification_type,
-            producer=producer,
-            idempotency_key=idempotency_key or str(uuid.uuid4()),
-            recipient_user_ids=[r for r in recipients.split(",") if r],
-            audience_kind=audience,
-            payload=payload_obj,
-            priority=priority,
-            request_id=request_id,
-            trace_id=trace_id,
-            tenant_id=tenant_id,
-        )
+    settings = _settings()
+    intent = build_intent(
+        notification_type=notification_type,
+        producer=producer,
+        idempotency_key=idempotency_key or str(uuid.uuid4()),
+        recipient_user_ids=[r for r in recipients.split(",") if r],
+        audience_kind=audience,
+        payload=payload_obj,
+        priority=priority,
+        request_id=request_id,
+        trace_id=trace_id,
+        tenant_id=tenant_id,
+    )
+    validate(intent, Catalog.load(settings), settings)  # ValidationError: exit 1, the reason
+    with HeraldProducer(settings) as herald:
+        herald.publish(intent)
     click.echo(json.dumps(intent.to_avro()))
 
 
