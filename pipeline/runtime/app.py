@@ -249,10 +249,11 @@ class Runtime:
         async def reread() -> None:
             if not seam.streaming():
                 return  # in a rebalance: Faust seeks to the commits when it ends
+            owned = seam.assignment()
             if continuity.skipped:
-                await continuity.reread_skipped(seam.assignment())
+                await continuity.reread_skipped(owned)
             try:
-                await continuity.seek_unreached_floors(seam.assignment(), ends)
+                await continuity.seek_unreached_floors(owned, ends)
             except KafkaException as exc:  # the broker is away; the next tick tries again
                 log.info("floors not checked: %s", exc)
 

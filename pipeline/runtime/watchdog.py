@@ -133,8 +133,4 @@ class StallWatchdog:
         committed = {
             (tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=10)
         }
-        ends = {}
-        for tp in tps:
-            _, high = consumer.get_watermark_offsets(tp, timeout=10)
-            ends[(tp.topic, tp.partition)] = high
-        return committed, ends
+        return committed, self.end_offsets((tp.topic, tp.partition) for tp in tps)
