@@ -68,6 +68,13 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
             and callable(FlowControlEvent.is_active)
         ),
     ),
+    (
+        "App.rebalancing (True from on_rebalance_start until recovery ends)",
+        lambda: (
+            "self.rebalancing = True" in inspect.getsource(faust.App.on_rebalance_start)
+            and "self.rebalancing = False" in inspect.getsource(faust.App.on_rebalance_end)
+        ),
+    ),
 )
 
 
@@ -198,8 +205,9 @@ class ConsumerSeam:
         self._app.on_partitions_assigned.connect(cast(Any, assigned))
 
     def streaming(self) -> bool:
-        """True while the streams flow (not in a rebalance or its table recovery)."""
-        return bool(self._app.flow_control.is_active())
+        """True while the streams flow: not in a rebalance nor its table recovery (which
+        resumes flow control to read the changelogs, and a seek then can stall it)."""
+        return bool(self._app.flow_control.is_active()) and not self._app.rebalancing
 
     def tables_recovered(self) -> bool:
         """True once Faust recovered the tables of the partitions it owns."""
