@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from pipeline.contracts import Contracts
@@ -69,7 +70,15 @@ def wait_for_group(
     deadline = time.monotonic() + timeout_s
     owned: dict[str, set[int]] = {}
     while time.monotonic() < deadline:
-        owned = assignments(settings)
+        try:
+            owned = assignments(settings)
+        except KafkaException as exc:
+            # A fresh or just restarted broker is still loading the group's coordinator:
+            # the group has not settled yet.
+            if exc.args[0].retriable() or exc.args[0].code() == KafkaError.NOT_COORDINATOR:
+                time.sleep(1)
+                continue
+            raise
         everything = set().union(*owned.values()) if owned else set()
         if len(owned) == members and all(owned.values()) and len(everything) == 6:
             return owned
