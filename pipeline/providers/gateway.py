@@ -27,6 +27,7 @@ from pipeline.errors import (
 )
 from pipeline.logs import librdkafka_logger
 from pipeline.runtime.producer import KafkaWriter
+from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
 
@@ -64,17 +65,19 @@ class GatewayPublisher:
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> PublishReceipt:
         """Publish one push and wait for the topic's acknowledgement."""
+        acks = await self._writer.write([Out(self.topic, key, value, headers=tuple(headers))])
         try:
-            delivered = await self._writer.send(self.topic, key, value, None, headers)
             # librdkafka gives up after message.timeout.ms; this bounds the whole call.
-            message = await asyncio.wait_for(delivered, timeout=self._timeout_s + 1)
+            await asyncio.wait_for(acks.done, timeout=self._timeout_s + 1)
         except TimeoutError as exc:
             raise await self._timeout() from exc
-        except KafkaDeliveryError as exc:
-            raise await self._classified(exc, len(value)) from exc
-        partition, offset = message.partition(), message.offset()
-        if partition is None or offset is None:  # an acknowledged record has both
+        error, receipt = acks.outcomes[0], acks.receipts[0]
+        if isinstance(error, KafkaDeliveryError):
+            raise await self._classified(error, len(value)) from error
+        if error is not None or receipt is None or receipt[0] < 0 or receipt[1] < 0:
+            # an acknowledged record has both a partition and an offset
             raise GatewayTimeoutError(f"{self.topic} acknowledged a push without its offset")
+        partition, offset = receipt
         return PublishReceipt(partition=partition, offset=offset)
 
     async def _classified(self, exc: KafkaDeliveryError, size: int) -> HeraldError:

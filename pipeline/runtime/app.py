@@ -62,7 +62,7 @@ class Runtime:
                 "logger": logs.librdkafka_logger("worker"),
             }
         )
-        self.sink = AckedSink(self.writer.send, ack_timeout_s=settings.kafka_ack_timeout_s + 5)
+        self.sink = AckedSink(self.writer.write, ack_timeout_s=settings.kafka_ack_timeout_s + 5)
         self.watchdog = StallWatchdog(settings, settings.stall_timeout_s)
         #: The topics the stages and holds read (the ones Continuity guards).
         self._streams: set[str] = set()

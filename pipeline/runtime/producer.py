@@ -3,9 +3,10 @@
 librdkafka batches, sends and retries on its own threads; a poll thread of ours
 collects delivery reports and hands them to the event loop in bulk (one wake-up for
 however many reports arrived), so an acknowledged write costs the event loop little
-more than the ``produce`` call. Records without an explicit partition go to the
-murmur2 partition of their key, as Java clients and Faust do, which keeps Herald's
-copartitioned topics aligned.
+more than the ``produce`` call. Records written together share one future (their
+:class:`Acks`), so a batch of any size costs the loop one wake-up to resume. Records
+without an explicit partition go to the murmur2 partition of their key, as Java
+clients and Faust do, which keeps Herald's copartitioned topics aligned.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.errors import KafkaDeliveryError
+from pipeline.runtime.records import Out
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,42 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.05
 #: How long ``send`` yields when librdkafka's local queue is full.
 _QUEUE_FULL_WAIT_S = 0.005
+
+
+class Acks:
+    """Kafka's answers for records written together, awaitable as a whole.
+
+    ``outcomes[i]`` is None once record i is acknowledged, the error Kafka reported
+    for it, or :data:`UNANSWERED` while no answer came; ``done`` resolves when every
+    record has its answer.
+    """
+
+    __slots__ = ("_remaining", "done", "outcomes", "receipts")
+
+    def __init__(self, count: int) -> None:
+        self.outcomes: list[BaseException | None] = [UNANSWERED] * count
+        #: (partition, offset) of each acknowledged record.
+        self.receipts: list[tuple[int, int] | None] = [None] * count
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._remaining = count
+        if not count:
+            self.done.set_result(None)
+
+    def report(
+        self, index: int, error: BaseException | None, receipt: tuple[int, int] | None
+    ) -> None:
+        """Record the answer for record ``index`` (the first one counts)."""
+        if self.outcomes[index] is not UNANSWERED:
+            return
+        self.outcomes[index] = error
+        self.receipts[index] = receipt
+        self._remaining -= 1
+        if not self._remaining and not self.done.done():
+            self.done.set_result(None)
+
+
+#: The outcome of a record Kafka has not answered (yet).
+UNANSWERED: BaseException = TimeoutError("no acknowledgement from Kafka")
 
 
 class KafkaWriter:
@@ -44,9 +82,9 @@ class KafkaWriter:
         }
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reports: collections.deque[
-            tuple[asyncio.Future[Message], KafkaError | None, Message]
-        ] = collections.deque()
+        self._reports: collections.deque[tuple[Acks, int, KafkaError | None, Message]] = (
+            collections.deque()
+        )
         self._drain_scheduled = False
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -60,38 +98,39 @@ class KafkaWriter:
             self._thread.start()
         return self._producer
 
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: Sequence[tuple[str, bytes]],
-    ) -> asyncio.Future[Message]:
-        """Enqueue one record; the future resolves when Kafka acknowledged it (or fails
-        with :class:`~pipeline.errors.KafkaDeliveryError`)."""
-        producer = self._started()
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+    async def write(self, records: Sequence[Out]) -> Acks:
+        """Enqueue ``records``; their :class:`Acks` resolve as Kafka answers (a refused
+        record's outcome is a :class:`~pipeline.errors.KafkaDeliveryError`)."""
+        produce = self._started().produce
+        acks = Acks(len(records))
         reports = self._reports
+        for index, record in enumerate(records):
 
-        def delivered(error: KafkaError | None, message: Message) -> None:
-            reports.append((future, error, message))
+            def delivered(error: KafkaError | None, message: Message, index: int = index) -> None:
+                reports.append((acks, index, error, message))
 
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": delivered}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = list(headers)
-        while True:
-            try:
-                producer.produce(topic, **kwargs)
-                return future
-            except BufferError:  # librdkafka's queue is full: let it drain
-                await asyncio.sleep(_QUEUE_FULL_WAIT_S)
-            except KafkaException as exc:  # refused at once (e.g. over message.max.bytes)
-                error = exc.args[0]
-                future.set_exception(KafkaDeliveryError(error.str(), code=error.code()))
-                return future
+            partition = -1 if record.partition is None else record.partition  # -1: by key
+            while True:
+                try:
+                    if record.headers:
+                        produce(
+                            record.topic,
+                            record.value,
+                            record.key,
+                            partition,
+                            on_delivery=delivered,
+                            headers=list(record.headers),
+                        )
+                    else:
+                        produce(record.topic, record.value, record.key, partition, delivered)
+                    break
+                except BufferError:  # librdkafka's queue is full: let it drain
+                    await asyncio.sleep(_QUEUE_FULL_WAIT_S)
+                except KafkaException as exc:  # refused at once (e.g. over message.max.bytes)
+                    error = exc.args[0]
+                    acks.report(index, KafkaDeliveryError(error.str(), code=error.code()), None)
+                    break
+        return acks
 
     async def partitions(self, topic: str, timeout_s: float) -> int | None:
         """How many partitions ``topic`` has, or None when the cluster has no such
@@ -127,18 +166,18 @@ class KafkaWriter:
                     return
 
     def _drain(self) -> None:
-        """On the event loop: resolve the futures of every report that arrived."""
+        """On the event loop: hand every report that arrived to its Acks."""
         with self._lock:
             self._drain_scheduled = False
         reports = self._reports
         while reports:
-            future, error, message = reports.popleft()
-            if future.done():  # given up on (timeout) and sent again meanwhile
-                continue
+            acks, index, error, message = reports.popleft()
             if error is None:
-                future.set_result(message)
+                partition, offset = message.partition(), message.offset()
+                receipt = None if partition is None or offset is None else (partition, offset)
+                acks.report(index, None, receipt)
             else:
-                future.set_exception(KafkaDeliveryError(error.str(), code=error.code()))
+                acks.report(index, KafkaDeliveryError(error.str(), code=error.code()), None)
 
     def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for queued records (blocking); how many remain."""

@@ -4,27 +4,19 @@ it depends on may be committed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
 
 from pipeline import metrics
+from pipeline.runtime.producer import UNANSWERED, Acks
 from pipeline.runtime.records import Out
 
 log = logging.getLogger(__name__)
 
 
-class SendFn(Protocol):
-    """Enqueue one record; the returned awaitable resolves when Kafka acknowledged it."""
-
-    def __call__(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: Sequence[tuple[str, bytes]],
-    ) -> Awaitable[Awaitable[Any]]: ...
+#: Enqueues records; the returned Acks resolve as Kafka answers (KafkaWriter.write).
+WriteFn = Callable[[Sequence[Out]], Awaitable[Acks]]
 
 
 class AckedSink:
@@ -37,9 +29,9 @@ class AckedSink:
     """
 
     def __init__(
-        self, send: SendFn, *, max_backoff_s: float = 5.0, ack_timeout_s: float = 30.0
+        self, write: WriteFn, *, max_backoff_s: float = 5.0, ack_timeout_s: float = 30.0
     ) -> None:
-        self._send = send
+        self._write = write
         self._max_backoff_s = max_backoff_s
         self._ack_timeout_s = ack_timeout_s
         #: True while a write keeps failing (for the readiness check still to come).
@@ -50,27 +42,15 @@ class AckedSink:
         pending = list(records)
         backoff = 0.1
         while pending:
-            futures = [
-                asyncio.ensure_future(
-                    await self._send(r.topic, r.key, r.value, r.partition, r.headers)
-                )
-                for r in pending
-            ]
-            _, waiting = await asyncio.wait(futures, timeout=self._ack_timeout_s)
-            for future in waiting:
-                # A send Kafka never answered (seen after a worker restart): give up on it
-                # and send the record again rather than wait forever.
-                future.cancel()
-            results = [
-                TimeoutError(f"no acknowledgement in {self._ack_timeout_s}s")
-                if future in waiting
-                else future.exception() or future.result()
-                for future in futures
-            ]
+            acks = await self._write(pending)
+            # A record Kafka never answers (seen after a worker restart) is given up on
+            # and sent again rather than waited for forever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(acks.done), self._ack_timeout_s)
             failed = [
-                (record, result)
-                for record, result in zip(pending, results, strict=True)
-                if isinstance(result, BaseException)
+                (record, outcome)
+                for record, outcome in zip(pending, acks.outcomes, strict=True)
+                if outcome is not None
             ]
             if not failed:
                 self.stalled = False
@@ -78,6 +58,8 @@ class AckedSink:
                 return
             self.stalled = True
             record, error = failed[0]
+            if error is UNANSWERED:
+                error = TimeoutError(f"no acknowledgement in {self._ack_timeout_s}s")
             log.warning(
                 "Kafka refused %d record(s) (first: topic %s: %r); retrying in %.1fs",
                 len(failed),

@@ -19,7 +19,7 @@ async def test_every_record_is_acknowledged_on_its_keys_murmur2_partition(
     topic = isolated.topic("notification.recipients")
     partitions = Topology.load(isolated).spec("notification.recipients").partitions
     writer = KafkaWriter({"bootstrap.servers": isolated.kafka_bootstrap_servers})
-    sink = AckedSink(writer.send, ack_timeout_s=30)
+    sink = AckedSink(writer.write, ack_timeout_s=30)
     records = [Out(topic, f"user-{i}".encode(), str(i).encode()) for i in range(2000)]
     records.append(Out(topic, b"pinned", b"pinned", partition=0, headers=(("h", b"v"),)))
     await sink.deliver(records)

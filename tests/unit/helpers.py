@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.contracts.records import Intent
-from pipeline.runtime.records import RawRecord
+from pipeline.runtime.producer import Acks
+from pipeline.runtime.records import Out, RawRecord
 from pipeline.settings import Settings
 from pipeline.stages.context import StageContext
 from pipeline.times import Clock
@@ -73,23 +74,17 @@ class FakeBroker:
         self.answering = asyncio.Event()
         self.answering.set()
 
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: Sequence[tuple[str, bytes]],
-    ) -> Any:
+    async def write(self, records: Sequence[Out]) -> Acks:
         await self.answering.wait()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.unanswered > 0:
-            self.unanswered -= 1
-            return future
-        if topic == self.refuse_topic and self.failures > 0:
-            self.failures -= 1
-            future.set_exception(RuntimeError("not enough replicas"))
-        else:
-            self.acked.append(value)
-            future.set_result(None)
-        return future
+        acks = Acks(len(records))
+        for index, record in enumerate(records):
+            if self.unanswered > 0:
+                self.unanswered -= 1
+                continue
+            if record.topic == self.refuse_topic and self.failures > 0:
+                self.failures -= 1
+                acks.report(index, RuntimeError("not enough replicas"), None)
+            else:
+                self.acked.append(record.value)
+                acks.report(index, None, (0, len(self.acked) - 1))
+        return acks

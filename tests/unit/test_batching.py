@@ -78,7 +78,7 @@ def batch_run(
     return BatchRun(
         handle,
         on_error,
-        AckedSink(broker.send),
+        AckedSink(broker.write),
         WriteBehind({} if table is None else table),
         clock=Clock(),
         batch_max=batch_max,

@@ -14,7 +14,7 @@ from tests.unit.helpers import FakeBroker
 async def test_readiness_reflects_kafka_tables_and_smtp(settings: Settings) -> None:
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    sink = AckedSink(FakeBroker().send)
+    sink = AckedSink(FakeBroker().write)
     recovered = [False]
     smtp = settings.model_copy(
         update={
