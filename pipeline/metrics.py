@@ -87,19 +87,31 @@ def _child(metric: Counter | Histogram, *labels: str) -> Any:
     return child
 
 
+def outcome_of(error: BaseException | None) -> str:
+    """A timing's outcome label: ok, or the class of the error (transient, permanent,
+    error)."""
+    if error is None:
+        return "ok"
+    transient = getattr(error, "transient", None)
+    return "error" if transient is None else "transient" if transient else "permanent"
+
+
+def observe(histogram: Histogram, seconds: float, error: BaseException | None = None) -> None:
+    """Observe one timing in ``histogram`` under its outcome (:func:`outcome_of`)."""
+    _child(histogram, outcome_of(error)).observe(seconds)
+
+
 async def timed(histogram: Histogram, call: Awaitable[T]) -> T:
-    """Await ``call``, observing its duration in ``histogram`` by outcome: ok, or the
-    class of the error it raised (transient, permanent, error)."""
+    """Await ``call``, observing its duration in ``histogram`` by outcome."""
     started = time.monotonic()
-    outcome = "ok"
+    error: Exception | None = None
     try:
         return await call
     except Exception as exc:
-        transient = getattr(exc, "transient", None)
-        outcome = "error" if transient is None else "transient" if transient else "permanent"
+        error = exc
         raise
     finally:
-        _child(histogram, outcome).observe(time.monotonic() - started)
+        observe(histogram, time.monotonic() - started, error)
 
 
 _INTAKE = frozenset({"accepted", "duplicate", "rejected_conflict", "ignored"})

@@ -97,9 +97,11 @@ class Worker:
 
         handle: Handle = route
         attached = None
+        on_flush = None
         if self.settings.push_handoff:
             handle = RouteAndPush(self.ctx, router, self.push).handle
             attached = {PUSH_REGISTRY: self.push_registry}
+            on_flush = self.push.flush
 
         runtime.stage(
             "herald.users",
@@ -115,6 +117,7 @@ class Worker:
             users,
             self._malformed_other,
             attached=attached,
+            on_flush=on_flush,
         )
 
     def _registry(self, channel: str) -> StageTable:
@@ -175,6 +178,7 @@ class Worker:
             channel.handle,
             self.push_registry,
             self._malformed_other,
+            on_flush=channel.flush,
         )
         feedback, clock = self.feedback, self.ctx.clock
 

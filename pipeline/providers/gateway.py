@@ -10,6 +10,7 @@ own writes are (pipeline.runtime.sink.AckedSink), and it may live on another clu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pipeline.errors import (
     PushPayloadError,
 )
 from pipeline.logs import librdkafka_logger
-from pipeline.runtime.producer import KafkaWriter
+from pipeline.runtime.producer import UNANSWERED, KafkaWriter
 from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
@@ -40,6 +41,10 @@ class PublishReceipt:
 
     partition: int
     offset: int
+
+
+#: One push to publish: its key (user_id), FlatBuffers bytes and headers.
+Push = tuple[bytes, bytes, Sequence[tuple[str, bytes]]]
 
 
 class GatewayPublisher:
@@ -65,20 +70,37 @@ class GatewayPublisher:
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> PublishReceipt:
         """Publish one push and wait for the topic's acknowledgement."""
-        acks = await self._writer.write([Out(self.topic, key, value, headers=tuple(headers))])
-        try:
-            # librdkafka gives up after message.timeout.ms; this bounds the whole call.
-            await asyncio.wait_for(acks.done, timeout=self._timeout_s + 1)
-        except TimeoutError as exc:
-            raise await self._timeout() from exc
-        error, receipt = acks.outcomes[0], acks.receipts[0]
-        if isinstance(error, KafkaDeliveryError):
-            raise await self._classified(error, len(value)) from error
-        if error is not None or receipt is None or receipt[0] < 0 or receipt[1] < 0:
-            # an acknowledged record has both a partition and an offset
-            raise GatewayTimeoutError(f"{self.topic} acknowledged a push without its offset")
-        partition, offset = receipt
-        return PublishReceipt(partition=partition, offset=offset)
+        (result,) = await self.publish_many([(key, value, headers)])
+        if isinstance(result, HeraldError):
+            raise result
+        return result
+
+    async def publish_many(self, pushes: Sequence[Push]) -> list[PublishReceipt | HeraldError]:
+        """Publish ``pushes`` together; per push, its receipt or its classified error."""
+        acks = await self._writer.write(
+            [Out(self.topic, key, value, headers=tuple(headers)) for key, value, headers in pushes]
+        )
+        # librdkafka gives up after message.timeout.ms; this bounds the whole call.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(acks.done), timeout=self._timeout_s + 1)
+        results: list[PublishReceipt | HeraldError] = []
+        timeout: HeraldError | None = None  # one metadata look-up for all of them
+        for (_, value, _), error, receipt in zip(pushes, acks.outcomes, acks.receipts, strict=True):
+            if error is UNANSWERED or (
+                isinstance(error, KafkaDeliveryError) and error.code == KafkaError._MSG_TIMED_OUT
+            ):
+                timeout = timeout or await self._timeout()
+                results.append(timeout)
+            elif isinstance(error, KafkaDeliveryError):
+                results.append(await self._classified(error, len(value)))
+            elif error is not None or receipt is None or min(receipt) < 0:
+                # an acknowledged record has both a partition and an offset
+                results.append(
+                    GatewayTimeoutError(f"{self.topic} acknowledged a push without its offset")
+                )
+            else:
+                results.append(PublishReceipt(partition=receipt[0], offset=receipt[1]))
+        return results
 
     async def _classified(self, exc: KafkaDeliveryError, size: int) -> HeraldError:
         code = exc.code

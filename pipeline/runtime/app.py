@@ -115,11 +115,13 @@ class Runtime:
         batch_max: int | None = None,
         in_flight: int | None = None,
         attached: dict[str, StageTable] | None = None,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
         """Run ``handle`` over ``topics`` (physical names) in batches; ``table`` is the
         table its views write to once a batch is acknowledged; ``in_flight`` batches
         are written while the next is handled (default HERALD_BATCHES_IN_FLIGHT);
-        ``attached`` tables are further ones the stage writes (``view.attached(name)``)."""
+        ``attached`` tables are further ones the stage writes (``view.attached(name)``);
+        ``on_flush`` is called as each batch is closed, before its deliveries are awaited."""
         table = table or StageTable({})
 
         async def agent(stream: Any) -> None:
@@ -140,6 +142,7 @@ class Runtime:
                 linger_s=self.settings.batch_linger_s,
                 in_flight=self.settings.batches_in_flight if in_flight is None else in_flight,
                 continuity=self.continuity,
+                on_flush=on_flush,
             )
             async with self._reread_on_crash(topics):
                 await run.run(stream)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.runtime.continuity import Continuity, OffsetSet
 from pipeline.runtime.records import Out, RawRecord, normalize_headers
@@ -29,9 +29,39 @@ from pipeline.times import Clock
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 #: Handles one record: its outputs, computed at once or awaited (the channels).
 Handle = Callable[[RawRecord, WriteBehind], Sequence[Out] | Awaitable[Sequence[Out]]]
 OnError = Callable[[RawRecord, Exception, int], Out]
+
+
+def then(source: asyncio.Future[T], result: Callable[[T], R]) -> asyncio.Future[R]:
+    """A future of ``result(source's result)``, failing or cancelled as ``source`` is;
+    cancelling it cancels ``source`` (a stage's delivery without a task of its own)."""
+    chained: asyncio.Future[R] = source.get_loop().create_future()
+
+    def done(source: asyncio.Future[T]) -> None:
+        if chained.done():
+            return
+        if source.cancelled():
+            chained.cancel()
+        elif (error := source.exception()) is not None:
+            chained.set_exception(error)
+        else:
+            try:
+                chained.set_result(result(source.result()))
+            except Exception as exc:  # the stage's own code failed: its batch says so
+                chained.set_exception(exc)
+
+    def cancelled(chained: asyncio.Future[R]) -> None:
+        if chained.cancelled():
+            source.cancel()
+
+    source.add_done_callback(done)
+    chained.add_done_callback(cancelled)
+    return chained
 
 
 def raw_record_of(message: Any) -> RawRecord:
@@ -79,8 +109,10 @@ class BatchRun:
         linger_s: float,
         in_flight: int = 0,
         continuity: Continuity | None = None,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
         self._clock = clock
+        self._on_flush = on_flush
         self._handle = handle
         self._on_error = on_error
         self._sink = sink
@@ -162,6 +194,8 @@ class BatchRun:
         batch = self._batch
         if not batch.events:
             return
+        if self._on_flush is not None:  # e.g. start the batch's publications together
+            self._on_flush()
         batch.layer = self._view.seal()
         self._batch = _Batch()
         previous = self._writing[-1] if self._writing else None

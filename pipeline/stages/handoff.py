@@ -16,9 +16,11 @@ Routes that wait (quiet hours) and every retry, replay and resend still go throu
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Sequence
 
+from pipeline.runtime.batches import then
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.tables import WriteBehind
 from pipeline.stages.context import StageContext
@@ -59,6 +61,9 @@ class RouteAndPush:
                 outputs.extend(result)
         if not publishing:
             return outputs
+        if len(publishing) == 1 and isinstance(publishing[0], asyncio.Future):
+            # The usual case (one push route per user): no task of its own.
+            return then(publishing[0], lambda published: [*outputs, *published])
         return self._published(outputs, publishing)
 
     @staticmethod

@@ -10,9 +10,11 @@ event) is not published but recorded ``expired``. Publication failures are class
 (pipeline.providers.gateway): transient ones wait in the push delay tiers (budget 3 by
 default), permanent ones and the last attempt go to the push DLQ.
 
-Routes of one batch are published concurrently and their status events written once
-all are acknowledged (see BatchRun); the delivery registry (pipeline.stages.deliveries)
-keeps a restarted worker from publishing a route again. Before publishing, the channel
+Routes of one batch are published together when the batch closes
+(:class:`Publications`: their ``publishing`` entries in one write, then their pushes
+in one write to the gateway topic) and their status events written once all are
+acknowledged (see BatchRun). The delivery registry (pipeline.stages.deliveries) keeps
+a restarted worker from publishing a route again. Before publishing, the channel
 writes (and waits for) a ``publishing`` registry entry: a route that a killed or
 revoked worker left in that state is in doubt, and its new owner looks for it in the
 gateway topic (by route_id header, from the entry's time on) before publishing it, so
@@ -25,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Mapping, MutableMapping
+from collections.abc import Awaitable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,8 +36,9 @@ from pipeline.contracts.push import BODY_TABLES, Display, PushPayload, body_from
 from pipeline.contracts.records import ChannelRequest
 from pipeline.errors import DecodeError, HeraldError, PushPayloadError, TransientError
 from pipeline.logs import route_fields
-from pipeline.providers.gateway import GatewayPublisher, PublishReceipt
+from pipeline.providers.gateway import GatewayPublisher, PublishReceipt, Push
 from pipeline.rendering import variables_of
+from pipeline.runtime.batches import then
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.stages.context import StageContext
 from pipeline.stages.deliveries import Deliveries, registry_entry
@@ -58,7 +61,6 @@ class PushChannel:
     def __init__(self, ctx: StageContext, gateway: GatewayPublisher, write: Write) -> None:
         settings, catalog, clock = ctx.settings, ctx.catalog, ctx.clock
         self._catalog = catalog
-        self._write = write
         #: Routes this process is publishing right now (a second copy waits for none).
         self._in_flight: set[str] = set()
         #: Routes whose publication this process started but never saw end (cancelled),
@@ -66,6 +68,7 @@ class PushChannel:
         self._in_doubt: dict[str, int] = {}
         self._templates = ctx.templates
         self._gateway = gateway
+        self._publications = Publications(write, gateway)
         self._clock = clock
         self._max_bytes = settings.push_max_payload_bytes
         self._deliveries = Deliveries(ctx, "push")
@@ -132,8 +135,8 @@ class PushChannel:
             raise
         self._in_flight.discard(request.route_id)
         self._in_doubt.pop(request.route_id, None)
-        if receipt is None:
-            outputs = self._decide(raw, registry, request, self._clock.now_ms())
+        if receipt is None:  # after an await: this route's batch may have closed already
+            outputs = self._decide(raw, registry, request, self._clock.now_ms(), at_once=True)
             return list(await outputs) if isinstance(outputs, Awaitable) else outputs
         log.info(
             "push route %s was published before a restart (%s[%d]@%d); not again",
@@ -151,6 +154,8 @@ class PushChannel:
         registry: MutableMapping[bytes, Any],
         request: ChannelRequest,
         now: int,
+        *,
+        at_once: bool = False,
     ) -> list[Out] | Awaitable[list[Out]]:
         deliveries = self._deliveries
         attempt = request.attempt + 1
@@ -166,7 +171,7 @@ class PushChannel:
         except HeraldError as exc:
             return deliveries.failed(raw, registry, request, attempt, exc)
         self._in_flight.add(request.route_id)
-        return self._publish(raw, registry, request, attempt, value)
+        return self._publish(raw, registry, request, attempt, value, at_once)
 
     def payload(self, request: ChannelRequest) -> bytes:
         """The FlatBuffers bytes of ``request``'s push; a permanent error when the type
@@ -209,14 +214,20 @@ class PushChannel:
             )
         return value
 
-    async def _publish(
+    def flush(self) -> None:
+        """Start the publications of the routes handled since the last call (the
+        stage's batch closes)."""
+        self._publications.start()
+
+    def _publish(
         self,
         raw: RawRecord,
         registry: MutableMapping[bytes, Any],
         request: ChannelRequest,
         attempt: int,
         value: bytes,
-    ) -> list[Out]:
+        at_once: bool,
+    ) -> asyncio.Future[list[Out]]:
         headers = [
             ("notification_type", request.notification_type.encode()),
             ("notification_id", request.notification_id.encode()),
@@ -227,32 +238,37 @@ class PushChannel:
         ahead = self._deliveries.record(
             registry, raw, request, "publishing", attempt, now, wall=str(wall)
         )
-        try:
-            await self._write([ahead])
-            receipt = await metrics.timed(
-                metrics.GATEWAY_SECONDS,
-                self._gateway.publish((request.user_id or "").encode("utf-8"), value, headers),
-            )
-        except asyncio.CancelledError:
-            self._in_doubt[request.route_id] = wall  # it may have gone out: check next time
-            raise
-        except HeraldError as exc:
-            # A timeout or broker error may hide a record that lands later: the retry
-            # looks for it first. A refused or unroutable push went nowhere.
-            landed = exc.transient and exc.reason not in NOT_SENT
-            doubt = wall if landed else None
-            return self._deliveries.failed(raw, registry, request, attempt, exc, doubt)
-        except Exception as exc:  # a publisher bug must not lose the route: it retries
-            log.exception(
+        push = ((request.user_id or "").encode("utf-8"), value, headers)
+        publication = self._publications.publish(ahead, push)
+        if at_once:
+            self._publications.start()
+
+        def outcome(receipt: PublishReceipt | BaseException) -> list[Out]:
+            if isinstance(receipt, PublishReceipt):
+                return self._published(raw, registry, request, attempt, receipt)
+            if isinstance(receipt, HeraldError):
+                # A timeout or broker error may hide a record that lands later: the retry
+                # looks for it first. A refused or unroutable push went nowhere.
+                landed = receipt.transient and receipt.reason not in NOT_SENT
+                doubt = wall if landed else None
+                return self._deliveries.failed(raw, registry, request, attempt, receipt, doubt)
+            log.error(  # a publisher bug must not lose the route: it retries
                 "unexpected failure publishing push route %s",
                 request.route_id,
+                exc_info=receipt,
                 extra=route_fields(request, attempt),
             )
-            error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
+            error = TransientError(f"{type(receipt).__name__}: {receipt}", reason="internal_error")
             return self._deliveries.failed(raw, registry, request, attempt, error)
-        finally:
+
+        def ended(future: asyncio.Future[list[Out]]) -> None:
             self._in_flight.discard(request.route_id)
-        return self._published(raw, registry, request, attempt, receipt)
+            if future.cancelled():  # the partition was revoked mid-publication
+                self._in_doubt[request.route_id] = wall  # it may have gone out: look next time
+
+        outputs = then(publication, outcome)
+        outputs.add_done_callback(ended)
+        return outputs
 
     def _published(
         self,
@@ -268,6 +284,64 @@ class PushChannel:
             self._deliveries.status(request, "published", now, attempt, detail=where),
             self._deliveries.record(registry, raw, request, "published", attempt, now),
         ]
+
+
+class Publications:
+    """The publications of a batch's routes, made together: every route's
+    ``publishing`` entry in one acknowledged write, then every push in one write to
+    the gateway topic (two round trips per batch instead of two per route).
+    """
+
+    def __init__(self, write: Write, gateway: GatewayPublisher) -> None:
+        self._write = write
+        self._gateway = gateway
+        self._waiting: list[tuple[Out, Push, asyncio.Future[PublishReceipt | BaseException]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    def publish(self, ahead: Out, push: Push) -> asyncio.Future[PublishReceipt | BaseException]:
+        """Queue ``push`` behind its ``publishing`` entry ``ahead`` until :meth:`start`:
+        its receipt, or the error that stopped it."""
+        future: asyncio.Future[PublishReceipt | BaseException] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiting.append((ahead, push, future))
+        return future
+
+    def start(self) -> None:
+        """Publish what is queued."""
+        if not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._running.add(task)  # a task nobody awaits must be kept referenced
+        task.add_done_callback(self._running.discard)
+
+    async def _run(
+        self, batch: list[tuple[Out, Push, asyncio.Future[PublishReceipt | BaseException]]]
+    ) -> None:
+        try:
+            await self._write([ahead for ahead, _, future in batch if not future.cancelled()])
+            # A route cancelled meanwhile (its partition was revoked) is not published:
+            # its new owner finds the publishing entry and looks before publishing.
+            batch = [item for item in batch if not item[2].cancelled()]
+            if not batch:
+                return
+            started = time.monotonic()
+            results: Sequence[PublishReceipt | BaseException] = await self._gateway.publish_many(
+                [push for _, push, _ in batch]
+            )
+            elapsed = time.monotonic() - started
+        except Exception as exc:  # a publisher bug: each route of the batch retries
+            results, elapsed = [exc] * len(batch), 0.0
+        except BaseException:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        for (_, _, future), result in zip(batch, results, strict=True):
+            failed = result if isinstance(result, BaseException) else None
+            metrics.observe(metrics.GATEWAY_SECONDS, elapsed, failed)
+            if not future.done():
+                future.set_result(result)
 
 
 def invalid_tokens(value: bytes | None) -> dict[str, Any]:

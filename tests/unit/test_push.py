@@ -23,6 +23,7 @@ from pipeline.contracts.records import ChannelRequest, DeviceFeedback, PushDevic
 from pipeline.errors import (
     GatewayTimeoutError,
     GatewayUnavailableError,
+    HeraldError,
     PushPayloadError,
     RenderError,
 )
@@ -320,10 +321,11 @@ def test_a_payload_over_the_cap_fails_permanently(settings: Settings, contracts:
     assert "HERALD_PUSH_MAX_PAYLOAD_BYTES" in caught.value.detail
 
 
-def test_a_second_copy_in_flight_is_not_published_twice(
+async def test_a_second_copy_in_flight_is_not_published_twice(
     settings: Settings, contracts: Contracts
 ) -> None:
-    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()))
+    gateway = FakeGateway()
+    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway)
     record = raw(
         contracts.channel_request.encode(push_route()),
         topic="notification.push.requested",
@@ -331,9 +333,37 @@ def test_a_second_copy_in_flight_is_not_published_twice(
     )
     view = WriteBehind({})
     first = push.handle(record, view)
-    assert asyncio.iscoroutine(first)
-    first.close()  # not published here; only the in-flight mark matters
     assert push.handle(record, view) == []
+    await settle(push, first)
+    assert len(gateway.published) == 1
+
+
+async def test_the_routes_of_a_batch_are_published_together(
+    settings: Settings, contracts: Contracts
+) -> None:
+    """Nothing goes out before the batch closes; then one write of the publishing
+    entries and one write to the gateway for all of them."""
+    gateway = FakeGateway()
+    batches: list[int] = []
+
+    async def write(records: Sequence[Out]) -> None:
+        batches.append(len(records))
+
+    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway, write)
+    routes = [
+        raw(
+            contracts.channel_request.encode(push_route(route_id=f"r-{n}")),
+            topic="notification.push.requested",
+            key=b"u1",
+        )
+        for n in range(3)
+    ]
+    pending = [push.handle(record, WriteBehind({})) for record in routes]
+    await asyncio.sleep(0.01)
+    assert (batches, gateway.published, gateway.batches) == ([], [], [])
+    for outputs in [await settle(push, result) for result in pending]:
+        assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
+    assert (batches, gateway.batches) == ([3], [3])
 
 
 class FakeGateway:
@@ -343,6 +373,8 @@ class FakeGateway:
 
     def __init__(self, already: dict[str, PublishReceipt] | None = None) -> None:
         self.published: list[bytes] = []
+        #: How many pushes each publish_many call carried.
+        self.batches: list[int] = []
         self.searched: list[tuple[str, int]] = []
         self.already = already or {}
         self.hang = False
@@ -359,6 +391,18 @@ class FakeGateway:
         self.published.append(value)
         return PublishReceipt(0, len(self.published) - 1)
 
+    async def publish_many(
+        self, pushes: Sequence[tuple[bytes, bytes, Sequence[tuple[str, bytes]]]]
+    ) -> list[PublishReceipt | HeraldError]:
+        self.batches.append(len(pushes))
+        results: list[PublishReceipt | HeraldError] = []
+        for key, value, headers in pushes:
+            try:
+                results.append(await self.publish(key, value, headers))
+            except HeraldError as exc:
+                results.append(exc)
+        return results
+
     async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
         self.searched.append((route_id, since_ms))
         if self.find_fails:
@@ -366,7 +410,12 @@ class FakeGateway:
         return self.already.get(route_id)
 
 
-async def settle(result: Sequence[Out] | Awaitable[Sequence[Out]]) -> Sequence[Out]:
+async def settle(
+    push: PushChannel, result: Sequence[Out] | Awaitable[Sequence[Out]]
+) -> Sequence[Out]:
+    """The outputs of ``result``, with the channel's queued publications started as
+    the stage does when the batch closes."""
+    push.flush()
     return await result if inspect.isawaitable(result) else result
 
 
@@ -390,7 +439,7 @@ async def test_publishing_is_written_ahead_and_a_route_in_doubt_is_looked_up(
     gateway = FakeGateway()
     clock = Clock(offset_ms=NOW - Clock().now_ms())
     push = channel(settings, contracts, clock, gateway, write)
-    outputs = await settle(push.handle(record, WriteBehind({})))
+    outputs = await settle(push, push.handle(record, WriteBehind({})))
     (entry,) = [json.loads(o.value or b"") for o in ahead]
     assert entry["state"] == "publishing"
     assert (len(gateway.published), [e[0] for e in statuses(list(outputs), contracts)]) == (
@@ -400,17 +449,15 @@ async def test_publishing_is_written_ahead_and_a_route_in_doubt_is_looked_up(
 
     left = {request.route_id.encode(): json.dumps({**entry, "p": 0}).encode()}
     found = FakeGateway({request.route_id: PublishReceipt(3, 42)})
-    outputs = await settle(
-        channel(settings, contracts, clock, found).handle(record, WriteBehind(left))
-    )
+    push = channel(settings, contracts, clock, found)
+    outputs = await settle(push, push.handle(record, WriteBehind(left)))
     assert found.searched == [(request.route_id, int(entry["wall"]) - DOUBT_MARGIN_MS)]
     assert found.published == []
     assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
 
     missing = FakeGateway()
-    outputs = await settle(
-        channel(settings, contracts, clock, missing).handle(record, WriteBehind(left))
-    )
+    push = channel(settings, contracts, clock, missing)
+    outputs = await settle(push, push.handle(record, WriteBehind(left)))
     assert (len(missing.searched), len(missing.published)) == (1, 1)
     assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
 
@@ -427,12 +474,14 @@ async def test_a_cancelled_publication_is_in_doubt_in_this_process_too(
     gateway.hang = True
     push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway)
     task = asyncio.ensure_future(push.handle(record, WriteBehind({})))  # type: ignore[arg-type]
+    push.flush()
     await asyncio.sleep(0.01)
     task.cancel()  # a rebalance took the partition away mid-publication
     with pytest.raises(asyncio.CancelledError):
         await task
+    await asyncio.sleep(0)  # the cancelled future's callbacks run on the next turn
     gateway.hang = False
-    outputs = await settle(push.handle(record, WriteBehind({})))
+    outputs = await settle(push, push.handle(record, WriteBehind({})))
     assert len(gateway.searched) == 1
     assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
 
@@ -521,13 +570,13 @@ async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
         push = channel(settings, contracts, clock, gateway)
         table: dict[bytes, Any] = {}
         view = WriteBehind(table)
-        first = await settle(push.handle(record, view))
+        first = await settle(push, push.handle(record, view))
         view.commit()
         assert [e[0] for e in statuses(list(first), contracts)] == ["failed", "retry_scheduled"]
         (retry,) = [o for o in first if o.topic.endswith(".retry.5s")]
         gateway.fail_with = None
         again = raw(retry.value or b"", topic="notification.push.requested", key=b"u1")
-        outputs = await settle(push.handle(again, WriteBehind(table)))
+        outputs = await settle(push, push.handle(again, WriteBehind(table)))
         assert (len(gateway.searched), len(gateway.published)) == (looked_up, 1)
         assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
 
@@ -550,7 +599,7 @@ async def test_a_route_stays_in_doubt_while_the_gateway_cannot_be_read(
     gateway = FakeGateway()
     gateway.find_fails = True
     push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway)
-    outputs = await settle(push.handle(record, WriteBehind(table)))
+    outputs = await settle(push, push.handle(record, WriteBehind(table)))
     (entry,) = [json.loads(o.value or b"") for o in outputs if o.topic.endswith("changelog")]
     assert (entry["state"], entry["doubt"]) == ("retrying", str(wall))
     assert gateway.published == []
@@ -579,7 +628,7 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
     record = raw(
         contracts.recipient.encode(recipient()), topic="notification.recipients", key=b"u1"
     )
-    outputs = list(await settle(handoff.handle(record, view)))
+    outputs = list(await settle(push, handoff.handle(record, view)))
 
     assert len(gateway.published) == 1
     assert not [o for o in outputs if o.topic == "notification.push.requested"]
@@ -598,7 +647,7 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
     view = WriteBehind(
         {b"u1": contracts.user.encode(quiet)}, None, {PUSH_REGISTRY: WriteBehind({})}
     )
-    waiting = list(await settle(handoff.handle(record, view)))
+    waiting = list(await settle(push, handoff.handle(record, view)))
     assert len(gateway.published) == 1  # not again, not yet
     (tier,) = [o for o in waiting if o.topic.startswith("notification.push.retry.")]
     assert dict(tier.headers)[TARGET] == b"notification.push.requested"
