@@ -30,6 +30,20 @@ def test_round_trip_with_pinned_header(settings: Settings) -> None:
     assert contracts.intent.decode(data) == make_intent()
 
 
+def test_the_bytes_just_encoded_decode_without_parsing_and_others_are_parsed(
+    settings: Settings,
+) -> None:
+    contracts = Contracts(settings)
+    intent = make_intent()
+    data = contracts.intent.encode(intent)
+    assert contracts.intent.decode(data) is intent
+    copy = bytes(bytearray(data))  # equal bytes, another object: parsed
+    assert contracts.intent.decode(copy) == intent
+    assert contracts.intent.decode(copy) is not intent
+    with pytest.raises(DecodeError):
+        contracts.intent.decode(data[:-1])
+
+
 def test_every_record_type_round_trips(settings: Settings) -> None:
     contracts = Contracts(settings)
     profile = UserProfile(
