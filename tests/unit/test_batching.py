@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.runtime.batches import BatchRun, Handle, OnError
+from pipeline.runtime.batches import BatchRun, Handle, OnError, then
 from pipeline.runtime.continuity import Continuity, OffsetSet
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.sink import AckedSink
@@ -406,3 +406,74 @@ def test_sealed_layers_reach_the_table_only_in_order() -> None:
     assert table == {b"a": 1}
     view.commit()
     assert table == {b"b": 2}
+
+
+async def test_deliveries_waiting_for_the_batch_to_close_are_started_by_on_flush() -> None:
+    """A handle may return a future that only the batch's close starts (the push
+    channel's publications): on_flush is called before the batch's deliveries are
+    awaited, so they complete and the batch is written."""
+    stream, broker = FakeStream(), FakeBroker()
+    waiting: list[tuple[RawRecord, asyncio.Future[list[Out]]]] = []
+    flushes: list[int] = []
+
+    def deferred(raw: RawRecord, view: WriteBehind) -> asyncio.Future[list[Out]]:
+        future: asyncio.Future[list[Out]] = asyncio.get_running_loop().create_future()
+        waiting.append((raw, future))
+        return future
+
+    def on_flush() -> None:
+        flushes.append(len(waiting))
+        for raw, future in waiting:
+            future.set_result([Out("out", None, str(raw.offset).encode())])
+        waiting.clear()
+
+    run = BatchRun(
+        deferred,
+        failing_error,
+        AckedSink(broker.write),
+        WriteBehind({}),
+        clock=Clock(),
+        batch_max=100,
+        linger_s=0.02,
+        on_flush=on_flush,
+    )
+    for offset in range(3):
+        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+    task = asyncio.ensure_future(run.run(stream))
+    await asyncio.sleep(0.1)
+    assert flushes == [3]  # one close for the three records, which were all waiting
+    assert broker.acked == [b"0", b"1", b"2"]
+    assert stream.acked == [0, 1, 2]
+    stream.queue.put_nowait(None)
+    await task
+
+
+async def test_then_chains_results_failures_and_cancellation_both_ways() -> None:
+    loop = asyncio.get_running_loop()
+    source: asyncio.Future[int] = loop.create_future()
+    doubled = then(source, lambda n: n * 2)
+    source.set_result(21)
+    assert await doubled == 42
+
+    source = loop.create_future()
+    failing = then(source, lambda n: n)
+    source.set_exception(RuntimeError("gone"))
+    with pytest.raises(RuntimeError, match="gone"):
+        await failing
+
+    source = loop.create_future()
+    broken = then(source, lambda n: 1 // n)
+    source.set_result(0)
+    with pytest.raises(ZeroDivisionError):
+        await broken
+
+    source = loop.create_future()
+    then(source, lambda n: n).cancel()
+    await asyncio.sleep(0)
+    assert source.cancelled()  # cancelling the chained future cancels its source
+
+    source = loop.create_future()
+    chained = then(source, lambda n: n)
+    source.cancel()
+    await asyncio.sleep(0)
+    assert chained.cancelled()
