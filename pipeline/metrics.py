@@ -114,7 +114,7 @@ async def timed(histogram: Histogram, call: Awaitable[T]) -> T:
         observe(histogram, time.monotonic() - started, error)
 
 
-_INTAKE = frozenset({"accepted", "duplicate", "rejected_conflict", "ignored"})
+_INTAKE = frozenset({"accepted", "duplicate", "rejected", "rejected_conflict", "ignored"})
 _ROUTING = frozenset({"routed", "skipped", "deferred", "recipient_unknown"})
 _DELIVERED = frozenset({"sent", "published"})
 _FINAL = frozenset({"sent", "published", "suppressed", "expired", "dead_lettered"})

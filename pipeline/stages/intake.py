@@ -156,7 +156,16 @@ class Intake:
         try:
             valid = validate(intent, self._catalog, self._settings)
         except ValidationError as exc:
-            return [self._malformed(raw, exc.reason, exc.detail, now_ms, intent)]
+            # Decoded far enough to say whose it was: the producer also learns of the
+            # refusal where it follows its intents (the status topic, the API by
+            # request_id), not only operators reading the malformed topic.
+            origin = (raw.topic, raw.partition, raw.offset)
+            return [
+                self._malformed(raw, exc.reason, exc.detail, now_ms, intent),
+                self._status(
+                    intent, "rejected", None, now_ms, origin, reason=exc.reason, detail=exc.detail
+                ),
+            ]
 
         key = intent.idempotency_id.encode("utf-8")
         home = partition_for(key, self._partitions)

@@ -137,8 +137,13 @@ async def find_notifications(request: web.Request) -> web.Response:
     request_id = request.query.get("request_id")
     if not request_id:
         return _error(400, "invalid_request", "request_id is required")
+    store = request.app[STORE]
     return web.json_response(
-        {"notifications": request.app[STORE].notifications_by_request(request_id)}
+        {
+            "notifications": store.notifications_by_request(request_id),
+            # intents of this request intake refused: they made no notification
+            "rejections": store.rejections_by_request(request_id),
+        }
     )
 
 

@@ -88,6 +88,19 @@ CREATE TABLE IF NOT EXISTS requests (
   topic TEXT NOT NULL,
   value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rejections (
+  event_id TEXT PRIMARY KEY,
+  status TEXT NOT NULL,
+  at_ms INTEGER NOT NULL,
+  notification_type TEXT,
+  producer TEXT,
+  idempotency_key TEXT,
+  request_id TEXT,
+  trace_id TEXT,
+  reason TEXT,
+  detail TEXT
+);
+CREATE INDEX IF NOT EXISTS rejections_by_request ON rejections (request_id, at_ms);
 CREATE TABLE IF NOT EXISTS offsets (
   topic TEXT NOT NULL,
   partition INTEGER NOT NULL,
@@ -223,8 +236,24 @@ class StatusStore:
         self._db.execute("COMMIT")
 
     def _apply_one(self, event: StatusEvent) -> int:
-        if not event.notification_id:  # a conflict names no notification
-            return 0
+        if not event.notification_id:  # intake refused it: no notification, a rejection
+            return self._db.execute(
+                "INSERT OR IGNORE INTO rejections (event_id, status, at_ms, notification_type,"
+                " producer, idempotency_key, request_id, trace_id, reason, detail)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    event.event_id,
+                    event.status,
+                    event.at_ms,
+                    event.notification_type,
+                    event.producer,
+                    event.idempotency_key,
+                    event.request_id,
+                    event.trace_id,
+                    event.reason,
+                    event.detail,
+                ),
+            ).rowcount
         inserted = self._db.execute(
             "INSERT OR IGNORE INTO events (event_id, notification_id, route_id, status, at_ms,"
             " channel, user_id, attempt, reason, detail) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -326,6 +355,17 @@ class StatusStore:
             )
         ]
         return [n for n in (self.notification(i) for i in ids) if n is not None]
+
+    def rejections_by_request(self, request_id: str) -> list[dict[str, Any]]:
+        """Every intent of a caller's request_id that intake refused (``rejected``:
+        invalid, ``rejected_conflict``: its key names other content), oldest first."""
+        return [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT * FROM rejections WHERE request_id = ? ORDER BY at_ms, event_id",
+                (request_id,),
+            )
+        ]
 
     def delivery(self, route_id: str) -> dict[str, Any] | None:
         """A delivery with its whole history (every event, attempts included), or None."""

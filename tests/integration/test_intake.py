@@ -102,6 +102,15 @@ def test_each_kind_of_intent_gets_exactly_its_outputs(
         ("k-valid", "u3"),
     ]
 
+    # Each refused intent that decoded also has its status event, by request_id too.
+    refused = sorted((e.idempotency_key, e.reason) for e in events if e.status == "rejected")
+    assert refused == [
+        ("k-empty", "empty_recipients"),
+        ("k-fields", "missing_payload_fields"),
+        ("k-unknown", "unknown_notification_type"),
+    ]
+    assert all(e.notification_id is None for e in events if e.status == "rejected")
+
     assert sorted(m.reason for m in malformed) == [
         "empty_recipients",
         "missing_payload_fields",

@@ -79,6 +79,15 @@ def populated(isolated: Settings, tmp_path: Path) -> Settings:
                 payload={"game_id": "g", "game_name": "Andromeda", "turn_number": index},
                 request_id="req-42" if user == "p3" else None,
             )
+        # refused at intake (a required payload field missing), same request
+        herald.publish_intent(
+            notification_type="game.turn.ready",
+            producer="game-master",
+            idempotency_key="turn-refused",
+            recipient_user_ids=["p3"],
+            payload={"game_id": "g"},
+            request_id="req-42",
+        )
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     worker.start()
     try:
@@ -109,6 +118,12 @@ async def test_lookups_filters_and_pages(populated: Settings, api: str) -> None:
     status, found = await get(api, "/api/v1/notifications", request_id="req-42")
     assert status == 200
     (notification,) = found["notifications"]
+    (refused,) = found["rejections"]
+    assert (refused["status"], refused["idempotency_key"], refused["reason"]) == (
+        "rejected",
+        "turn-refused",
+        "missing_payload_fields",
+    )
     assert notification["status"] == "accepted"
     assert notification["idempotency_key"] == "turn-p3"
     assert {(d["channel"], d["status"], d["attempts"]) for d in notification["deliveries"]} == {

@@ -180,14 +180,29 @@ def test_malformed_records_keep_bytes_reason_and_origin(
     )
     assert (bad.raw_value, bad.raw_key) == (garbage, b"k")
 
-    invalid = make_intent(notification_type="nope")
-    [out] = intake.handle(raw(contracts.intent.encode(invalid)), {}, NOW)
+    invalid = make_intent(notification_type="nope", request_id="req-9")
+    [out, status] = intake.handle(raw(contracts.intent.encode(invalid)), {}, NOW)
     bad = contracts.malformed.decode(out.value)
     assert (bad.reason, bad.producer, bad.notification_type) == (
         "unknown_notification_type",
         "game-master",
         "nope",
     )
+    # The producer learns of it where it follows its intents: a status event.
+    refused = contracts.status.decode(status.value)
+    assert status.topic == "notification.status"
+    assert status.key == invalid.idempotency_id.encode()
+    assert (refused.status, refused.reason, refused.notification_id) == (
+        "rejected",
+        "unknown_notification_type",
+        None,
+    )
+    assert (refused.request_id, refused.producer, refused.idempotency_key) == (
+        "req-9",
+        "game-master",
+        invalid.idempotency_key,
+    )
+    assert refused.detail
 
 
 def test_write_behind_holds_writes_until_commit() -> None:

@@ -74,6 +74,44 @@ def test_a_notification_and_its_deliveries() -> None:
     assert store.next_offsets("status") == {0: 8}
 
 
+def test_refused_intents_are_found_by_request_id() -> None:
+    """Intake's refusals name no notification; the view keeps them by request_id."""
+    store = StatusStore(":memory:")
+    flow(store)
+    refusals = [
+        event(
+            "rejected",
+            5,
+            notification_id=None,
+            event_id="e-rejected",
+            producer="gm",
+            idempotency_key="k-bad",
+            request_id="req-1",
+            reason="missing_payload_fields",
+            detail="game_name",
+        ),
+        event(
+            "rejected_conflict",
+            6,
+            notification_id=None,
+            event_id="e-conflict",
+            producer="gm",
+            idempotency_key="k",
+            request_id="req-1",
+            reason="idempotency_conflict",
+        ),
+    ]
+    store.apply([*refusals, refusals[0]], "status", {0: 11})
+    found = store.rejections_by_request("req-1")
+    assert [(r["status"], r["idempotency_key"], r["reason"]) for r in found] == [
+        ("rejected", "k-bad", "missing_payload_fields"),
+        ("rejected_conflict", "k", "idempotency_conflict"),
+    ]
+    assert store.rejections_by_request("req-2") == []
+    # the notification of the same request is untouched
+    assert [n["notification_id"] for n in store.notifications_by_request("req-1")] == ["n-1"]
+
+
 def test_a_repeated_event_changes_nothing() -> None:
     store = StatusStore(":memory:")
     flow(store)
