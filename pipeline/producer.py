@@ -37,6 +37,7 @@ from pipeline.errors import BrokerUnavailableError, RecordTooLargeError, Validat
 from pipeline.logs import librdkafka_logger
 from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
+from pipeline.stages.users import check_profile
 from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
 
 #: notification_type of mails sent with :meth:`HeraldProducer.send_email`.
@@ -212,7 +213,9 @@ class HeraldProducer:
         return request
 
     def put_user(self, profile: UserProfile, *, wait: bool = True) -> None:
-        """Publish a user profile to the compacted users topic."""
+        """Publish a user profile to the compacted users topic; ValidationError (with
+        the reason) for a profile Herald would refuse (stages.users.check_profile)."""
+        check_profile(profile)
         value = self._contracts.user.encode(profile)
         self._produce(self._users_topic, profile.user_id.encode("utf-8"), value, wait)
 

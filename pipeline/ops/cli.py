@@ -187,6 +187,7 @@ def users_put(
 ) -> None:
     """Publish (create or replace) a user profile."""
     from pipeline.producer import HeraldProducer
+    from pipeline.stages.users import check_profile
 
     push = [
         PushDevice(platform=d.split(":", 1)[0], token=d.split(":", 1)[1])
@@ -210,6 +211,7 @@ def users_put(
         quiet_hours=quiet_hours,
         updated_at_ms=int(time.time() * 1000),
     )
+    check_profile(profile)  # ValidationError: exit 1 with the reason, nothing sent
     with HeraldProducer(_settings()) as herald:
         herald.put_user(profile)
     click.echo(json.dumps(profile.to_avro()))
