@@ -110,19 +110,19 @@ class KafkaWriter:
                 reports.append((acks, index, error, message))
 
             partition = -1 if record.partition is None else record.partition  # -1: by key
+            headers: list[tuple[str, str | bytes | None]] | None = (
+                list(record.headers) if record.headers else None
+            )
             while True:
                 try:
-                    if record.headers:
-                        produce(
-                            record.topic,
-                            record.value,
-                            record.key,
-                            partition,
-                            on_delivery=delivered,
-                            headers=list(record.headers),
-                        )
-                    else:
-                        produce(record.topic, record.value, record.key, partition, delivered)
+                    produce(
+                        record.topic,
+                        record.value,
+                        record.key,
+                        partition,
+                        on_delivery=delivered,
+                        headers=headers,
+                    )
                     break
                 except BufferError:  # librdkafka's queue is full: let it drain
                     await asyncio.sleep(_QUEUE_FULL_WAIT_S)
