@@ -277,13 +277,22 @@ class Runtime:
             fresh = {tp: offset for tp, offset in stuck.items() if reseeked.get(tp) != offset}
             if fresh:
                 # First cure: read them again from the committed offset, in-process.
-                log.warning("re-reading stalled partitions from their committed offsets: %s", fresh)
+                log.warning(
+                    "re-reading stalled partitions from their committed offsets: %s (flow: %s)",
+                    fresh,
+                    self.seam.describe(fresh),
+                )
                 for (topic, partition), offset in fresh.items():  # with floors (continuity)
                     await self.continuity.rewind(topic, partition, max(offset, 0))
                 reseeked.update(fresh)
                 watchdog.restart_clock(fresh)
             elif stuck:
-                log.critical("worker stalled; exiting %d so that it is restarted", EXIT_STALLED)
+                log.critical(
+                    "worker stalled; exiting %d so that it is restarted. Flow: %s. Tasks:\n%s",
+                    EXIT_STALLED,
+                    self.seam.describe(stuck),
+                    task_stacks(),
+                )
                 os._exit(EXIT_STALLED)  # no shutdown commits: what is unfinished is re-read
 
         self.timer(5.0, watch)
@@ -314,3 +323,23 @@ class Runtime:
             logging_config=logs.logging_config(self.settings),
         )
         worker.execute_from_commandline()
+
+
+def task_stacks() -> str:
+    """Where each of the loop's tasks waits (its chain of awaits): what an operator
+    needs to see why a worker stalled, since it exits right after."""
+    lines = []
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(chain) < 16:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                break
+            chain.append(
+                f"{frame.f_code.co_name} "
+                f"({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+            )
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        lines.append(f"{task.get_name()}: {' -> '.join(chain) or 'done'}")
+    return "\n".join(sorted(lines))

@@ -13,7 +13,7 @@ guarantee. tests/unit/test_faust_seam.py pins them against the installed release
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import faust
@@ -212,3 +212,43 @@ class ConsumerSeam:
     def tables_recovered(self) -> bool:
         """True once Faust recovered the tables of the partitions it owns."""
         return bool(cast(Any, self._app.tables).recovery.completed.is_set())
+
+    def describe(self, partitions: Iterable[tuple[str, int]]) -> str:
+        """Faust's and aiokafka's view of the flow and of ``partitions``: what a stall
+        report needs (diagnostics only: an internal that moved reads as unknown)."""
+        app: Any = self._app
+        consumer = self._consumer
+        facts: list[str] = []
+
+        def fact(name: str, read: Callable[[], object]) -> None:
+            try:
+                facts.append(f"{name}={read()}")
+            except Exception as exc:  # a diagnostic never fails the caller
+                facts.append(f"{name}=unknown ({type(exc).__name__})")
+
+        recovery = app.tables.recovery
+        fact("rebalancing", lambda: app.rebalancing)
+        fact("flow_control", lambda: app.flow_control.is_active())
+        fact("consumer_flow", lambda: consumer.flow_active)
+        fact("in_recovery", lambda: recovery.in_recovery)
+        fact("recovered", lambda: recovery.completed.is_set())
+        fact("changelog_queue", lambda: app.tables.changelog_queue.qsize())
+        fact("producer_buffer", lambda: app.producer.buffer.size)
+        tps = [TP(topic, partition) for topic, partition in partitions]
+        fact("paused", lambda: sorted(tp for tp in tps if tp in consumer._paused_partitions))
+        fact(
+            "inactive",
+            lambda: sorted(tp for tp in tps if tp not in (consumer._active_partitions or ())),
+        )
+        fact("read_offsets", lambda: {tp: consumer._read_offset.get(tp) for tp in tps})
+
+        def positions() -> dict[TP, object]:
+            assignment = consumer._thread._ensure_consumer()._subscription.subscription.assignment
+            states = {tp: assignment.state_value(tp) for tp in tps}
+            return {
+                tp: (state.position, state.paused) if state else None
+                for tp, state in states.items()
+            }
+
+        fact("aiokafka (position, paused)", positions)
+        return "; ".join(facts)

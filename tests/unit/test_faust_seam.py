@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import faust
@@ -9,6 +10,7 @@ import pytest
 from faust.transport.consumer import Consumer
 
 from pipeline.errors import FaustSeamError
+from pipeline.runtime.app import task_stacks
 from pipeline.runtime.faust import FAUST_VERSION, ConsumerSeam, check_faust
 
 
@@ -68,3 +70,27 @@ def test_guard_wraps_ack_and_gap_once_per_consumer() -> None:
     seam.guard(wrap("ack"), wrap("gap"), wrap("read"))
     seam.guard(wrap("ack"), wrap("gap"), wrap("read"))
     assert wrapped == ["ack", "gap", "read"]
+
+
+def test_describe_reports_the_flow_and_never_fails_on_an_unstarted_consumer() -> None:
+    app = faust.App("seam-describe", broker="kafka://127.0.0.1:1")
+    report = ConsumerSeam(app).describe([("intents", 0)])
+    assert "rebalancing=False" in report
+    assert "recovered=False" in report
+    # The aiokafka consumer does not exist before the worker starts: read as unknown.
+    assert "aiokafka (position, paused)=unknown" in report
+
+
+async def testtask_stacks_name_each_task_and_its_chain_of_awaits() -> None:
+    async def inner() -> None:
+        await asyncio.sleep(10)
+
+    async def outer() -> None:
+        await inner()
+
+    task = asyncio.create_task(outer(), name="stuck")
+    await asyncio.sleep(0)
+    report = task_stacks()
+    task.cancel()
+    assert "stuck: outer (test_faust_seam.py:" in report
+    assert "-> inner (test_faust_seam.py:" in report
