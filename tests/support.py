@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -52,9 +52,12 @@ class WorkerProcess:
     #: Every worker started, for the teardown check of unexpected exits.
     started: list[WorkerProcess] = []
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, command: Sequence[str] = (HERALD, "worker")
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.command = list(command)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._ending = False
@@ -62,7 +65,7 @@ class WorkerProcess:
     def start(self) -> None:
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            [HERALD, "worker"],
+            self.command,
             env=settings_env(self.settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,

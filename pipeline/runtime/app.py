@@ -33,7 +33,7 @@ from pipeline.runtime.tables import (
     encode_json,
     encode_raw,
 )
-from pipeline.runtime.watchdog import EXIT_STALLED, StallWatchdog
+from pipeline.runtime.watchdog import EXIT_STALLED, Cures, StallWatchdog
 from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.topology import Topology
@@ -264,29 +264,22 @@ class Runtime:
         return continuity
 
     def watch(self, streams: Iterable[str]) -> None:
-        """Exit (to be restarted) when owned partitions of ``streams`` commit nothing
-        for the stall timeout although records wait, after one in-process re-read."""
+        """Cure owned partitions of ``streams`` that commit nothing for the stall timeout
+        although records wait: re-read them, then rejoin the group, then exit to be
+        restarted (see pipeline.runtime.watchdog)."""
         watched = set(streams)
         watchdog = self.watchdog
-        reseeked: dict[tuple[str, int], int] = {}
+        cures = Cures()
 
         async def watch() -> None:
             owned = [tp for tp in self.seam.assignment() if tp[0] in watched]
             loop = asyncio.get_running_loop()
             stuck = await loop.run_in_executor(None, watchdog.stalled, owned)
-            fresh = {tp: offset for tp, offset in stuck.items() if reseeked.get(tp) != offset}
-            if fresh:
-                # First cure: read them again from the committed offset, in-process.
-                log.warning(
-                    "re-reading stalled partitions from their committed offsets: %s (flow: %s)",
-                    fresh,
-                    self.seam.describe(fresh),
-                )
-                for (topic, partition), offset in fresh.items():  # with floors (continuity)
-                    await self.continuity.rewind(topic, partition, max(offset, 0))
-                reseeked.update(fresh)
-                watchdog.restart_clock(fresh)
-            elif stuck:
+            if not stuck:
+                cures.next({})
+                return
+            plan = cures.next(stuck)
+            if Cures.EXIT in plan:
                 log.critical(
                     "worker stalled; exiting %d so that it is restarted. Flow: %s. Tasks:\n%s",
                     EXIT_STALLED,
@@ -294,6 +287,28 @@ class Runtime:
                     task_stacks(),
                 )
                 os._exit(EXIT_STALLED)  # no shutdown commits: what is unfinished is re-read
+            if Cures.REJOIN in plan:
+                log.error(
+                    "partitions %s still stalled after a re-read; rejoining the group. "
+                    "Flow: %s. Tasks:\n%s",
+                    sorted(plan[Cures.REJOIN]),
+                    self.seam.describe(plan[Cures.REJOIN]),
+                    task_stacks(),
+                )
+                try:
+                    await self.seam.rejoin()
+                except Exception:  # the next verdict exits instead
+                    log.exception("could not rejoin the group")
+            fresh = plan.get(Cures.RESEEK, {})
+            if fresh:
+                log.warning(
+                    "re-reading stalled partitions from their committed offsets: %s (flow: %s)",
+                    fresh,
+                    self.seam.describe(fresh),
+                )
+                for (topic, partition), offset in fresh.items():  # with floors (continuity)
+                    await self.continuity.rewind(topic, partition, max(offset, 0))
+            watchdog.restart_clock(stuck)
 
         self.timer(5.0, watch)
 

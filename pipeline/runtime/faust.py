@@ -17,8 +17,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import faust
+from aiokafka.consumer.group_coordinator import GroupCoordinator
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
 
@@ -66,6 +68,14 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
         lambda: (
             "flow_control.suspend" in inspect.getsource(faust.App._on_partitions_revoked)
             and callable(FlowControlEvent.is_active)
+        ),
+    ),
+    (
+        "GroupCoordinator.request_rejoin(); the consumer thread's call_thread, _ensure_consumer",
+        lambda: (
+            _params(GroupCoordinator.request_rejoin) == []
+            and inspect.iscoroutinefunction(AIOKafkaConsumerThread.call_thread)
+            and callable(AIOKafkaConsumerThread._ensure_consumer)
         ),
     ),
     (
@@ -168,6 +178,17 @@ class ConsumerSeam:
             {TP(topic, partition): offset for (topic, partition), offset in partitions.items()}
         )
 
+    async def rejoin(self) -> None:
+        """Have the consumer rejoin its group: a rebalance for the whole group, after
+        which Faust rebuilds its view of every partition (paused, active, read offsets)
+        and recovers the tables again. Runs on the consumer's own thread."""
+        thread = self._consumer._thread
+
+        async def request() -> None:
+            thread._ensure_consumer()._coordinator.request_rejoin()
+
+        await thread.call_thread(request)
+
     def assignment(self) -> list[tuple[str, int]]:
         """The partitions this worker owns now."""
         return [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
@@ -228,6 +249,8 @@ class ConsumerSeam:
 
         recovery = app.tables.recovery
         fact("rebalancing", lambda: app.rebalancing)
+        # A fetch loop that ended while the service runs reads no partition at all.
+        fact("fetcher", lambda: (app._fetcher.state, app._fetcher._shutdown.is_set()))
         fact("flow_control", lambda: app.flow_control.is_active())
         fact("consumer_flow", lambda: consumer.flow_active)
         fact("in_recovery", lambda: recovery.in_recovery)

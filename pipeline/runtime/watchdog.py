@@ -6,14 +6,21 @@ records stay uncommitted, so nothing is lost, but nothing moves either). The bro
 is the judge here, not Faust's own bookkeeping: end offsets and the group's committed
 offsets are read with confluent-kafka. When an owned stream partition has records
 beyond its committed offset and that offset has not moved for ``stall_timeout_s``,
-the worker first seeks the partition back to its committed offset (the cause found
-so far: faust-streaming resumes fetching before it seeks after an assignment, and a
-stream silently skips records it fetched in between, e.g. of a stale generation,
-while the read offset has already passed them). If the partition is still stuck at
-the same offset after another ``stall_timeout_s``, the worker exits with
-:data:`EXIT_STALLED` so that its supervisor (Kubernetes, systemd, the test harness)
-starts it again; uncommitted records are re-read and their deterministic outputs
-absorbed downstream.
+the worker tries, in order (:class:`Cures`), each after another ``stall_timeout_s``
+at the same offset:
+
+1. seeking the partition back to its committed offset (the cause found so far:
+   faust-streaming resumes fetching before it seeks after an assignment, and a stream
+   silently skips records it fetched in between, e.g. of a stale generation, while
+   the read offset has already passed them);
+2. rejoining the consumer group: Faust rebuilds its whole view of the partitions and
+   recovers its tables again (a seek cannot help when Faust's own bookkeeping, not the
+   position, keeps a partition from its stream: seen once as a table recovery that
+   received nothing for 40 s after a kill);
+3. exiting with :data:`EXIT_STALLED` so that its supervisor (Kubernetes, systemd)
+   starts it again.
+
+Uncommitted records are re-read and their deterministic outputs absorbed downstream.
 Delay-tier topics are left out: they lag by design while records wait.
 """
 
@@ -31,6 +38,34 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a stalled worker (EX_TEMPFAIL): "restart me".
 EXIT_STALLED = 75
+
+
+class Cures:
+    """Which cure each stalled partition gets next (see the module docstring): a
+    partition stuck at the same committed offset climbs one step per verdict."""
+
+    RESEEK = "reseek"
+    REJOIN = "rejoin"
+    EXIT = "exit"
+    _LADDER = (RESEEK, REJOIN, EXIT)
+
+    def __init__(self) -> None:
+        #: Per partition: the offset it is stuck at and the cures it had there.
+        self._tried: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def next(self, stuck: dict[tuple[str, int], int]) -> dict[str, dict[tuple[str, int], int]]:
+        """The partitions of ``stuck`` (with their offsets) by the cure each gets now;
+        partitions no longer stuck are forgotten."""
+        tried = {tp: self._tried[tp] for tp in stuck if tp in self._tried}
+        plan: dict[str, dict[tuple[str, int], int]] = {}
+        for tp, offset in stuck.items():
+            at, count = tried.get(tp, (offset, 0))
+            count = count if at == offset else 0  # it moved, then stuck again: start over
+            step = self._LADDER[min(count, len(self._LADDER) - 1)]
+            plan.setdefault(step, {})[tp] = offset
+            tried[tp] = (offset, count + 1)
+        self._tried = tried
+        return plan
 
 
 class StallWatchdog:

@@ -6,7 +6,7 @@ import time
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from pipeline.runtime.watchdog import StallWatchdog
+from pipeline.runtime.watchdog import Cures, StallWatchdog
 from pipeline.settings import Settings
 
 Offsets = dict[tuple[str, int], int]
@@ -79,3 +79,29 @@ def test_a_broker_outage_is_not_a_stall() -> None:
     assert dog.stalled(owned) == {}
     dog.broker_away = False
     assert dog.stalled(owned) == {}
+
+
+def test_a_partition_stuck_at_one_offset_is_reread_then_rejoined_then_exits() -> None:
+    cures = Cures()
+    assert cures.next({("t", 0): 5}) == {Cures.RESEEK: {("t", 0): 5}}
+    assert cures.next({("t", 0): 5}) == {Cures.REJOIN: {("t", 0): 5}}
+    assert cures.next({("t", 0): 5}) == {Cures.EXIT: {("t", 0): 5}}
+
+
+def test_a_partition_that_moved_starts_the_cures_over() -> None:
+    cures = Cures()
+    cures.next({("t", 0): 5})
+    cures.next({("t", 0): 5})
+    # It moved on (the rejoin worked) and got stuck later, elsewhere: a re-read first.
+    assert cures.next({("t", 0): 9}) == {Cures.RESEEK: {("t", 0): 9}}
+    cures.next({})  # nothing stuck: all forgotten
+    assert cures.next({("t", 0): 9}) == {Cures.RESEEK: {("t", 0): 9}}
+
+
+def test_each_partition_climbs_on_its_own() -> None:
+    cures = Cures()
+    cures.next({("t", 0): 5})
+    assert cures.next({("t", 0): 5, ("t", 1): 2}) == {
+        Cures.REJOIN: {("t", 0): 5},
+        Cures.RESEEK: {("t", 1): 2},
+    }

@@ -1,0 +1,70 @@
+"""The stall watchdog's second cure, rejoining the consumer group in-process, against
+the real broker: the worker gets a new generation, recovers its tables again and keeps
+delivering every intent exactly once (pipeline.runtime.watchdog)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import Settings
+from tests.smtp import ScriptedSmtp
+from tests.support import WorkerProcess, publish, wait_for_deliveries
+
+pytestmark = pytest.mark.integration
+
+#: A worker that asks for the cure once it is ready, as the watchdog does.
+REJOINING_WORKER = """
+import asyncio
+from pipeline.settings import Settings
+from pipeline.worker import Worker
+
+worker = Worker(Settings())
+
+async def rejoin_once_ready() -> None:
+    seam = worker.runtime.seam
+    while not (seam.streaming() and seam.tables_recovered()):
+        await asyncio.sleep(0.2)
+    await seam.rejoin()
+    print("herald-test: rejoin requested", flush=True)
+
+worker.runtime.task(rejoin_once_ready)
+worker.run()
+"""
+
+
+@pytest.fixture
+def smtp() -> Iterator[ScriptedSmtp]:
+    with ScriptedSmtp() as server:
+        yield server
+
+
+def test_a_worker_that_rejoins_its_group_goes_on_delivering_each_intent_once(
+    isolated: Settings, smtp: ScriptedSmtp, tmp_path: Path
+) -> None:
+    settings = isolated.model_copy(update={"smtp_port": smtp.port})
+    worker = WorkerProcess(
+        settings, tmp_path / "worker.log", command=[sys.executable, "-c", REJOINING_WORKER]
+    )
+    worker.start()
+    try:
+        before = publish(settings, 20)  # in flight while the group rebalances
+        deadline = time.monotonic() + 120
+        # A second recovery ending ("Worker ready"): the rejoin's rebalance is over.
+        while worker.log().count("Worker ready") < 2:
+            assert time.monotonic() < deadline, "the rejoin never completed"
+            assert worker.alive(), worker.log()[-3000:]
+            time.sleep(0.5)
+        assert "herald-test: rejoin requested" in worker.log()
+        after = publish(settings, 20)
+        mails, pushes = wait_for_deliveries(settings, smtp, before + after)
+        assert worker.alive()
+    finally:
+        worker.stop()
+    assert mails == Counter(before + after)
+    assert pushes == Counter(before + after)
