@@ -272,6 +272,12 @@ class Runtime:
         cures = Cures()
 
         async def watch() -> None:
+            if self.seam.fetcher_ended():
+                log.error(
+                    "Faust's fetch loop ended by itself; starting it again. Flow: %s",
+                    self.seam.describe([]),
+                )
+                await self.seam.restart_fetcher()
             owned = [tp for tp in self.seam.assignment() if tp[0] in watched]
             loop = asyncio.get_running_loop()
             stuck = await loop.run_in_executor(None, watchdog.stalled, owned)

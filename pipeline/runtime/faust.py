@@ -75,6 +75,13 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
             and "consumer._drain_messages(self)" in inspect.getsource(Fetcher._fetcher.fun)
         ),
     ),
+    (
+        "Fetcher._fetcher sets shutdown when it ends; App._stop_fetcher stops and resets it",
+        lambda: (
+            "self.set_shutdown()" in inspect.getsource(Fetcher._fetcher.fun)
+            and "self._fetcher.service_reset()" in inspect.getsource(faust.App._stop_fetcher)
+        ),
+    ),
     ("async Consumer.seek_wait(partitions)", lambda: _params(Consumer.seek_wait) == ["partitions"]),
     ("Consumer.assignment()", lambda: callable(getattr(Consumer, "assignment", None))),
     ("Stream.noack()", lambda: callable(getattr(faust.Stream, "noack", None))),
@@ -279,6 +286,26 @@ class ConsumerSeam:
             thread._ensure_consumer()._coordinator.request_rejoin()
 
         await thread.call_thread(request)
+
+    def fetcher_ended(self) -> bool:
+        """True when Faust's fetch loop ended by itself while the worker runs: its task
+        swallows a CancelledError met outside a rebalance and ends, and then no
+        partition, table changelogs included, is read again."""
+        fetcher: Any = cast(Any, self._app)._fetcher
+        return bool(
+            fetcher._started.is_set()
+            and fetcher._shutdown.is_set()
+            and not fetcher._stopped.is_set()
+            and not self._app.should_stop
+        )
+
+    async def restart_fetcher(self) -> None:
+        """Start Faust's fetch loop again, as Faust itself does after a rebalance that
+        stopped it (``App._stop_fetcher``, then ``maybe_start``)."""
+        fetcher: Any = cast(Any, self._app)._fetcher
+        await fetcher.stop()
+        fetcher.service_reset()
+        await fetcher.maybe_start()
 
     def assignment(self) -> list[tuple[str, int]]:
         """The partitions this worker owns now."""

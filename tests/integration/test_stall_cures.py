@@ -1,6 +1,6 @@
-"""The stall watchdog's second cure, rejoining the consumer group in-process, against
-the real broker: the worker gets a new generation, recovers its tables again and keeps
-delivering every intent exactly once (pipeline.runtime.watchdog)."""
+"""The stall watchdog's cures that reach into Faust, against the real broker: a worker
+that rejoins its group, and one whose fetch loop ended by itself, keep delivering
+every intent exactly once (pipeline.runtime.watchdog)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,28 @@ worker.run()
 """
 
 
+#: A worker whose fetch loop ends outside a rebalance: Faust's Fetcher swallows the
+#: CancelledError and reads nothing more, until the watchdog starts it again.
+FETCH_LOOP_ENDING_WORKER = """
+import asyncio
+from pipeline.settings import Settings
+from pipeline.worker import Worker
+
+worker = Worker(Settings())
+
+async def end_the_fetch_loop_once_ready() -> None:
+    seam = worker.runtime.seam
+    while not (seam.streaming() and seam.tables_recovered()):
+        await asyncio.sleep(0.2)
+    for task in list(worker.app._fetcher._futures):
+        task.cancel()
+    print("herald-test: fetch loop cancelled", flush=True)
+
+worker.runtime.task(end_the_fetch_loop_once_ready)
+worker.run()
+"""
+
+
 @pytest.fixture
 def smtp() -> Iterator[ScriptedSmtp]:
     with ScriptedSmtp() as server:
@@ -68,3 +90,27 @@ def test_a_worker_that_rejoins_its_group_goes_on_delivering_each_intent_once(
         worker.stop()
     assert mails == Counter(before + after)
     assert pushes == Counter(before + after)
+
+
+def test_a_fetch_loop_that_ended_by_itself_is_started_again(
+    isolated: Settings, smtp: ScriptedSmtp, tmp_path: Path
+) -> None:
+    settings = isolated.model_copy(update={"smtp_port": smtp.port})
+    worker = WorkerProcess(
+        settings, tmp_path / "worker.log", command=[sys.executable, "-c", FETCH_LOOP_ENDING_WORKER]
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "herald-test: fetch loop cancelled" not in worker.log():
+            assert time.monotonic() < deadline, "the worker never got ready"
+            assert worker.alive(), worker.log()[-3000:]
+            time.sleep(0.5)
+        ids = publish(settings, 20)
+        mails, pushes = wait_for_deliveries(settings, smtp, ids)
+        assert worker.alive()
+        assert "fetch loop ended by itself; starting it again" in worker.log()
+    finally:
+        worker.stop()
+    assert mails == Counter(ids)
+    assert pushes == Counter(ids)
