@@ -21,7 +21,7 @@ from pipeline.runtime.records import Out, RawRecord
 from pipeline.settings import Settings
 from pipeline.stages.context import StageContext
 from pipeline.stages.outputs import malformed, status_out
-from pipeline.topology import Catalog, TypeSpec
+from pipeline.topology import Catalog, TypeSpec, payload_type_error
 from pipeline.topology.partitioning import partition_for
 
 _PRODUCER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -104,6 +104,13 @@ def validate(intent: Intent, catalog: Catalog, settings: Settings) -> ValidInten
     missing = [f for f in spec.required if payload.get(f) in (None, "")]
     if missing:
         raise fail("missing_payload_fields", f"{spec.name} requires {', '.join(missing)}")
+    wrong = [
+        f"{name} {problem}"
+        for name, kind in spec.fields.items()
+        if (problem := payload_type_error(kind, payload[name])) is not None
+    ]
+    if wrong:
+        raise fail("payload_field_type", f"{spec.name}: {'; '.join(wrong)}")
 
     return ValidIntent(intent, spec, recipients, payload, spec.effective_priority(intent.priority))
 

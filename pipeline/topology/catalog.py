@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -30,6 +31,8 @@ class TypeSpec:
     """Channels per audience kind the type accepts."""
     required: tuple[str, ...]
     """Payload fields an intent must carry."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Each required field's declared type (PAYLOAD_TYPES); ``any`` is not checked."""
     priority: str = "normal"
     """Lowest priority the type is delivered with."""
     push_ttl_s: int = 0
@@ -95,11 +98,13 @@ class Catalog:
             opt_out = str(entry.get("opt_out", "honoured"))
             if opt_out not in OPT_OUT_POLICIES:
                 raise ConfigurationError(f"{where}: opt_out must be one of {OPT_OUT_POLICIES}")
+            fields = _payload_fields(entry.get("required"), where)
             types[name] = TypeSpec(
                 name=name,
                 category=str(entry.get("category", name.split(".")[0])),
                 channels=channels,
-                required=tuple(entry.get("required") or ()),
+                required=tuple(fields),
+                fields=fields,
                 priority=priority,
                 push_ttl_s=int(entry.get("push_ttl_s", 0)),
                 push_payload=entry.get("push_payload"),
@@ -108,3 +113,46 @@ class Catalog:
                 opt_out=opt_out,
             )
         return cls(types)
+
+
+#: The payload field types the catalog declares, as JSON values (``required`` maps each
+#: field to one; a plain list of names, as older catalogs have, declares ``any``).
+PAYLOAD_TYPES: dict[str, str] = {
+    "string": "a string",
+    "integer": "a whole number",
+    "count": "a whole number from 0 to 4294967295",  # a FlatBuffers uint32 field
+    "number": "a number",
+    "boolean": "true or false",
+    "any": "any value",
+}
+
+
+def _payload_fields(required: Any, where: str) -> dict[str, str]:
+    if isinstance(required, dict):
+        fields = {str(name): str(kind) for name, kind in required.items()}
+    else:
+        fields = {str(name): "any" for name in required or ()}
+    for name, kind in fields.items():
+        if kind not in PAYLOAD_TYPES:
+            raise ConfigurationError(
+                f"{where}: payload field {name!r} has unknown type {kind!r} "
+                f"(one of {', '.join(PAYLOAD_TYPES)})"
+            )
+    return fields
+
+
+def payload_type_error(kind: str, value: Any) -> str | None:
+    """Why ``value`` (decoded JSON) is not of the catalog type ``kind``; None if it is."""
+    if kind == "any":
+        return None
+    whole = isinstance(value, int) and not isinstance(value, bool)  # JSON true is no number
+    fits = {
+        "string": isinstance(value, str),
+        "integer": whole,
+        "count": whole and 0 <= value <= 0xFFFFFFFF,
+        "number": whole or isinstance(value, float),
+        "boolean": isinstance(value, bool),
+    }[kind]
+    if fits:
+        return None
+    return f"must be {PAYLOAD_TYPES[kind]}, not {json.dumps(value)[:40]}"

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import ValidationError
+from pipeline.contracts.push import BODY_TABLES
+from pipeline.errors import ConfigurationError, ValidationError
 from pipeline.settings import Settings
 from pipeline.stages.intake import ValidIntent, fingerprint, validate
-from pipeline.topology import Catalog
+from pipeline.topology import Catalog, payload_type_error
 from tests.unit.helpers import TURN_READY_PAYLOAD, make_intent
 
 
@@ -57,6 +58,14 @@ def test_type_priority_floor_raises_priority(catalog: Catalog, settings: Setting
         ({"payload": {"game_id": "g"}}, "missing_payload_fields"),
         ({"payload": {**TURN_READY_PAYLOAD, "game_name": ""}}, "missing_payload_fields"),
         ({"payload": {**TURN_READY_PAYLOAD, "blob": "x" * 70_000}}, "payload_too_large"),
+        # Issue 14, item 3: the catalog's field types are checked at the door.
+        ({"payload": {**TURN_READY_PAYLOAD, "turn_number": "x"}}, "payload_field_type"),
+        ({"payload": {**TURN_READY_PAYLOAD, "turn_number": "7"}}, "payload_field_type"),
+        ({"payload": {**TURN_READY_PAYLOAD, "turn_number": True}}, "payload_field_type"),
+        ({"payload": {**TURN_READY_PAYLOAD, "turn_number": 7.5}}, "payload_field_type"),
+        ({"payload": {**TURN_READY_PAYLOAD, "turn_number": -1}}, "payload_field_type"),
+        ({"payload": {**TURN_READY_PAYLOAD, "turn_number": 2**32}}, "payload_field_type"),
+        ({"payload": {**TURN_READY_PAYLOAD, "game_name": ["A"]}}, "payload_field_type"),
     ],
 )
 def test_invalid_intents_are_rejected_with_a_reason(
@@ -120,3 +129,70 @@ def test_fingerprint_sees_content_changes(
     assert fingerprint(check(change, catalog, settings)) != fingerprint(
         check({}, catalog, settings)
     )
+
+
+def test_a_wrong_type_is_refused_naming_the_field_and_the_type(
+    catalog: Catalog, settings: Settings
+) -> None:
+    payload = {**TURN_READY_PAYLOAD, "turn_number": "x", "game_name": 3}
+    with pytest.raises(ValidationError) as info:
+        check({"payload": payload}, catalog, settings)
+    assert info.value.detail == (
+        "game.turn.ready: game_name must be a string, not 3; "
+        'turn_number must be a whole number from 0 to 4294967295, not "x"'
+    )
+
+
+def test_the_largest_count_and_fields_beyond_the_catalog_pass(
+    catalog: Catalog, settings: Settings
+) -> None:
+    payload = {**TURN_READY_PAYLOAD, "turn_number": 2**32 - 1, "extra": [1, {"a": None}]}
+    assert check({"payload": payload}, catalog, settings).payload == payload
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "bad"),
+    [
+        ("string", "x", 1),
+        ("integer", -3, 1.0),
+        ("count", 0, -1),
+        ("number", 1.5, "1.5"),
+        ("number", 2, True),
+        ("boolean", False, 0),
+        ("any", None, None),
+    ],
+)
+def test_each_catalog_type_accepts_its_json_values(kind: str, good: object, bad: object) -> None:
+    assert payload_type_error(kind, good) is None
+    if kind != "any":
+        assert payload_type_error(kind, bad)
+
+
+def test_a_catalog_declaring_an_unknown_type_does_not_load() -> None:
+    doc = {
+        "types": {
+            "t.x": {"channels": {"user": ["email"]}, "required": {"when": "timestamp"}},
+        }
+    }
+    with pytest.raises(ConfigurationError, match="'when' has unknown type 'timestamp'"):
+        Catalog.from_dict(doc)
+
+
+def test_a_catalog_listing_names_declares_them_untyped() -> None:
+    doc = {"types": {"t.x": {"channels": {"user": ["email"]}, "required": ["a", "b"]}}}
+    spec = Catalog.from_dict(doc).types["t.x"]
+    assert spec.required == ("a", "b")
+    assert spec.fields == {"a": "any", "b": "any"}
+
+
+def test_every_push_field_the_catalog_types_fits_its_flatbuffers_field(
+    catalog: Catalog,
+) -> None:
+    fits = {str: {"string"}, int: {"integer", "count"}, float: {"number"}, bool: {"boolean"}}
+    for spec in catalog.types.values():
+        if spec.push_payload is None:
+            continue
+        kinds = BODY_TABLES[spec.push_payload][1]
+        for name, kind in spec.fields.items():
+            if name in kinds:
+                assert kind in fits[kinds[name]], (spec.name, name, kind)
