@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     payload_max_bytes: int = Field(
         default=64 * 1024, gt=0, description="Largest payload_json an intent may carry (bytes)."
     )
+    dead_letter_max_bytes: int = Field(
+        default=960_000,
+        ge=64 * 1024,
+        description=(
+            "Largest encoded dead letter (bytes), below the producer's and the DLQ topics' "
+            "1 MB limit: a larger one has its biggest variable parts cut to fit."
+        ),
+    )
     max_recipients: int = Field(
         default=1000, gt=0, description="Most recipient_user_ids one intent may name."
     )

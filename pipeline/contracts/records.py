@@ -462,6 +462,9 @@ class DeadLetter(AvroRecord):
     """Last SMTP reply code, when there was one."""
     attempts: list[Attempt] = field(default_factory=list)
     """Every attempt, oldest first."""
+    truncated: str | None = None
+    """What was cut so that the letter fits its topic (None: nothing); the carried
+    request lacks it."""
 
     def to_avro(self) -> dict[str, Any]:
         data = AvroRecord.to_avro(self)

@@ -21,7 +21,7 @@ from pydantic import ValidationError as SettingsError
 
 from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts import push as push_payloads
-from pipeline.contracts.records import PushDevice, QuietHours, UserProfile
+from pipeline.contracts.records import DeadLetter, PushDevice, QuietHours, UserProfile
 from pipeline.errors import HeraldError
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topology import Topology
@@ -432,6 +432,7 @@ def dlq_replay(
             click.echo(f"would replay  {letter_summary(letter, None)}")
         click.echo(
             f"dry run: {len(report.replayed)} would be replayed, {len(report.already)} already were"
+            + _truncated_note(report.truncated)
         )
         return
     started = time.monotonic()
@@ -441,7 +442,17 @@ def dlq_replay(
         )
     click.echo(
         f"replayed {len(report.replayed)} dead letter(s) in {time.monotonic() - started:.1f}s; "
-        f"{len(report.already)} skipped (replayed before)"
+        f"{len(report.already)} skipped (replayed before)" + _truncated_note(report.truncated)
+    )
+
+
+def _truncated_note(letters: list[DeadLetter]) -> str:
+    if not letters:
+        return ""
+    ids = ", ".join(letter.dead_letter_id for letter in letters[:5])
+    return (
+        f"; {len(letters)} not replayed: cut to fit the DLQ (their producer must send them "
+        f"again): {ids}"
     )
 
 

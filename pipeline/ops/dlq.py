@@ -136,6 +136,9 @@ class ReplayReport:
     """Sent back to their lanes (or, on a dry run, would have been)."""
     already: list[DeadLetter] = field(default_factory=list)
     """Skipped: the replay log shows an earlier replay."""
+    truncated: list[DeadLetter] = field(default_factory=list)
+    """Skipped: cut to fit the DLQ (``DeadLetter.truncated``); a replay would send what
+    remains, e.g. a mail without its attachments. The producer sends it again."""
 
 
 def replay(
@@ -153,7 +156,12 @@ def replay(
     done = replayed(settings)
     todo: list[DeadLetter] = []
     for letter in letters:
-        (report.already if letter.dead_letter_id in done else todo).append(letter)
+        if letter.dead_letter_id in done:
+            report.already.append(letter)
+        elif letter.truncated:
+            report.truncated.append(letter)
+        else:
+            todo.append(letter)
     if dry_run:
         report.replayed = todo
         return report

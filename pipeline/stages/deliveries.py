@@ -85,6 +85,7 @@ class Deliveries:
         self._rng = random.Random()
         self._status_topic = settings.topic("notification.status")
         self._dlq_topic = settings.topic(f"notification.{channel}.dlq")
+        self._max_letter_bytes = settings.dead_letter_max_bytes
         self._malformed_topic = settings.topic("notification.malformed")
         self.registry_topic = settings.topic(f"herald.{channel}.deliveries.changelog")
 
@@ -205,14 +206,52 @@ class Deliveries:
         )
         return [
             *outputs,
-            Out(
-                self._dlq_topic,
-                request.route_id.encode("utf-8"),
-                self._contracts.dead_letter.encode(letter),
-            ),
+            Out(self._dlq_topic, request.route_id.encode("utf-8"), self._fit(letter, final)),
             self.status(request, "dead_lettered", now, attempt, reason=letter.reason),
             self.record(registry, raw, request, "dead_lettered", attempt, now),
         ]
+
+    def _fit(self, letter: DeadLetter, final: ChannelRequest) -> bytes:
+        """The encoded dead letter, within ``dead_letter_max_bytes``: a route whose mail
+        is near the 1 MB limit (attachments) could not be dead-lettered whole, and would
+        then never reach a final state. The history is kept; what is cut, biggest
+        first (attachment data, then the rendered texts and the variables, capped), is
+        named in ``truncated``."""
+        encode = self._contracts.dead_letter.encode
+        value = encode(letter)
+        if len(value) <= self._max_letter_bytes:
+            return value
+        cut: list[str] = []
+        if final.attachments:
+            size = sum(len(a.data) for a in final.attachments)
+            final = dataclasses.replace(
+                final, attachments=[dataclasses.replace(a, data=b"") for a in final.attachments]
+            )
+            cut.append(f"the data of {len(final.attachments)} attachment(s) ({size} bytes)")
+        # What is left to cut is text: split what the letter may still take between
+        # the texts, so that the cut is the same on every run (deterministic ids, the
+        # same dead letter each time).
+        share = max(self._max_letter_bytes // 8, 1024)
+        content = final.content
+        if content is not None:
+            capped = dataclasses.replace(
+                content,
+                text=_capped(content.text, share),
+                html=None if content.html is None else _capped(content.html, share),
+            )
+            if capped != content:
+                final = dataclasses.replace(final, content=capped)
+                cut.append(f"the rendered texts, each to {share} characters")
+        if len(final.variables_json) > share:
+            cut.append(f"the variables ({len(final.variables_json)} characters)")
+            final = dataclasses.replace(final, variables_json="{}")
+        letter = dataclasses.replace(
+            letter,
+            address=None if letter.address is None else _capped(letter.address, 320),
+            request=self._contracts.channel_request.encode(final),
+            truncated="; ".join(cut) or "nothing that could be cut",
+        )
+        return encode(letter)
 
     def deferred(
         self, raw: RawRecord, request: ChannelRequest, now_ms: int, wait_s: float, reason: str
@@ -309,3 +348,8 @@ class Deliveries:
     def malformed(self, raw: RawRecord, reason: str, detail: str, now_ms: int) -> Out:
         """A record for the malformed topic about an unusable input."""
         return malformed(self._contracts, self._malformed_topic, raw, reason, detail, now_ms)
+
+
+def _capped(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying so."""
+    return text if len(text) <= limit else text[: limit - 20] + " [... cut for the DLQ]"
