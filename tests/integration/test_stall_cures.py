@@ -18,46 +18,40 @@ from tests.support import WorkerProcess, publish, wait_for_deliveries
 
 pytestmark = pytest.mark.integration
 
-#: A worker that asks for the cure once it is ready, as the watchdog does.
-REJOINING_WORKER = """
+
+def worker_that(action: str) -> list[str]:
+    """A `herald worker` that runs ``action`` (Python statements, indented by four
+    spaces, with ``worker`` and ``seam`` at hand) once it is ready, then goes on."""
+    script = f"""
 import asyncio
 from pipeline.settings import Settings
 from pipeline.worker import Worker
 
 worker = Worker(Settings())
 
-async def rejoin_once_ready() -> None:
+async def once_ready() -> None:
     seam = worker.runtime.seam
     while not (seam.streaming() and seam.tables_recovered()):
         await asyncio.sleep(0.2)
-    await seam.rejoin()
-    print("herald-test: rejoin requested", flush=True)
+{action}
 
-worker.runtime.task(rejoin_once_ready)
+worker.runtime.task(once_ready)
 worker.run()
 """
+    return [sys.executable, "-c", script]
 
 
-#: A worker whose fetch loop ends outside a rebalance: Faust's Fetcher swallows the
+#: Asks for the cure, as the watchdog does.
+REJOINING = """
+    await seam.rejoin()
+    print("herald-test: rejoin requested", flush=True)"""
+
+#: Ends the fetch loop outside a rebalance: Faust's Fetcher swallows the
 #: CancelledError and reads nothing more, until the watchdog starts it again.
-FETCH_LOOP_ENDING_WORKER = """
-import asyncio
-from pipeline.settings import Settings
-from pipeline.worker import Worker
-
-worker = Worker(Settings())
-
-async def end_the_fetch_loop_once_ready() -> None:
-    seam = worker.runtime.seam
-    while not (seam.streaming() and seam.tables_recovered()):
-        await asyncio.sleep(0.2)
+ENDING_THE_FETCH_LOOP = """
     for task in list(worker.app._fetcher._futures):
         task.cancel()
-    print("herald-test: fetch loop cancelled", flush=True)
-
-worker.runtime.task(end_the_fetch_loop_once_ready)
-worker.run()
-"""
+    print("herald-test: fetch loop cancelled", flush=True)"""
 
 
 @pytest.fixture
@@ -70,9 +64,7 @@ def test_a_worker_that_rejoins_its_group_goes_on_delivering_each_intent_once(
     isolated: Settings, smtp: ScriptedSmtp, tmp_path: Path
 ) -> None:
     settings = isolated.model_copy(update={"smtp_port": smtp.port})
-    worker = WorkerProcess(
-        settings, tmp_path / "worker.log", command=[sys.executable, "-c", REJOINING_WORKER]
-    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log", command=worker_that(REJOINING))
     worker.start()
     try:
         before = publish(settings, 20)  # in flight while the group rebalances
@@ -97,7 +89,7 @@ def test_a_fetch_loop_that_ended_by_itself_is_started_again(
 ) -> None:
     settings = isolated.model_copy(update={"smtp_port": smtp.port})
     worker = WorkerProcess(
-        settings, tmp_path / "worker.log", command=[sys.executable, "-c", FETCH_LOOP_ENDING_WORKER]
+        settings, tmp_path / "worker.log", command=worker_that(ENDING_THE_FETCH_LOOP)
     )
     worker.start()
     try:

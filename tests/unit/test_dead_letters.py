@@ -9,25 +9,22 @@ import dataclasses
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import Attachment, ChannelRequest, RenderedContent
 from pipeline.errors import SmtpRejectedError
-from pipeline.runtime.records import Out, RawRecord
+from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.stages.deliveries import Deliveries
 from tests.support import route
-from tests.unit.helpers import stage_context
+from tests.unit.helpers import raw, stage_context
 
 
 def dead_letter_of(settings: Settings, request: ChannelRequest) -> tuple[list[Out], Contracts]:
     contracts = Contracts(settings)
-    raw = RawRecord(
+    lane = raw(
+        contracts.channel_request.encode(request),
         topic=settings.topic("notification.email.requested"),
-        partition=0,
-        offset=3,
         key=b"u1",
-        value=contracts.channel_request.encode(request),
-        timestamp_ms=0,
     )
     rejected = SmtpRejectedError("552 5.3.4 message too big for this mailbox", code=552)
-    outs = Deliveries(stage_context(settings), "email").failed(raw, {}, request, 1, rejected)
+    outs = Deliveries(stage_context(settings), "email").failed(lane, {}, request, 1, rejected)
     return outs, contracts
 
 
