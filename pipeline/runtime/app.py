@@ -282,7 +282,6 @@ class Runtime:
             loop = asyncio.get_running_loop()
             stuck = await loop.run_in_executor(None, watchdog.stalled, owned)
             if not stuck:
-                cures.next({})
                 return
             plan = cures.next(stuck)
             if Cures.EXIT in plan:

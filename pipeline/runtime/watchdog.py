@@ -50,21 +50,21 @@ class Cures:
     _LADDER = (RESEEK, REJOIN, EXIT)
 
     def __init__(self) -> None:
-        #: Per partition: the offset it is stuck at and the cures it had there.
+        #: Per partition: the offset it was last stuck at and the cures it had there.
+        #: Kept while the partition is not (yet again) judged stuck: each cure restarts
+        #: its clock, so between verdicts it is absent from them.
         self._tried: dict[tuple[str, int], tuple[int, int]] = {}
 
     def next(self, stuck: dict[tuple[str, int], int]) -> dict[str, dict[tuple[str, int], int]]:
-        """The partitions of ``stuck`` (with their offsets) by the cure each gets now;
-        partitions no longer stuck are forgotten."""
-        tried = {tp: self._tried[tp] for tp in stuck if tp in self._tried}
+        """The partitions of ``stuck`` (with their offsets) by the cure each gets now: one
+        step up from its last cure at the same offset, the first at a new one."""
         plan: dict[str, dict[tuple[str, int], int]] = {}
         for tp, offset in stuck.items():
-            at, count = tried.get(tp, (offset, 0))
+            at, count = self._tried.get(tp, (offset, 0))
             count = count if at == offset else 0  # it moved, then stuck again: start over
             step = self._LADDER[min(count, len(self._LADDER) - 1)]
             plan.setdefault(step, {})[tp] = offset
-            tried[tp] = (offset, count + 1)
-        self._tried = tried
+            self._tried[tp] = (offset, count + 1)
         return plan
 
 

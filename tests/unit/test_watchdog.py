@@ -94,8 +94,16 @@ def test_a_partition_that_moved_starts_the_cures_over() -> None:
     cures.next({("t", 0): 5})
     # It moved on (the rejoin worked) and got stuck later, elsewhere: a re-read first.
     assert cures.next({("t", 0): 9}) == {Cures.RESEEK: {("t", 0): 9}}
-    cures.next({})  # nothing stuck: all forgotten
-    assert cures.next({("t", 0): 9}) == {Cures.RESEEK: {("t", 0): 9}}
+
+
+def test_the_ladder_holds_across_the_verdicts_in_between() -> None:
+    cures = Cures()
+    cures.next({("t", 0): 5})
+    # Each cure restarts the partition's clock: the next verdicts leave it out until
+    # it has been stuck for the timeout again. That must not reset its ladder.
+    assert cures.next({}) == {}
+    assert cures.next({("t", 1): 3}) == {Cures.RESEEK: {("t", 1): 3}}
+    assert cures.next({("t", 0): 5}) == {Cures.REJOIN: {("t", 0): 5}}
 
 
 def test_each_partition_climbs_on_its_own() -> None:
