@@ -155,9 +155,12 @@ class PushPayloadError(PermanentError):
 
 
 class GatewayTimeoutError(TransientError):
-    """Kafka did not acknowledge a gateway publication within the timeout."""
+    """Kafka did not acknowledge a gateway publication (or a look into the gateway
+    topic) within the timeout: the broker is away or overloaded, which is not the
+    push's fault, so the route waits without spending an attempt."""
 
     reason = "gateway_timeout"
+    server_unavailable = True
 
 
 class GatewayUnavailableError(TransientError):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiokafka.errors import KafkaError as AIOKafkaError
 from confluent_kafka import KafkaError, KafkaException
 
@@ -31,6 +32,11 @@ from pipeline.runtime.producer import UNANSWERED, KafkaWriter
 from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
+
+#: librdkafka's codes for a cluster that does not answer (as opposed to one that refuses).
+_UNANSWERED_CODES = frozenset(
+    {KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN}
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +167,20 @@ class GatewayPublisher:
                             return PublishReceipt(message.partition, message.offset)
                     if not batch:
                         raise GatewayTimeoutError(f"reading {tp} stalled before offset {end}")
-        except (TimeoutError, AIOKafkaError, KafkaException) as exc:
+        except (TimeoutError, KafkaConnectionError, KafkaTimeoutError) as exc:
+            raise GatewayTimeoutError(
+                f"cannot check {self.topic} for route {route_id}: the broker does not answer "
+                f"({exc!r})"
+            ) from exc
+        except KafkaException as exc:
+            if exc.args and exc.args[0].code() in _UNANSWERED_CODES:
+                raise GatewayTimeoutError(
+                    f"cannot check {self.topic} for route {route_id}: {exc!r}"
+                ) from exc
+            raise GatewayUnavailableError(
+                f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
+            ) from exc
+        except AIOKafkaError as exc:
             raise GatewayUnavailableError(
                 f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
             ) from exc

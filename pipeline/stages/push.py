@@ -126,8 +126,10 @@ class PushChannel:
                 (request.user_id or "").encode("utf-8"), request.route_id, since_ms
             )
         except HeraldError as exc:
-            # Could not look (the broker is away): still in doubt at the next attempt.
+            # Could not look: still in doubt at the next attempt.
             self._in_flight.discard(request.route_id)
+            if exc.server_unavailable:  # the broker is away: not the push's fault
+                return self._waits(raw, request, exc)
             attempt = request.attempt + 1
             return self._deliveries.failed(raw, registry, request, attempt, exc, started_ms)
         except BaseException:
@@ -247,8 +249,12 @@ class PushChannel:
             if isinstance(receipt, PublishReceipt):
                 return self._published(raw, registry, request, attempt, receipt)
             if isinstance(receipt, HeraldError):
-                # A timeout or broker error may hide a record that lands later: the retry
-                # looks for it first. A refused or unroutable push went nowhere.
+                if receipt.server_unavailable:
+                    # No answer from Kafka (a broker restart): no attempt spent. The
+                    # publishing entry stays, so the retry looks for the push first.
+                    return self._waits(raw, request, receipt)
+                # A broker error may hide a record that lands later: the retry looks
+                # for it first. A refused or unroutable push went nowhere.
                 landed = receipt.transient and receipt.reason not in NOT_SENT
                 doubt = wall if landed else None
                 return self._deliveries.failed(raw, registry, request, attempt, receipt, doubt)
@@ -269,6 +275,18 @@ class PushChannel:
         outputs = then(publication, outcome)
         outputs.add_done_callback(ended)
         return outputs
+
+    def _waits(self, raw: RawRecord, request: ChannelRequest, exc: HeraldError) -> list[Out]:
+        """The route back in the delay tiers with its attempts unchanged (the broker did
+        not answer; issue 14: a broker restart must not dead-letter pushes)."""
+        log.info(
+            "push route %s waits for the broker (%s: %s)",
+            request.route_id,
+            exc.reason,
+            exc.detail[:200],
+            extra=route_fields(request, request.attempt),
+        )
+        return self._deliveries.deferred(raw, request, self._clock.now_ms(), 0.0, exc.reason)
 
     def _published(
         self,

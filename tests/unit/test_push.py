@@ -380,6 +380,7 @@ class FakeGateway:
         self.hang = False
         self.fail_with: Exception | None = None
         self.find_fails = False
+        self.find_fails_with: HeraldError | None = None
 
     async def publish(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
@@ -405,6 +406,8 @@ class FakeGateway:
 
     async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
         self.searched.append((route_id, since_ms))
+        if self.find_fails_with is not None:
+            raise self.find_fails_with
         if self.find_fails:
             raise GatewayUnavailableError("broker away", reason="gateway_error")
         return self.already.get(route_id)
@@ -552,8 +555,10 @@ def test_router_leaves_out_reported_tokens(settings: Settings, contracts: Contra
 async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
     settings: Settings, contracts: Contracts
 ) -> None:
-    """A timeout may hide a push that lands later: the retry looks first. A missing
-    topic left nothing behind: its retry publishes straight away."""
+    """A timeout may hide a push that lands later: the retry looks first. A timeout is
+    Kafka not answering (a broker restart), not the push's fault: the route waits
+    without spending an attempt (issue 14). A missing topic left nothing behind: it
+    spends an attempt and its retry publishes straight away."""
     request = push_route()
     record = raw(
         contracts.channel_request.encode(request),
@@ -561,9 +566,13 @@ async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
         key=b"u1",
     )
     clock = Clock(offset_ms=NOW - Clock().now_ms())
-    for error, looked_up in (
-        (GatewayTimeoutError("no ack"), 1),
-        (GatewayUnavailableError("gone", reason="gateway_topic_missing"), 0),
+    for error, first_statuses, looked_up in (
+        (GatewayTimeoutError("no ack"), ["deferred"], 1),
+        (
+            GatewayUnavailableError("gone", reason="gateway_topic_missing"),
+            ["failed", "retry_scheduled"],
+            0,
+        ),
     ):
         gateway = FakeGateway()
         gateway.fail_with = error
@@ -572,13 +581,35 @@ async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
         view = WriteBehind(table)
         first = await settle(push, push.handle(record, view))
         view.commit()
-        assert [e[0] for e in statuses(list(first), contracts)] == ["failed", "retry_scheduled"]
+        assert [e[0] for e in statuses(list(first), contracts)] == first_statuses
         (retry,) = [o for o in first if o.topic.endswith(".retry.5s")]
+        spent = contracts.channel_request.decode(retry.value or b"").attempt
+        assert spent == (0 if error.server_unavailable else 1)
         gateway.fail_with = None
         again = raw(retry.value or b"", topic="notification.push.requested", key=b"u1")
         outputs = await settle(push, push.handle(again, WriteBehind(table)))
         assert (len(gateway.searched), len(gateway.published)) == (looked_up, 1)
         assert [e[0] for e in statuses(list(outputs), contracts)] == ["published"]
+
+
+async def test_a_route_waits_unspent_while_the_broker_cannot_be_read(
+    settings: Settings, contracts: Contracts
+) -> None:
+    request = push_route()
+    record = raw(
+        contracts.channel_request.encode(request),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+    entry = {"state": "publishing", "attempts": 1, "wall": 1_900_000_000_000, "p": 0}
+    table = {request.route_id.encode(): json.dumps(entry).encode()}
+    gateway = FakeGateway()
+    gateway.find_fails_with = GatewayTimeoutError("the broker does not answer")
+    push = channel(settings, contracts, Clock(offset_ms=NOW - Clock().now_ms()), gateway)
+    outputs = await settle(push, push.handle(record, WriteBehind(table)))
+    assert [e[0] for e in statuses(list(outputs), contracts)] == ["deferred"]
+    assert not [o for o in outputs if o.topic.endswith("changelog")]  # still publishing
+    assert gateway.published == []
 
 
 async def test_a_route_stays_in_doubt_while_the_gateway_cannot_be_read(
