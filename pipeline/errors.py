@@ -163,6 +163,13 @@ class GatewayTimeoutError(TransientError):
     server_unavailable = True
 
 
+class GatewayProducerResetError(GatewayTimeoutError):
+    """The gateway's producer failed fatally (an idempotence sequence error after a
+    broker restart) and a new one takes over: the push may or may not have landed."""
+
+    reason = "gateway_producer_reset"
+
+
 class GatewayUnavailableError(TransientError):
     """The gateway topic cannot take the push now: missing, unauthorised, or its
     partitions have no leader (``reason`` says which)."""

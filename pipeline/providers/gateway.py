@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError as AIOKafkaError
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline.errors import (
+    GatewayProducerResetError,
     GatewayTimeoutError,
     GatewayUnavailableError,
     HeraldError,
@@ -124,6 +125,8 @@ class GatewayPublisher:
             )
         if code == KafkaError._MSG_TIMED_OUT:
             return await self._timeout()
+        if code == KafkaError._FATAL:  # the writer starts a new producer at its next write
+            return GatewayProducerResetError(f"the gateway producer failed: {exc}")
         return GatewayUnavailableError(
             f"publishing to {self.topic} failed: {exc}", reason="gateway_error"
         )

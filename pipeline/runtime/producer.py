@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -70,7 +71,10 @@ UNANSWERED: BaseException = TimeoutError("no acknowledgement from Kafka")
 class KafkaWriter:
     """An asyncio face on one confluent-kafka Producer (acks=all)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(
+        self, config: dict[str, Any], producer: Callable[[dict[str, Any]], Producer] = Producer
+    ) -> None:
+        self._new_producer = producer
         self._config = {
             "acks": "all",
             "partitioner": "murmur2_random",  # Java's (and Faust's) key -> partition
@@ -81,6 +85,9 @@ class KafkaWriter:
             **config,
         }
         self._producer: Producer | None = None
+        #: Set (on the loop) when librdkafka reported a fatal error: that producer
+        #: takes no more records, and the next write starts a new one.
+        self._fatal: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: collections.deque[tuple[Acks, int, KafkaError | None, Message]] = (
             collections.deque()
@@ -93,10 +100,26 @@ class KafkaWriter:
     def _started(self) -> Producer:
         if self._producer is None:
             self._loop = asyncio.get_running_loop()
-            self._producer = Producer(self._config)
+            self._producer = self._new_producer(self._config)
             self._thread = threading.Thread(target=self._poll, name="herald-producer", daemon=True)
             self._thread.start()
+        elif self._fatal is not None:
+            self._replace_producer()
         return self._producer
+
+    def _replace_producer(self) -> None:
+        """A new producer in place of one librdkafka declared failed (an idempotent
+        producer's sequence error after a broker restart is fatal to it): the poll
+        thread serves the new one from its next round. What the old one still held
+        is purged, so that its writers learn of it and send it again."""
+        old = self._producer
+        log.error("the Kafka producer failed (%s); a new one takes over", self._fatal)
+        self._fatal = None
+        self._producer = self._new_producer(self._config)
+        if old is not None:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                old.purge()
+                old.poll(0)  # serves the purged records' reports
 
     async def write(self, records: Sequence[Out]) -> Acks:
         """Enqueue ``records``; their :class:`Acks` resolve as Kafka answers (a refused
@@ -127,8 +150,7 @@ class KafkaWriter:
                 except BufferError:  # librdkafka's queue is full: let it drain
                     await asyncio.sleep(_QUEUE_FULL_WAIT_S)
                 except KafkaException as exc:  # refused at once (e.g. over message.max.bytes)
-                    error = exc.args[0]
-                    acks.report(index, KafkaDeliveryError(error.str(), code=error.code()), None)
+                    acks.report(index, self._delivery_error(exc.args[0]), None)
                     break
         return acks
 
@@ -177,7 +199,15 @@ class KafkaWriter:
                 receipt = None if partition is None or offset is None else (partition, offset)
                 acks.report(index, None, receipt)
             else:
-                acks.report(index, KafkaDeliveryError(error.str(), code=error.code()), None)
+                acks.report(index, self._delivery_error(error), None)
+
+    def _delivery_error(self, error: KafkaError) -> KafkaDeliveryError:
+        """Herald's error for a refused record; a fatal one also retires the producer
+        (reported as ``_FATAL``: the record may or may not have been written)."""
+        if error.fatal():
+            self._fatal = error.str()
+            return KafkaDeliveryError(error.str(), code=KafkaError._FATAL)
+        return KafkaDeliveryError(error.str(), code=error.code())
 
     def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for queued records (blocking); how many remain."""

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from confluent_kafka import KafkaError
 
 from pipeline.errors import KafkaDeliveryError
 from pipeline.runtime.producer import UNANSWERED, KafkaWriter
@@ -50,3 +55,64 @@ async def test_records_written_together_are_answered_one_by_one() -> None:
     acks.report(0, RuntimeError("late"), None)  # a second answer does not count
     assert acks.done.done()
     assert acks.outcomes[0] is None
+
+
+class SequenceBrokenProducer:
+    """A stand-in for confluent-kafka's Producer: the first one made reports every
+    record with a fatal error (an idempotent producer's sequence error after a broker
+    restart); the ones made after it deliver."""
+
+    made: list[SequenceBrokenProducer] = []
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.fatal = not SequenceBrokenProducer.made
+        self.pending: list[Any] = []
+        self.purged = False
+        SequenceBrokenProducer.made.append(self)
+
+    def produce(self, topic: str, value: Any, key: Any, partition: int, **kw: Any) -> None:
+        self.pending.append(kw["on_delivery"])
+
+    def poll(self, timeout: float) -> int:
+        pending, self.pending = self.pending, []
+        for delivered in pending:
+            if self.fatal:
+                error = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "seq", fatal=True)
+                delivered(error, None)
+            else:
+                delivered(None, SimpleNamespace(partition=lambda: 0, offset=lambda: 7))
+        if not pending:
+            time.sleep(timeout)
+        return len(pending)
+
+    def purge(self) -> None:
+        self.purged = True
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+async def test_a_producer_that_failed_fatally_is_replaced_and_the_record_sent_again() -> None:
+    SequenceBrokenProducer.made.clear()
+    writer = KafkaWriter({}, producer=SequenceBrokenProducer)  # type: ignore[arg-type]
+    sink = AckedSink(writer.write, max_backoff_s=0.01)
+    await asyncio.wait_for(sink.deliver([Out("t", b"k", b"v")]), 10)
+    first, second = SequenceBrokenProducer.made
+    assert first.purged  # what it still held is reported, to be sent again
+    assert (first.fatal, second.fatal) == (True, False)
+    acks = await writer.write([Out("t", b"k", b"w")])
+    await asyncio.wait_for(acks.done, 10)
+    assert (acks.outcomes, acks.receipts) == ([None], [(0, 7)])
+    assert len(SequenceBrokenProducer.made) == 2  # a healthy producer is kept
+    writer.close(timeout_s=0.1)
+
+
+async def test_a_fatal_refusal_reads_as_such_to_the_writer() -> None:
+    SequenceBrokenProducer.made.clear()
+    writer = KafkaWriter({}, producer=SequenceBrokenProducer)  # type: ignore[arg-type]
+    acks = await writer.write([Out("t", b"k", b"v")])
+    await asyncio.wait_for(acks.done, 10)
+    (failed,) = acks.outcomes
+    assert isinstance(failed, KafkaDeliveryError)
+    assert failed.code == KafkaError._FATAL
+    writer.close(timeout_s=0.1)
