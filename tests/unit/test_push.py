@@ -29,7 +29,7 @@ from pipeline.errors import (
 )
 from pipeline.providers.gateway import GatewayPublisher, PublishReceipt
 from pipeline.rendering import TemplateCatalog
-from pipeline.runtime.records import Out, Write
+from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.stages.delay import TARGET
@@ -276,6 +276,15 @@ def statuses(outputs: list[Out], contracts: Contracts) -> list[tuple[str, int, s
     ]
 
 
+def on_the_lane(contracts: Contracts, request: ChannelRequest) -> RawRecord:
+    """``request`` as the push stage reads it from its lane."""
+    return raw(
+        contracts.channel_request.encode(request),
+        topic="notification.push.requested",
+        key=b"u1",
+    )
+
+
 def handle_now(push: PushChannel, request: ChannelRequest, contracts: Contracts) -> list[Out]:
     record = raw(
         contracts.channel_request.encode(request), topic="notification.push.requested", key=b"u1"
@@ -429,11 +438,7 @@ async def test_publishing_is_written_ahead_and_a_route_in_doubt_is_looked_up(
     writing it) is looked up in the gateway topic: found, it is recorded published and
     not sent again; not found, it is published."""
     request = push_route()
-    record = raw(
-        contracts.channel_request.encode(request),
-        topic="notification.push.requested",
-        key=b"u1",
-    )
+    record = on_the_lane(contracts, request)
     ahead: list[Out] = []
 
     async def write(records: Sequence[Out]) -> None:
@@ -560,11 +565,7 @@ async def test_a_timed_out_publication_is_looked_up_before_the_retry_publishes(
     without spending an attempt (issue 14). A missing topic left nothing behind: it
     spends an attempt and its retry publishes straight away."""
     request = push_route()
-    record = raw(
-        contracts.channel_request.encode(request),
-        topic="notification.push.requested",
-        key=b"u1",
-    )
+    record = on_the_lane(contracts, request)
     clock = Clock(offset_ms=NOW - Clock().now_ms())
     for error, first_statuses, looked_up in (
         (GatewayTimeoutError("no ack"), ["deferred"], 1),
@@ -596,11 +597,7 @@ async def test_a_route_waits_unspent_while_the_broker_cannot_be_read(
     settings: Settings, contracts: Contracts
 ) -> None:
     request = push_route()
-    record = raw(
-        contracts.channel_request.encode(request),
-        topic="notification.push.requested",
-        key=b"u1",
-    )
+    record = on_the_lane(contracts, request)
     entry = {"state": "publishing", "attempts": 1, "wall": 1_900_000_000_000, "p": 0}
     table = {request.route_id.encode(): json.dumps(entry).encode()}
     gateway = FakeGateway()
@@ -616,11 +613,7 @@ async def test_a_route_stays_in_doubt_while_the_gateway_cannot_be_read(
     settings: Settings, contracts: Contracts
 ) -> None:
     request = push_route()
-    record = raw(
-        contracts.channel_request.encode(request),
-        topic="notification.push.requested",
-        key=b"u1",
-    )
+    record = on_the_lane(contracts, request)
     wall = 1_900_000_000_000
     table = {
         request.route_id.encode(): json.dumps(
