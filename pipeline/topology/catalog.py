@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -29,10 +30,9 @@ class TypeSpec:
     """Category for opt-outs."""
     channels: dict[str, tuple[str, ...]]
     """Channels per audience kind the type accepts."""
-    required: tuple[str, ...]
-    """Payload fields an intent must carry."""
-    fields: dict[str, str] = field(default_factory=dict)
-    """Each required field's declared type (PAYLOAD_TYPES); ``any`` is not checked."""
+    fields: dict[str, str]
+    """The payload fields an intent must carry, each with its declared type
+    (PAYLOAD_TYPES); ``any`` is not checked."""
     priority: str = "normal"
     """Lowest priority the type is delivered with."""
     push_ttl_s: int = 0
@@ -45,6 +45,11 @@ class TypeSpec:
     """Accepted for idempotency, never delivered."""
     opt_out: str = "honoured"
     """honoured, optional (critical bypasses it) or ignored (see OPT_OUT_POLICIES)."""
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The payload fields an intent must carry."""
+        return tuple(self.fields)
 
     def effective_priority(self, requested: str) -> str:
         """The more urgent of the intent's priority and the type's floor."""
@@ -98,13 +103,11 @@ class Catalog:
             opt_out = str(entry.get("opt_out", "honoured"))
             if opt_out not in OPT_OUT_POLICIES:
                 raise ConfigurationError(f"{where}: opt_out must be one of {OPT_OUT_POLICIES}")
-            fields = _payload_fields(entry.get("required"), where)
             types[name] = TypeSpec(
                 name=name,
                 category=str(entry.get("category", name.split(".")[0])),
                 channels=channels,
-                required=tuple(fields),
-                fields=fields,
+                fields=_payload_fields(entry.get("required"), where),
                 priority=priority,
                 push_ttl_s=int(entry.get("push_ttl_s", 0)),
                 push_payload=entry.get("push_payload"),
@@ -141,18 +144,19 @@ def _payload_fields(required: Any, where: str) -> dict[str, str]:
     return fields
 
 
+_FITS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "integer": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "count": lambda value: _FITS["integer"](value) and 0 <= value <= 0xFFFFFFFF,
+    "number": lambda value: _FITS["integer"](value) or isinstance(value, float),
+    "boolean": lambda value: isinstance(value, bool),
+    "any": lambda value: True,
+}
+"""Whether a decoded JSON value is of each catalog type (JSON true is no number)."""
+
+
 def payload_type_error(kind: str, value: Any) -> str | None:
     """Why ``value`` (decoded JSON) is not of the catalog type ``kind``; None if it is."""
-    if kind == "any":
-        return None
-    whole = isinstance(value, int) and not isinstance(value, bool)  # JSON true is no number
-    fits = {
-        "string": isinstance(value, str),
-        "integer": whole,
-        "count": whole and 0 <= value <= 0xFFFFFFFF,
-        "number": whole or isinstance(value, float),
-        "boolean": isinstance(value, bool),
-    }[kind]
-    if fits:
+    if _FITS[kind](value):
         return None
     return f"must be {PAYLOAD_TYPES[kind]}, not {json.dumps(value)[:40]}"
