@@ -52,11 +52,8 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
         lambda: "self._read_offset" in inspect.getsource(Consumer.__init__),
     ),
     (
-        "Consumer._drain_messages filters records by self._read_offset.__getitem__",
-        lambda: "self._read_offset.__getitem__" in inspect.getsource(Consumer._drain_messages),
-    ),
-    (
-        "Consumer._drain_messages: getmany, then per record the read offset, the gap, "
+        "Consumer._drain_messages: getmany, then per record the read offset (filtered by "
+        "_read_offset.__getitem__), the gap, "
         "commit_every and the callback raced against suspend_flow (mirrored by "
         "drain_in_batches)",
         lambda: (
@@ -64,6 +61,7 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
                 part in inspect.getsource(Consumer._drain_messages)
                 for part in (
                     "getmany(timeout=1.0)",
+                    "self._read_offset.__getitem__",
                     "self._add_gap(tp, r_offset + 1, offset)",
                     "self._n_acked >= commit_every",
                     "callback(message), self.suspend_flow.wait()",
@@ -382,7 +380,8 @@ class ConsumerSeam:
             "inactive",
             lambda: sorted(tp for tp in tps if tp not in (consumer._active_partitions or ())),
         )
-        fact("read_offsets", lambda: {tp: consumer._read_offset.get(tp) for tp in tps})
+        # As the fetch loop filters by them (floors included), not the stored values.
+        fact("read_offsets", lambda: {tp: consumer._read_offset[tp] for tp in tps})
 
         def positions() -> dict[TP, object]:
             assignment = consumer._thread._ensure_consumer()._subscription.subscription.assignment
