@@ -14,6 +14,8 @@ from pipeline.runtime.records import Out, RawRecord
 from pipeline.settings import Settings
 from pipeline.stages.context import StageContext
 from pipeline.times import Clock
+from pipeline.topology import Topology
+from pipeline.topology.partitioning import partition_for
 
 TURN_READY_PAYLOAD = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 7}
 
@@ -59,6 +61,20 @@ def raw(
         value=value,
         headers=headers,
     )
+
+
+def users_home(settings: Settings, key: bytes = b"u1") -> int:
+    """The users-topic partition ``key`` belongs on (where the directory keeps it)."""
+    return partition_for(key, Topology.load(settings).spec("notification.users").partitions)
+
+
+def profile_record(
+    settings: Settings, value: bytes | None, key: bytes = b"u1", partition: int | None = None
+) -> RawRecord:
+    """A profile (or tombstone) on the users topic, on its home partition unless
+    ``partition`` says otherwise."""
+    home = users_home(settings, key) if partition is None else partition
+    return raw(value, topic="notification.users", key=key, partition=home)
 
 
 class FakeBroker:

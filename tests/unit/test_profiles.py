@@ -17,11 +17,9 @@ from pipeline.producer import HeraldProducer
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import Settings
 from pipeline.stages.users import UserDirectory, check_profile
-from pipeline.topology import Topology
-from pipeline.topology.partitioning import partition_for
 from tests.smtp import free_port
 from tests.support import HERALD
-from tests.unit.helpers import raw, stage_context
+from tests.unit.helpers import profile_record, stage_context
 
 NOW = 1_800_000_000_000
 
@@ -96,19 +94,11 @@ def test_the_directory_keeps_a_bad_profile_out_and_says_why(settings: Settings) 
     directory = UserDirectory(stage_context(settings))
     table: dict[bytes, Any] = {}
     view = WriteBehind(table)
-    home = partition_for(b"u1", Topology.load(settings).spec("notification.users").partitions)
     good = contracts.user.encode(user())
-    assert (
-        directory.handle(
-            raw(good, topic="notification.users", key=b"u1", partition=home), view, NOW
-        )
-        == []
-    )
+    assert directory.handle(profile_record(settings, good), view, NOW) == []
     view.commit()
     bad = contracts.user.encode(user(email="x" * 500_000 + "@example.org"))
-    [refused] = directory.handle(
-        raw(bad, topic="notification.users", key=b"u1", partition=home), view, NOW
-    )
+    [refused] = directory.handle(profile_record(settings, bad), view, NOW)
     view.commit()
     assert table == {b"u1": good}  # the previous profile stays
     record = contracts.malformed.decode(refused.value)

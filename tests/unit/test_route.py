@@ -20,8 +20,7 @@ from pipeline.stages.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_o
 from pipeline.stages.route import Router, quiet_until_ms
 from pipeline.stages.users import UserDirectory
 from pipeline.topology import Topology
-from pipeline.topology.partitioning import partition_for
-from tests.unit.helpers import raw, stage_context
+from tests.unit.helpers import profile_record, raw, stage_context, users_home
 
 NOON_UTC = int(datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
 
@@ -269,23 +268,15 @@ def test_user_directory_keeps_latest_profile_and_forgets_on_tombstone(
     directory = UserDirectory(stage_context(settings))
     table: dict[bytes, Any] = {}
     view = WriteBehind(table)
-    home = partition_for(b"u1", Topology.load(settings).spec("notification.users").partitions)
+    home = users_home(settings)
     value = contracts.user.encode(profile())
-    assert (
-        directory.handle(
-            raw(value, topic="notification.users", key=b"u1", partition=home), view, NOON_UTC
-        )
-        == []
-    )
+    assert directory.handle(profile_record(settings, value), view, NOON_UTC) == []
     view.commit()
     assert table == {b"u1": value}
-    [moved] = directory.handle(
-        raw(value, topic="notification.users", key=b"u1", partition=(home + 1) % 6), view, NOON_UTC
-    )
+    elsewhere = profile_record(settings, value, partition=(home + 1) % 6)
+    [moved] = directory.handle(elsewhere, view, NOON_UTC)
     assert (moved.topic, moved.partition) == ("notification.users.keyed", home)
-    directory.handle(
-        raw(None, topic="notification.users", key=b"u1", partition=home), view, NOON_UTC
-    )
+    directory.handle(profile_record(settings, None), view, NOON_UTC)
     view.commit()
     assert table == {}
     [bad] = directory.handle(
