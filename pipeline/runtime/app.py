@@ -22,7 +22,7 @@ from confluent_kafka import KafkaException
 from pipeline import logs
 from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, Release
 from pipeline.runtime.continuity import Continuity
-from pipeline.runtime.faust import ConsumerSeam, KeyPartitionedTable, create_faust_app
+from pipeline.runtime.faust import ConsumerSeam, Inbox, KeyPartitionedTable, create_faust_app
 from pipeline.runtime.health import WorkerHealth
 from pipeline.runtime.producer import KafkaWriter
 from pipeline.runtime.sink import AckedSink
@@ -123,6 +123,7 @@ class Runtime:
         ``attached`` tables are further ones the stage writes (``view.attached(name)``);
         ``on_flush`` is called as each batch is closed, before its deliveries are awaited."""
         table = table or StageTable({})
+        inbox = self.seam.inbox(topics)
 
         async def agent(stream: Any) -> None:
             run = BatchRun(
@@ -144,9 +145,16 @@ class Runtime:
                 continuity=self.continuity,
                 on_flush=on_flush,
             )
-            async with self._reread_on_crash(topics):
-                await run.run(stream)
+            inbox.open()
+            stopping = asyncio.ensure_future(close_when_ended(stream, inbox))
+            try:
+                async with self._reread_on_crash(topics):
+                    await run.run(inbox)
+            finally:
+                stopping.cancel()
 
+        # The agent subscribes the topics and gives the stage Faust's lifecycle; its
+        # records bypass the stream (the fetch loop hands them to the inbox).
         self.app.agent(self._source(topics), name=name, concurrency=1)(agent)
 
     def hold(self, name: str, topic: str, release: Release) -> None:
@@ -343,6 +351,14 @@ class Runtime:
             logging_config=logs.logging_config(self.settings),
         )
         worker.execute_from_commandline()
+
+
+async def close_when_ended(stream: Any, inbox: Inbox) -> None:
+    """Close ``inbox`` when the agent's stream ends: Faust stops an agent by ending
+    its stream, and the stage then writes what it handled."""
+    async for _ in stream.noack():
+        pass  # none come: the fetch loop hands this stage's records to its inbox
+    inbox.close()
 
 
 def task_stacks() -> str:

@@ -1,4 +1,7 @@
-"""The loop every Herald agent runs: handle records one by one, write and ack in batches.
+"""The loop every Herald stage runs: handle records one by one, write and ack in batches.
+
+Records come from a :class:`Source` a fetched batch at a time (the runtime's inbox,
+pipeline.runtime.faust.Inbox), not through Faust's per-record stream machinery.
 
 A batch is written (and its inputs acknowledged, so Faust may commit them) when it
 holds ``batch_max`` records, when no further record is waiting, or at the latest
@@ -17,9 +20,9 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pipeline.runtime.continuity import Continuity, OffsetSet
 from pipeline.runtime.records import Out, RawRecord, normalize_headers
@@ -35,6 +38,26 @@ R = TypeVar("R")
 #: Handles one record: its outputs, computed at once or awaited (the channels).
 Handle = Callable[[RawRecord, WriteBehind], Sequence[Out] | Awaitable[Sequence[Out]]]
 OnError = Callable[[RawRecord, Exception, int], Out]
+
+#: Records handled between two turns of the event loop: a fetched batch can hold
+#: hundreds, and the writes, acks and other stages must not wait for all of them.
+YIELD_EVERY = 50
+
+
+class Source(Protocol):
+    """A stage's records as the fetch loop hands them over (Faust messages)."""
+
+    def batches(self) -> AsyncIterator[Sequence[Any]]:
+        """Each handed-over list of records, until the stage stops."""
+        ...
+
+    def empty(self) -> bool:
+        """True when no further records wait."""
+        ...
+
+    def ack(self, message: Any) -> None:
+        """The record is handled: its offset may be committed."""
+        ...
 
 
 def then(source: asyncio.Future[T], result: Callable[[T], R]) -> asyncio.Future[R]:
@@ -81,7 +104,7 @@ def raw_record_of(message: Any) -> RawRecord:
 class _Batch:
     """A batch on its way out: its inputs, outputs, deliveries and table writes."""
 
-    events: list[Any] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)
     outputs: list[Out] = field(default_factory=list)
     pending: list[tuple[RawRecord, asyncio.Future[Sequence[Out]]]] = field(default_factory=list)
     layer: Layer = field(default_factory=dict)
@@ -133,18 +156,25 @@ class BatchRun:
         self._continuity = continuity
         self._sequence = continuity.tracker() if continuity else None
 
-    async def run(self, stream: Any) -> None:
-        """Consume ``stream`` until it ends (worker shutdown or rebalance cancel)."""
-        unacked = stream.noack()
-        lingering = asyncio.ensure_future(self._linger(unacked))
+    async def run(self, source: Source) -> None:
+        """Consume ``source`` until it ends (worker shutdown or rebalance cancel)."""
+        lingering = asyncio.ensure_future(self._linger(source))
         try:
-            async for event in unacked.events():
+            async for messages in source.batches():
                 async with self._lock:
-                    await self._take(event)
-                    if len(self._batch.events) >= self._batch_max or unacked.channel.empty():
-                        await self._flush(unacked)
-            async with self._lock:  # the stream ended (shutdown): write what was handled
-                await self._flush(unacked)
+                    since_yield = 0
+                    for message in messages:
+                        await self._take(message)
+                        if len(self._batch.messages) >= self._batch_max:
+                            await self._flush(source)
+                        since_yield += 1
+                        if since_yield >= YIELD_EVERY:
+                            since_yield = 0
+                            await asyncio.sleep(0)
+                    if source.empty():
+                        await self._flush(source)
+            async with self._lock:  # the source ended (shutdown): write what was handled
+                await self._flush(source)
             while self._writing:
                 await self._writing.popleft()
         finally:
@@ -157,15 +187,14 @@ class BatchRun:
             for writing in self._writing:
                 writing.cancel()
 
-    async def _take(self, event: Any) -> None:
-        message = event.message
+    async def _take(self, message: Any) -> None:
         sequence = self._sequence
         if sequence and not await sequence.admits(message.topic, message.partition, message.offset):
             return  # past a hole: dropped unacknowledged, read again after the seek
         batch = self._batch
-        if not batch.events:
+        if not batch.messages:
             batch.opened = time.monotonic()
-        batch.events.append(event)
+        batch.messages.append(message)
         seen = self._handled.setdefault((message.topic, message.partition), OffsetSet())
         if not seen.add(message.offset):
             return
@@ -189,21 +218,23 @@ class BatchRun:
         )
         return self._on_error(raw, exc, self._clock.now_ms())
 
-    async def _flush(self, stream: Any) -> None:
+    async def _flush(self, source: Source) -> None:
         """Send the current batch on its way; wait while more than ``in_flight`` are."""
         batch = self._batch
-        if not batch.events:
+        if not batch.messages:
             return
         if self._on_flush is not None:  # e.g. start the batch's publications together
             self._on_flush()
         batch.layer = self._view.seal()
         self._batch = _Batch()
         previous = self._writing[-1] if self._writing else None
-        self._writing.append(asyncio.ensure_future(self._write(batch, previous, stream)))
+        self._writing.append(asyncio.ensure_future(self._write(batch, previous, source)))
         while len(self._writing) > self._in_flight or (self._writing and self._writing[0].done()):
             await self._writing.popleft()
 
-    async def _write(self, batch: _Batch, previous: asyncio.Task[None] | None, stream: Any) -> None:
+    async def _write(
+        self, batch: _Batch, previous: asyncio.Task[None] | None, source: Source
+    ) -> None:
         for raw, delivery in batch.pending:
             try:
                 batch.outputs.extend(await delivery)
@@ -217,19 +248,19 @@ class BatchRun:
             self._view.commit(batch.layer)
         except Exception:  # outputs are out; a lost entry only costs a re-accept
             log.exception("could not record a batch in the table")
-        for event in batch.events:
-            if self._continuity is not None:
-                message = event.message
-                self._continuity.allow(message.topic, message.partition, message.offset)
-            await stream.ack(event)
+        continuity = self._continuity
+        for message in batch.messages:
+            if continuity is not None:
+                continuity.allow(message.topic, message.partition, message.offset)
+            source.ack(message)
 
-    async def _linger(self, stream: Any) -> None:
+    async def _linger(self, source: Source) -> None:
         while True:
             await asyncio.sleep(self._linger_s / 2)
             batch = self._batch
-            if batch.events and time.monotonic() - batch.opened >= self._linger_s:
+            if batch.messages and time.monotonic() - batch.opened >= self._linger_s:
                 async with self._lock:
-                    await self._flush(stream)
+                    await self._flush(source)
 
 
 #: Releases one record of a delay tier topic (pipeline.stages.delay): waits, then the

@@ -13,17 +13,21 @@ guarantee. tests/unit/test_faust_seam.py pins them against the installed release
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import inspect
-import types
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+from faust.agents.actor import Actor
+from faust.sensors.monitor import Monitor
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer, Fetcher
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.types import TP
+from faust.types import TP, Message
 from mode.utils.queues import FlowControlEvent
 
 from pipeline.errors import ConfigurationError, FaustSeamError
@@ -86,6 +90,29 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("Stream.events()", lambda: inspect.isasyncgenfunction(faust.Stream.events)),
     ("async Stream.ack(event)", lambda: _params(faust.Stream.ack) == ["event"]),
     (
+        "Message.generation_id and App.consumer_generation_id (a stream skips a record "
+        "fetched in an earlier generation; Inbox does too)",
+        lambda: (
+            "self.generation_id" in inspect.getsource(Message.__init__)
+            and hasattr(faust.App, "consumer_generation_id")
+        ),
+    ),
+    (
+        "FlowControlEvent.manage_queue(queue) clears the queue on resume",
+        lambda: (
+            _params(FlowControlEvent.manage_queue) == ["queue"]
+            and "queue.clear()" in inspect.getsource(FlowControlEvent.clear)
+        ),
+    ),
+    (
+        "Monitor.stream_inbound_time (the consumer's idle-stream warnings read it)",
+        lambda: "self.stream_inbound_time = {}" in inspect.getsource(Monitor.__init__),
+    ),
+    (
+        "Actor.cancel() ends the actor's stream (a shutdown ends a stage's inbox with it)",
+        lambda: "StopAsyncIteration()" in inspect.getsource(Actor.cancel),
+    ),
+    (
         "Recovery.completed (set in Recovery.__init__)",
         lambda: "self.completed" in inspect.getsource(Recovery.__init__),
     ),
@@ -133,9 +160,89 @@ def check_faust() -> None:
         )
 
 
-async def drain_in_batches(consumer: Any, fetcher: Any) -> None:
+class Inbox:
+    """The records of a stage's topics, handed over by the fetch loop a fetched batch
+    at a time, instead of one by one through Faust's conductor, topic channel and
+    stream (per record: a lock, an event object, sensors, a queue hand-off and a turn
+    of the event loop).
+
+    What a Faust stream does for its records, an inbox does per batch: it is cleared
+    when flow control resumes after a rebalance (``manage_queue``), it skips records
+    fetched in an earlier generation or while flow is suspended (acking them through
+    the guarded ``ack``, which notes them to be read again), it keeps the monitor's
+    per-partition inbound time (Faust warns about idle streams from it), and it ends
+    when the stage's Faust actor is stopped (:meth:`close`).
+    """
+
+    def __init__(self, app: faust.App, maxsize: int = 4) -> None:
+        self._app: Any = app
+        self._maxsize = maxsize
+        self._lists: collections.deque[Sequence[Any]] = collections.deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._closed = False
+        app.flow_control.manage_queue(cast(Any, self))
+
+    def clear(self) -> None:
+        """Drop what waits (flow control resumed: a rebalance ended)."""
+        self._lists.clear()
+        self._room.set()
+
+    def open(self) -> None:
+        """Let :meth:`batches` run (a stage's run starts; Faust restarts a crashed one)."""
+        self._closed = False
+
+    def close(self) -> None:
+        """End :meth:`batches` once what waits is taken (the stage stops)."""
+        self._closed = True
+        self._ready.set()
+
+    def empty(self) -> bool:
+        return not self._lists
+
+    async def put(self, messages: Sequence[Any]) -> None:
+        """Hand over ``messages``; waits while ``maxsize`` lists wait."""
+        while len(self._lists) >= self._maxsize:
+            self._room.clear()
+            await self._room.wait()
+        self._lists.append(messages)
+        self._ready.set()
+
+    async def batches(self) -> AsyncIterator[Sequence[Any]]:
+        app = self._app
+        inbound = app.monitor.stream_inbound_time
+        ack = app.consumer.ack  # looked up once the consumer is guarded (first batch)
+        while True:
+            while not self._lists:
+                if self._closed:
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+            messages = self._lists.popleft()
+            self._room.set()
+            generation = app.consumer_generation_id
+            flowing = app.flow_control.is_active()
+            now = time.monotonic()
+            current = []
+            for message in messages:
+                if flowing and message.generation_id == generation:
+                    current.append(message)
+                    inbound[message.tp] = now
+                else:
+                    ack(message)  # as a stream acks what it skips: noted, read again
+            if current:
+                yield current
+
+    def ack(self, message: Any) -> None:
+        self._app.consumer.ack(message)
+
+
+async def drain_in_batches(
+    consumer: Any, fetcher: Any, inboxes: Mapping[str, Inbox] | None = None
+) -> None:
     """Faust's ``Consumer._drain_messages`` (the fetch loop), racing each fetched batch
-    against a rebalance's ``suspend_flow`` instead of each record.
+    against a rebalance's ``suspend_flow`` instead of each record, and handing the
+    records of ``inboxes``' topics to them as one list per fetched batch.
 
     Faust races every record's delivery against ``suspend_flow`` with ``wait_first``:
     four futures and an ``asyncio.wait`` per record, ~100 us of a 2-core box's event
@@ -143,8 +250,10 @@ async def drain_in_batches(consumer: Any, fetcher: Any) -> None:
     a batch are already fetched (getmany does no I/O after its first record), so one
     race per batch aborts a rebalanced batch just as promptly. Everything else is
     Faust's, in its order: records below the read offset dropped, gaps noted, the
-    ``commit_every`` commit, the read offset set once a record is handed over.
+    ``commit_every`` commit, the read offset set once a record is handed over (to
+    Faust's conductor, or to the list its inbox gets at the end of the batch).
     """
+    inboxes = inboxes or {}
     callback = consumer.callback
     consumer_should_stop = consumer._stopped.is_set
     fetcher_should_stop = fetcher._stopped.is_set
@@ -155,6 +264,7 @@ async def drain_in_batches(consumer: Any, fetcher: Any) -> None:
 
     async def deliver(first: tuple[Any, Any], records: Any) -> None:
         read_offset = consumer._read_offset  # looked up per batch: the seam replaces it
+        handed: dict[Inbox, list[Any]] = {}
         item: tuple[Any, Any] | None = first
         since_yield = 0
         while item is not None:
@@ -167,13 +277,19 @@ async def drain_in_batches(consumer: Any, fetcher: Any) -> None:
                 if commit_every is not None and consumer._n_acked >= commit_every:
                     consumer._n_acked = 0
                     await consumer.commit()
-                await callback(message)
+                inbox = inboxes.get(message.topic)
+                if inbox is None:
+                    await callback(message)
+                    since_yield += 1
+                else:
+                    handed.setdefault(inbox, []).append(message)
                 read_offset[tp] = offset
-            since_yield += 1
             if since_yield >= 100:  # let the streams take what was handed over
                 since_yield = 0
                 await asyncio.sleep(0)
             item = await anext(records, None)
+        for inbox, messages in handed.items():
+            await inbox.put(messages)
 
     try:
         while not (consumer_should_stop() or fetcher_should_stop()):
@@ -262,6 +378,16 @@ class ConsumerSeam:
     def __init__(self, app: faust.App) -> None:
         self._app = app
         self._guarded: list[Any] = []
+        self._inboxes: dict[str, Inbox] = {}
+
+    def inbox(self, topics: Iterable[str]) -> Inbox:
+        """The inbox the fetch loop hands ``topics``' records to (a stage's)."""
+        inbox = Inbox(self._app)
+        for topic in topics:
+            if topic in self._inboxes:
+                raise ConfigurationError(f"topic {topic} already has a stage reading it")
+            self._inboxes[topic] = inbox
+        return inbox
 
     @property
     def _consumer(self) -> Any:
@@ -330,7 +456,9 @@ class ConsumerSeam:
         consumer.ack = ack(consumer.ack)
         consumer._add_gap = add_gap(consumer._add_gap)
         consumer._read_offset = read_offsets(consumer._read_offset)
-        consumer._drain_messages = types.MethodType(drain_in_batches, consumer)
+        consumer._drain_messages = functools.partial(
+            drain_in_batches, consumer, inboxes=self._inboxes
+        )
         self._guarded.append(consumer)
 
     def on_assigned(self, callback: Callable[[list[tuple[str, int]]], Awaitable[None]]) -> None:

@@ -30,37 +30,22 @@ class Message:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-@dataclass
-class Event:
-    message: Message
-
-
-class Channel:
-    def __init__(self, stream: FakeStream) -> None:
-        self._stream = stream
-
-    def empty(self) -> bool:
-        return self._stream.queue.empty()
-
-
-class FakeStream:
-    """The slice of a Faust stream an agent uses: noack(), events(), channel, ack()."""
+class FakeInbox:
+    """The slice of the runtime's inbox a stage's run uses: batches(), empty(), ack()."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self.acked: list[int] = []
-        self.channel = Channel(self)
 
-    def noack(self) -> FakeStream:
-        return self
+    async def batches(self) -> AsyncIterator[list[Message]]:
+        while (message := await self.queue.get()) is not None:
+            yield [message]
 
-    async def events(self) -> AsyncIterator[Event]:
-        while (event := await self.queue.get()) is not None:
-            yield event
+    def empty(self) -> bool:
+        return self.queue.empty()
 
-    async def ack(self, event: Event) -> bool:
-        self.acked.append(event.message.offset)
-        return True
+    def ack(self, message: Message) -> None:
+        self.acked.append(message.offset)
 
 
 def batch_run(
@@ -98,35 +83,35 @@ def failing_error(raw: RawRecord, exc: Exception, now: int) -> Out:
 
 
 async def test_acks_follow_delivery_and_duplicates_are_handled_once() -> None:
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     table: dict[bytes, Any] = {}
     run = batch_run(echo, failing_error, broker, table=table)
     broker.answering.clear()  # Kafka does not answer yet
     for offset in (0, 1, 2, 1, 2):  # 1 and 2 again, as after Faust's late seek
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
-    task = asyncio.ensure_future(run.run(stream))
+        inbox.queue.put_nowait(Message("in", 0, offset))
+    task = asyncio.ensure_future(run.run(inbox))
     await asyncio.sleep(0.1)
-    assert stream.acked == []  # nothing acked while outputs are unacknowledged
+    assert inbox.acked == []  # nothing acked while outputs are unacknowledged
     assert table == {}  # nor written to the table
     broker.answering.set()
     await asyncio.sleep(0.1)
     assert broker.acked == [b"0", b"1", b"2"]
-    assert sorted(stream.acked) == [0, 1, 1, 2, 2]
+    assert sorted(inbox.acked) == [0, 1, 1, 2, 2]
     assert table == {b"0": 0, b"1": 1, b"2": 2}
-    stream.queue.put_nowait(None)
+    inbox.queue.put_nowait(None)
     await task
 
 
 async def test_a_batch_is_written_within_the_linger_time() -> None:
-    stream, broker = FakeStream(), FakeBroker()
-    stream.channel.empty = lambda: False  # type: ignore[method-assign]  # never looks idle
+    inbox, broker = FakeInbox(), FakeBroker()
+    inbox.empty = lambda: False  # type: ignore[method-assign]  # never looks idle
     run = batch_run(echo, failing_error, broker, linger_s=0.05)
-    task = asyncio.ensure_future(run.run(stream))
-    stream.queue.put_nowait(Event(Message("in", 3, 7)))
+    task = asyncio.ensure_future(run.run(inbox))
+    inbox.queue.put_nowait(Message("in", 3, 7))
     await asyncio.sleep(0.2)
     assert broker.acked == [b"7"]
-    assert stream.acked == [7]
-    stream.queue.put_nowait(None)
+    assert inbox.acked == [7]
+    inbox.queue.put_nowait(None)
     await task
 
 
@@ -139,25 +124,25 @@ async def test_a_failing_record_becomes_an_output_and_the_stream_goes_on() -> No
     def to_malformed(raw: RawRecord, exc: Exception, now: int) -> Out:
         return Out("malformed", None, f"{raw.offset}:{exc}".encode())
 
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     run = batch_run(explode, to_malformed, broker)
     for offset in (0, 1):
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
-    stream.queue.put_nowait(None)
-    await run.run(stream)
+        inbox.queue.put_nowait(Message("in", 0, offset))
+    inbox.queue.put_nowait(None)
+    await run.run(inbox)
     assert broker.acked == [b"0:bad record", b"1"]
-    assert stream.acked == [0, 1]
+    assert inbox.acked == [0, 1]
 
 
 async def test_a_record_faust_skipped_is_handled_when_the_seek_brings_it_back() -> None:
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     run = batch_run(echo, failing_error, broker)
     for offset in (0, 2, 0, 1, 2):  # 1 was dropped before the seek, then re-delivered
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
-    stream.queue.put_nowait(None)
-    await run.run(stream)
+        inbox.queue.put_nowait(Message("in", 0, offset))
+    inbox.queue.put_nowait(None)
+    await run.run(inbox)
     assert sorted(v or b"" for v in broker.acked) == [b"0", b"1", b"2"]
-    assert sorted(stream.acked) == [0, 0, 1, 2, 2]
+    assert sorted(inbox.acked) == [0, 0, 1, 2, 2]
 
 
 def test_offset_set_keeps_gaps() -> None:
@@ -206,20 +191,20 @@ async def test_a_batchs_deliveries_overlap_and_are_written_together() -> None:
     def to_malformed(raw: RawRecord, exc: Exception, now: int) -> Out:
         return Out("malformed", None, f"{raw.offset}:{exc}".encode())
 
-    stream, broker = FakeStream(), FakeBroker()
-    stream.channel.empty = lambda: False  # type: ignore[method-assign]  # a busy stream
+    inbox, broker = FakeInbox(), FakeBroker()
+    inbox.empty = lambda: False  # type: ignore[method-assign]  # a busy inbox
     run = batch_run(handle, to_malformed, broker, linger_s=0.2)
-    task = asyncio.ensure_future(run.run(stream))
+    task = asyncio.ensure_future(run.run(inbox))
     for offset in range(4):
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+        inbox.queue.put_nowait(Message("in", 0, offset))
     await asyncio.sleep(0.1)
     assert most == 4  # all four started before any finished
-    assert stream.acked == []
+    assert inbox.acked == []
     release.set()
     await asyncio.sleep(0.3)
     assert sorted(v or b"" for v in broker.acked) == [b"0", b"1", b"2:publisher bug", b"3"]
-    assert stream.acked == [0, 1, 2, 3]
-    stream.queue.put_nowait(None)
+    assert inbox.acked == [0, 1, 2, 3]
+    inbox.queue.put_nowait(None)
     await task
 
 
@@ -227,13 +212,13 @@ async def test_records_the_stream_skipped_are_read_again_before_any_later_one_is
     """Faust hands over 0, 1, then (a rebalance later) 5: offsets 2..4 were skipped.
     The run seeks back to 2 and drops what comes before 2 does; nothing past the hole
     is acknowledged until the hole is filled. Compacted topics may have holes."""
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     seeks: list[tuple[str, int, int]] = []
 
     async def seek(topic: str, partition: int, offset: int) -> None:
         seeks.append((topic, partition, offset))
         for again in range(offset, 8):  # what the consumer brings after the seek
-            stream.queue.put_nowait(Event(Message("in", 0, again)))
+            inbox.queue.put_nowait(Message("in", 0, again))
 
     async def start(topic: str, partition: int) -> int:
         return 0
@@ -241,22 +226,22 @@ async def test_records_the_stream_skipped_are_read_again_before_any_later_one_is
     continuity = Continuity(lambda topic: topic != "compacted", start, seek)
     run = batch_run(echo, failing_error, broker, continuity=continuity)
     for offset in (0, 1, 5, 6):
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
+        inbox.queue.put_nowait(Message("in", 0, offset))
     for offset in (0, 4, 9):
-        stream.queue.put_nowait(Event(Message("compacted", 0, offset)))
-    task = asyncio.ensure_future(run.run(stream))
+        inbox.queue.put_nowait(Message("compacted", 0, offset))
+    task = asyncio.ensure_future(run.run(inbox))
     await asyncio.sleep(0.2)
     assert seeks == [("in", 0, 2)]  # once, not again for 6
-    assert sorted(stream.acked) == [0, 0, 1, 2, 3, 4, 4, 5, 6, 7, 9]
+    assert sorted(inbox.acked) == [0, 0, 1, 2, 3, 4, 4, 5, 6, 7, 9]
     assert [int(v or b"-1") for v in broker.acked] == [0, 1, 0, 4, 9, 2, 3, 4, 5, 6, 7]
-    stream.queue.put_nowait(None)
+    inbox.queue.put_nowait(None)
     await task
 
 
 async def test_after_a_new_assignment_the_committed_offset_is_the_expectation() -> None:
     """A partition taken over starts at the group's committed offset: a first record
     beyond it is a hole; one handled in an older ownership is no expectation."""
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     seeks: list[int] = []
 
     async def seek(topic: str, partition: int, offset: int) -> None:
@@ -268,23 +253,23 @@ async def test_after_a_new_assignment_the_committed_offset_is_the_expectation() 
     continuity = Continuity(lambda topic: True, start, seek)
     run = batch_run(echo, failing_error, broker, continuity=continuity)
     continuity.assigned([("in", 0)])
-    stream.queue.put_nowait(Event(Message("in", 0, 12)))
-    task = asyncio.ensure_future(run.run(stream))
+    inbox.queue.put_nowait(Message("in", 0, 12))
+    task = asyncio.ensure_future(run.run(inbox))
     await asyncio.sleep(0.1)
-    assert (seeks, stream.acked) == ([10], [])
-    stream.queue.put_nowait(Event(Message("in", 0, 10)))
+    assert (seeks, inbox.acked) == ([10], [])
+    inbox.queue.put_nowait(Message("in", 0, 10))
     await asyncio.sleep(0.1)
-    assert stream.acked == [10]
+    assert inbox.acked == [10]
     continuity.assigned([("in", 0)])  # lost and won back; someone else got to 10 meanwhile
-    stream.queue.put_nowait(Event(Message("in", 0, 10)))
+    inbox.queue.put_nowait(Message("in", 0, 10))
     await asyncio.sleep(0.1)
-    assert (seeks, stream.acked) == ([10], [10, 10])
-    stream.queue.put_nowait(None)
+    assert (seeks, inbox.acked) == ([10], [10, 10])
+    inbox.queue.put_nowait(None)
     await task
 
 
 def test_faust_acks_of_records_no_run_handled_are_withheld() -> None:
-    """A Faust stream acks the records it skips (stale generation after a rebalance);
+    """A Faust inbox acks the records it skips (stale generation after a rebalance);
     let through, they would move the commit past records nobody handled. Withheld,
     they are noted per partition (the first one) to be read again, in a compacted
     topic too; topics no run reads (changelogs) pass untouched."""
@@ -371,23 +356,23 @@ async def test_batches_in_flight_overlap_but_land_in_order_after_their_acks() ->
         view[b"n"] = (view.get(b"n") or 0) + 1
         return [Out(f"t{raw.offset}", None, str(raw.offset).encode())]
 
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     table: dict[bytes, Any] = {}
     run = batch_run(count, failing_error, broker, table=table, in_flight=2, batch_max=1)
     broker.answering.clear()
     for offset in range(4):
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
-    task = asyncio.ensure_future(run.run(stream))
+        inbox.queue.put_nowait(Message("in", 0, offset))
+    task = asyncio.ensure_future(run.run(inbox))
     await asyncio.sleep(0.1)
     # Batches 0 and 1 are in flight, 2 is handled and waits for room: 3 is not.
     assert seen == [None, 1, 2]
-    assert (stream.acked, table) == ([], {})
+    assert (inbox.acked, table) == ([], {})
     broker.answering.set()
     await asyncio.sleep(0.1)
     assert seen == [None, 1, 2, 3]
-    assert stream.acked == [0, 1, 2, 3]
+    assert inbox.acked == [0, 1, 2, 3]
     assert table == {b"n": 4}
-    stream.queue.put_nowait(None)
+    inbox.queue.put_nowait(None)
     await task
 
 
@@ -412,7 +397,7 @@ async def test_deliveries_waiting_for_the_batch_to_close_are_started_by_on_flush
     """A handle may return a future that only the batch's close starts (the push
     channel's publications): on_flush is called before the batch's deliveries are
     awaited, so they complete and the batch is written."""
-    stream, broker = FakeStream(), FakeBroker()
+    inbox, broker = FakeInbox(), FakeBroker()
     waiting: list[tuple[RawRecord, asyncio.Future[list[Out]]]] = []
     flushes: list[int] = []
 
@@ -438,13 +423,13 @@ async def test_deliveries_waiting_for_the_batch_to_close_are_started_by_on_flush
         on_flush=on_flush,
     )
     for offset in range(3):
-        stream.queue.put_nowait(Event(Message("in", 0, offset)))
-    task = asyncio.ensure_future(run.run(stream))
+        inbox.queue.put_nowait(Message("in", 0, offset))
+    task = asyncio.ensure_future(run.run(inbox))
     await asyncio.sleep(0.1)
     assert flushes == [3]  # one close for the three records, which were all waiting
     assert broker.acked == [b"0", b"1", b"2"]
-    assert stream.acked == [0, 1, 2]
-    stream.queue.put_nowait(None)
+    assert inbox.acked == [0, 1, 2]
+    inbox.queue.put_nowait(None)
     await task
 
 

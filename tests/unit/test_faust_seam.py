@@ -12,10 +12,17 @@ import faust
 import pytest
 from faust.transport.consumer import Consumer
 from mode import Service
+from mode.utils.queues import FlowControlEvent
 
-from pipeline.errors import FaustSeamError
+from pipeline.errors import ConfigurationError, FaustSeamError
 from pipeline.runtime.app import task_stacks
-from pipeline.runtime.faust import FAUST_VERSION, ConsumerSeam, check_faust, drain_in_batches
+from pipeline.runtime.faust import (
+    FAUST_VERSION,
+    ConsumerSeam,
+    Inbox,
+    check_faust,
+    drain_in_batches,
+)
 
 
 def test_the_installed_faust_has_every_internal_the_runtime_uses() -> None:
@@ -103,9 +110,10 @@ async def testtask_stacks_name_each_task_and_its_chain_of_awaits() -> None:
 class FetchLoop(Service):
     """What drain_in_batches reads of a Faust consumer, fed scripted batches."""
 
-    def __init__(self, batches: list[list[int]], callback: Any) -> None:
+    def __init__(self, batches: list[list[int]], callback: Any, topic: str = "t") -> None:
         super().__init__()
         self.batches = batches
+        self.topic = topic
         self.callback = callback
         self.diag = cast(
             Any, SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
@@ -128,7 +136,9 @@ class FetchLoop(Service):
             self._stopped.set()  # the worker stops: the loop ends
             return
         for offset in self.batches.pop(0):
-            yield ("t", 0), SimpleNamespace(topic="t", partition=0, offset=offset)
+            # Odd offsets are another topic's when the loop reads two (the inbox tests).
+            topic = "other" if self.topic != "t" and offset % 2 else self.topic
+            yield (topic, 0), SimpleNamespace(topic=topic, partition=0, offset=offset)
 
 
 async def test_the_batched_fetch_loop_hands_over_what_faust_would() -> None:
@@ -159,3 +169,90 @@ async def test_a_rebalance_mid_batch_stops_that_batch_and_the_loop_goes_on() -> 
     await asyncio.wait_for(drain_in_batches(consumer, Service()), timeout=5)
     assert handed == [0, 5]  # 1 was abandoned, 2 never handed over; the next batch came
     assert consumer._read_offset[("t", 0)] == 5
+
+
+def inbox_app(generation: int = 1) -> Any:
+    """What an Inbox reads of a Faust app: flow control, the monitor, the consumer's ack
+    (recording) and the consumer generation."""
+    acked: list[int] = []
+    return SimpleNamespace(
+        flow_control=FlowControlEvent(initially_suspended=False),
+        monitor=SimpleNamespace(stream_inbound_time={}),
+        consumer=SimpleNamespace(ack=lambda message: acked.append(message.offset)),
+        consumer_generation_id=generation,
+        acked=acked,
+    )
+
+
+def message(offset: int, generation: int = 1) -> Any:
+    return SimpleNamespace(
+        topic="s", partition=0, tp=("s", 0), offset=offset, generation_id=generation
+    )
+
+
+async def taken(inbox: Inbox) -> list[list[int]]:
+    return [[m.offset for m in messages] async for messages in inbox.batches()]
+
+
+async def test_the_fetch_loop_hands_a_stages_records_to_its_inbox_a_fetched_batch_at_a_time() -> (
+    None
+):
+    handed: list[int] = []
+
+    async def callback(message: Any) -> None:
+        handed.append(message.offset)
+
+    app = inbox_app()
+    inbox = Inbox(cast(Any, app))
+    consumer = FetchLoop([[0, 1, 2, 4], [3, 6, 7]], callback, topic="s")
+    await drain_in_batches(consumer, Service(), {"s": inbox})
+    inbox.close()
+    assert handed == [1, 3, 7]  # the other topic's records went to Faust's conductor
+    assert [[m.offset for m in batch] for batch in inbox._lists] == [[0, 2, 4], [6]]
+    assert consumer._read_offset[("s", 0)] == 6  # set as Faust's loop sets it
+
+
+async def test_an_inbox_skips_records_of_an_earlier_generation_as_a_stream_does() -> None:
+    app = inbox_app(generation=2)
+    inbox = Inbox(cast(Any, app))
+    await inbox.put([message(0, generation=1), message(1, generation=2)])
+    inbox.close()
+    assert await taken(inbox) == [[1]]
+    # Acked through the (guarded) consumer ack, which notes it to be read again.
+    assert app.acked == [0]
+    assert ("s", 0) in app.monitor.stream_inbound_time  # Faust's idle-stream check reads it
+
+
+async def test_an_inbox_is_cleared_when_flow_resumes_and_waits_when_full() -> None:
+    app = inbox_app()
+    inbox = Inbox(cast(Any, app), maxsize=1)
+    await inbox.put([message(0)])
+    third = asyncio.ensure_future(inbox.put([message(1)]))
+    await asyncio.sleep(0.01)
+    assert not third.done()  # full: the fetch loop waits (raced against a rebalance)
+    app.flow_control.suspend()
+    app.flow_control.resume()  # the rebalance ended: what was fetched before is dropped
+    await asyncio.wait_for(third, timeout=1)
+    inbox.close()
+    assert await taken(inbox) == [[1]]
+
+
+async def test_a_closed_inbox_ends_once_what_waits_is_taken_and_opens_again() -> None:
+    inbox = Inbox(cast(Any, inbox_app()))
+    await inbox.put([message(0)])
+    inbox.close()
+    assert await taken(inbox) == [[0]]
+    inbox.open()  # Faust restarted the stage's actor
+    waiting = asyncio.ensure_future(taken(inbox))
+    await inbox.put([message(1)])
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    inbox.close()
+    assert await asyncio.wait_for(waiting, timeout=1) == [[1]]
+
+
+def test_a_topic_has_one_inbox() -> None:
+    seam = ConsumerSeam(cast(Any, inbox_app()))
+    seam.inbox(["a", "b"])
+    with pytest.raises(ConfigurationError, match="already has a stage"):
+        seam.inbox(["b"])
