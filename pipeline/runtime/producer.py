@@ -1,10 +1,10 @@
 """The worker's one producer path: confluent-kafka (librdkafka), acknowledged in bulk.
 
 librdkafka batches, sends and retries on its own threads; a poll thread of ours
-collects delivery reports and hands them to the event loop in bulk (one wake-up for
-however many reports arrived), so an acknowledged write costs the event loop little
-more than the ``produce`` call. Records written together share one future (their
-:class:`Acks`), so a batch of any size costs the loop one wake-up to resume. Records
+serves the delivery reports, each noting its answer in the :class:`Acks` of the
+records written with it, and only the last answer of a write wakes the event loop:
+an acknowledged write costs the loop little more than its ``produce`` calls and one
+wake-up, however many records it holds. Records
 without an explicit partition go to the murmur2 partition of their key, as Java
 clients and Faust do, which keeps Herald's copartitioned topics aligned.
 """
@@ -12,7 +12,6 @@ clients and Faust do, which keeps Herald's copartitioned topics aligned.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import threading
@@ -37,31 +36,64 @@ class Acks:
 
     ``outcomes[i]`` is None once record i is acknowledged, the error Kafka reported
     for it, or :data:`UNANSWERED` while no answer came; ``done`` resolves when every
-    record has its answer.
+    record has its answer. Answers may come from librdkafka's poll thread
+    (:meth:`answer`); the loop is woken once, when the last one came.
     """
 
-    __slots__ = ("_remaining", "done", "outcomes", "receipts")
+    __slots__ = ("_lock", "_loop", "_remaining", "_where", "done", "outcomes")
 
     def __init__(self, count: int) -> None:
         self.outcomes: list[BaseException | None] = [UNANSWERED] * count
-        #: (partition, offset) of each acknowledged record.
-        self.receipts: list[tuple[int, int] | None] = [None] * count
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: Per record: its (partition, offset), or the librdkafka Message to read them
+        #: from (only the gateway asks, so the others never pay for it).
+        self._where: list[tuple[int, int] | Message | None] = [None] * count
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self._lock = threading.Lock()
         self._remaining = count
         if not count:
             self.done.set_result(None)
 
+    @property
+    def receipts(self) -> list[tuple[int, int] | None]:
+        """(partition, offset) of each acknowledged record."""
+        return [_receipt(where) for where in self._where]
+
     def report(
         self, index: int, error: BaseException | None, receipt: tuple[int, int] | None
     ) -> None:
-        """Record the answer for record ``index`` (the first one counts)."""
-        if self.outcomes[index] is not UNANSWERED:
-            return
-        self.outcomes[index] = error
-        self.receipts[index] = receipt
-        self._remaining -= 1
-        if not self._remaining and not self.done.done():
+        """Record the answer for record ``index`` (the first one counts); on the loop."""
+        if self._count(index, error, receipt):
+            self._resolve()
+
+    def answer(self, index: int, error: BaseException | None, message: Message) -> None:
+        """Record librdkafka's answer for record ``index``, from any thread."""
+        if self._count(index, error, None if error else message):
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): none waits
+                self._loop.call_soon_threadsafe(self._resolve)
+
+    def _count(
+        self, index: int, error: BaseException | None, where: tuple[int, int] | Message | None
+    ) -> bool:
+        """Note the answer; True when it was the last one missing."""
+        with self._lock:
+            if self.outcomes[index] is not UNANSWERED:
+                return False
+            self.outcomes[index] = error
+            self._where[index] = where
+            self._remaining -= 1
+            return not self._remaining
+
+    def _resolve(self) -> None:
+        if not self.done.done():
             self.done.set_result(None)
+
+
+def _receipt(where: tuple[int, int] | Message | None) -> tuple[int, int] | None:
+    if where is None or isinstance(where, tuple):
+        return where
+    partition, offset = where.partition(), where.offset()
+    return None if partition is None or offset is None else (partition, offset)
 
 
 #: The outcome of a record Kafka has not answered (yet).
@@ -85,21 +117,14 @@ class KafkaWriter:
             **config,
         }
         self._producer: Producer | None = None
-        #: Set (on the loop) when librdkafka reported a fatal error: that producer
-        #: takes no more records, and the next write starts a new one.
+        #: Set when librdkafka reported a fatal error: that producer takes no more
+        #: records, and the next write starts a new one.
         self._fatal: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reports: collections.deque[tuple[Acks, int, KafkaError | None, Message]] = (
-            collections.deque()
-        )
-        self._drain_scheduled = False
-        self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _started(self) -> Producer:
         if self._producer is None:
-            self._loop = asyncio.get_running_loop()
             self._producer = self._new_producer(self._config)
             self._thread = threading.Thread(target=self._poll, name="herald-producer", daemon=True)
             self._thread.start()
@@ -126,11 +151,12 @@ class KafkaWriter:
         record's outcome is a :class:`~pipeline.errors.KafkaDeliveryError`)."""
         produce = self._started().produce
         acks = Acks(len(records))
-        reports = self._reports
+        answer = acks.answer
+        delivery_error = self._delivery_error
         for index, record in enumerate(records):
 
             def delivered(error: KafkaError | None, message: Message, index: int = index) -> None:
-                reports.append((acks, index, error, message))
+                answer(index, None if error is None else delivery_error(error), message)
 
             partition = -1 if record.partition is None else record.partition  # -1: by key
             headers: list[tuple[str, str | bytes | None]] | None = (
@@ -168,38 +194,15 @@ class KafkaWriter:
         return len(found.partitions)
 
     def _poll(self) -> None:
-        """The poll thread: serve delivery reports, wake the loop once per bunch."""
+        """The poll thread: serve delivery reports (each answers its Acks)."""
         while not self._closed.is_set():
             producer = self._producer
             if producer is None:
                 return
-            producer.poll(_POLL_S)
-            if self._reports:
-                with self._lock:
-                    if self._drain_scheduled:
-                        continue
-                    self._drain_scheduled = True
-                loop = self._loop
-                if loop is None or loop.is_closed():
-                    return
-                try:
-                    loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop closed meanwhile (shutdown)
-                    return
-
-    def _drain(self) -> None:
-        """On the event loop: hand every report that arrived to its Acks."""
-        with self._lock:
-            self._drain_scheduled = False
-        reports = self._reports
-        while reports:
-            acks, index, error, message = reports.popleft()
-            if error is None:
-                partition, offset = message.partition(), message.offset()
-                receipt = None if partition is None or offset is None else (partition, offset)
-                acks.report(index, None, receipt)
-            else:
-                acks.report(index, self._delivery_error(error), None)
+            try:
+                producer.poll(_POLL_S)
+            except Exception:  # a report's callback failed: the others still need serving
+                log.exception("a delivery report could not be handled")
 
     def _delivery_error(self, error: KafkaError) -> KafkaDeliveryError:
         """Herald's error for a refused record; a fatal one also retires the producer
