@@ -300,7 +300,17 @@ async def drain_in_batches(
                 continue
             first = await anext(records, None)  # the fetch: outside the race
             if first is not None:
-                await consumer.wait_first(deliver(first, records), consumer.suspend_flow.wait())
+                try:
+                    await consumer.wait_first(deliver(first, records), consumer.suspend_flow.wait())
+                except asyncio.CancelledError:
+                    if _cancelling():  # the fetch loop itself is stopped
+                        raise
+                    # A hand-over waiting on a full Faust queue was cut: clearing the
+                    # queues (flow control, around a rebalance) cancels their waiting
+                    # putters. The rest of the batch is dropped, as when a rebalance
+                    # wins the race; letting the error out would end all fetching
+                    # (Fetcher._fetcher ends quietly outside a rebalance).
+                    consumer.log.info("a hand-over was cut by a queue clear; fetching on")
                 await records.aclose()
             unset_flag(CONSUMER_FETCHING)
     except consumer.consumer_stopped_errors:
@@ -316,6 +326,12 @@ async def drain_in_batches(
         raise
     finally:
         unset_flag(CONSUMER_FETCHING)
+
+
+def _cancelling() -> bool:
+    """True when the running task was asked to stop (not a future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def create_faust_app(settings: Settings, longest_hold_s: float) -> faust.App:

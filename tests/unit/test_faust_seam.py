@@ -12,7 +12,7 @@ import faust
 import pytest
 from faust.transport.consumer import Consumer
 from mode import Service
-from mode.utils.queues import FlowControlEvent
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from pipeline.errors import ConfigurationError, FaustSeamError
 from pipeline.runtime.app import task_stacks
@@ -169,6 +169,37 @@ async def test_a_rebalance_mid_batch_stops_that_batch_and_the_loop_goes_on() -> 
     await asyncio.wait_for(drain_in_batches(consumer, Service()), timeout=5)
     assert handed == [0, 5]  # 1 was abandoned, 2 never handed over; the next batch came
     assert consumer._read_offset[("t", 0)] == 5
+
+
+async def test_a_hand_over_cut_by_a_queue_clear_does_not_end_the_fetch_loop() -> None:
+    # Faust clears its queues around a rebalance, cancelling a put that waits on a full
+    # one; the error must not escape: Fetcher._fetcher would end quietly, and then no
+    # partition, table changelogs included, is read again (the CI stall of stop 20).
+    flow = FlowControlEvent(initially_suspended=False)
+    queue: ThrowableQueue[int] = ThrowableQueue(maxsize=1, flow_control=flow)
+    handed: list[int] = []
+
+    async def callback(message: Any) -> None:
+        if message.offset == 1:  # the queue is full: this put waits, then is cut
+            asyncio.get_running_loop().call_later(0.01, queue.clear)
+            await queue.put(message.offset)
+        handed.append(message.offset)
+
+    queue.put_nowait(-1)
+    consumer = FetchLoop([[0, 1, 2], [5]], callback)
+    await asyncio.wait_for(drain_in_batches(consumer, Service()), timeout=5)
+    assert handed == [0, 5]  # 1 was cut, 2 dropped with it; the next batch came
+
+
+async def test_a_stopped_fetch_loop_still_ends_on_its_cancellation() -> None:
+    async def callback(message: Any) -> None:
+        await asyncio.sleep(10)
+
+    loop = asyncio.ensure_future(drain_in_batches(FetchLoop([[0]], callback), Service()))
+    await asyncio.sleep(0.05)
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop
 
 
 def inbox_app(generation: int = 1) -> Any:
