@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import faust
 from confluent_kafka import KafkaException
@@ -22,7 +22,13 @@ from confluent_kafka import KafkaException
 from pipeline import logs
 from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, Release
 from pipeline.runtime.continuity import Continuity
-from pipeline.runtime.faust import ConsumerSeam, Inbox, KeyPartitionedTable, create_faust_app
+from pipeline.runtime.faust import (
+    ConsumerSeam,
+    Inbox,
+    KeyPartitionedTable,
+    create_faust_app,
+    table_entries,
+)
 from pipeline.runtime.health import WorkerHealth
 from pipeline.runtime.producer import KafkaWriter
 from pipeline.runtime.sink import AckedSink
@@ -100,7 +106,7 @@ class Runtime:
         encode = encode_raw if value_serializer == "raw" else encode_json
         topic = self.settings.topic(changelog)
         return StageTable(
-            cast(Any, table).data,
+            table_entries(table),
             Changelog(topic, spec.partitions, encode) if write_changelog else None,
         )
 

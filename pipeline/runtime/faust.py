@@ -17,13 +17,22 @@ import collections
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any, cast
 
 import faust
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 from faust.agents.actor import Actor
 from faust.sensors.monitor import Monitor
+from faust.stores.memory import Store as MemoryStore
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer, Fetcher
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -107,6 +116,14 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
     (
         "Monitor.stream_inbound_time (the consumer's idle-stream warnings read it)",
         lambda: "self.stream_inbound_time = {}" in inspect.getsource(Monitor.__init__),
+    ),
+    (
+        "the memory Store keeps its entries in one dict, .data, changed only in place",
+        lambda: (
+            "self.data: MutableMapping = {}" in inspect.getsource(MemoryStore.__post_init__)
+            and "self.data ="
+            not in inspect.getsource(MemoryStore).replace("self.data: MutableMapping = {}", "")
+        ),
     ),
     (
         "Actor.cancel() ends the actor's stream (a shutdown ends a stage's inbox with it)",
@@ -385,6 +402,19 @@ class KeyPartitionedTable(faust.Table[bytes, Any]):
         if not self.partitions:
             raise ConfigurationError(f"table {self.name} was declared without partitions")
         return partition_for(key, self.partitions)
+
+
+def table_entries(table: Any) -> MutableMapping[bytes, Any]:
+    """The dict a memory-store table keeps its entries in, for stages to read and
+    write directly: through Faust's Store a missing key (the common lookup: a new
+    notification) costs two raised KeyErrors. Faust's recovery fills the same dict."""
+    store = cast(Any, table).data
+    if not isinstance(store, MemoryStore) or not isinstance(store.data, dict):
+        raise FaustSeamError(
+            f"faust-streaming {FAUST_VERSION}: table {table.name} is not kept in a memory "
+            "store's dict (pipeline/runtime/faust.py relies on it)"
+        )
+    return store.data
 
 
 class ConsumerSeam:

@@ -12,6 +12,7 @@ from pipeline.runtime.records import Out
 from pipeline.topology.partitioning import partition_for
 
 _DELETED = object()
+_MISSING = object()
 
 
 def encode_json(value: Any) -> bytes:
@@ -87,13 +88,10 @@ class WriteBehind(MutableMapping[bytes, Any]):
         return self._attached[name]
 
     def __getitem__(self, key: bytes) -> Any:
-        for layer in (self._pending, *reversed(self._sealed)):
-            if key in layer:
-                value = layer[key]
-                if value is _DELETED:
-                    raise KeyError(key)
-                return value
-        return self._table[key]
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
 
     def __setitem__(self, key: bytes, value: Any) -> None:
         self._pending[key] = value
@@ -111,10 +109,16 @@ class WriteBehind(MutableMapping[bytes, Any]):
         return sum(1 for _ in self)
 
     def get(self, key: bytes, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
+        # Without exceptions: most lookups (a new notification's key) find nothing.
+        value = self._pending.get(key, _MISSING)
+        if value is _MISSING:
+            for layer in reversed(self._sealed):
+                value = layer.get(key, _MISSING)
+                if value is not _MISSING:
+                    break
+            else:
+                return self._table.get(key, default)
+        return default if value is _DELETED else value
 
     def seal(self) -> Layer:
         """Close the current batch's writes (to :meth:`commit` once it is written)."""

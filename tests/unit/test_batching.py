@@ -385,6 +385,14 @@ def test_sealed_layers_reach_the_table_only_in_order() -> None:
     second = view.seal()
     view[b"b"] = 2
     assert (view.get(b"a"), view[b"b"], sorted(view)) == (None, 2, [b"b"])
+    with pytest.raises(KeyError):
+        view[b"a"]  # deleted in a sealed layer: hides the table's entry
+    view[b"c"] = 3
+    del view[b"c"]
+    assert (view.get(b"c", "none"), view.get(b"x", "none")) == ("none", "none")
+    table[b"t"] = 9
+    assert (view[b"t"], view.get(b"t")) == (9, 9)  # no layer has it: the table's
+    del table[b"t"]
     with pytest.raises(RuntimeError, match="order"):
         view.commit(second)
     view.commit(first)

@@ -22,6 +22,7 @@ from pipeline.runtime.faust import (
     Inbox,
     check_faust,
     drain_in_batches,
+    table_entries,
 )
 
 
@@ -287,3 +288,19 @@ def test_a_topic_has_one_inbox() -> None:
     seam.inbox(["a", "b"])
     with pytest.raises(ConfigurationError, match="already has a stage"):
         seam.inbox(["b"])
+
+
+def test_table_entries_are_the_dict_faust_recovery_fills() -> None:
+    app = faust.App("seam-table", broker="kafka://127.0.0.1:1", store="memory://")
+    table = app.Table("entries", default=None, partitions=1)
+    entries = table_entries(table)
+    recovered = SimpleNamespace(
+        key=b"k", value=b"v", message=SimpleNamespace(value=b"v", partition=0)
+    )
+    cast(Any, table).data.apply_changelog_batch([recovered], lambda k: k, lambda v: v)
+    assert entries == {b"k": b"v"}  # what recovery wrote, the stages read
+
+
+def test_a_table_outside_a_memory_store_fails_loudly() -> None:
+    with pytest.raises(FaustSeamError, match="memory store"):
+        table_entries(SimpleNamespace(name="t", data={}))
