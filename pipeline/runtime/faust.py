@@ -191,9 +191,12 @@ class Inbox:
     when the stage's Faust actor is stopped (:meth:`close`).
     """
 
-    def __init__(self, app: faust.App, maxsize: int = 4) -> None:
+    def __init__(self, app: faust.App, maxsize: int = 4096) -> None:
         self._app: Any = app
+        #: Records waiting at most (Faust's stream buffer default), as a stream's
+        #: queue bounds them: the fetch loop waits while the stage is behind.
         self._maxsize = maxsize
+        self._waiting = 0
         self._lists: collections.deque[Sequence[Any]] = collections.deque()
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
@@ -203,6 +206,7 @@ class Inbox:
     def clear(self) -> None:
         """Drop what waits (flow control resumed: a rebalance ended)."""
         self._lists.clear()
+        self._waiting = 0
         self._room.set()
 
     def open(self) -> None:
@@ -218,11 +222,12 @@ class Inbox:
         return not self._lists
 
     async def put(self, messages: Sequence[Any]) -> None:
-        """Hand over ``messages``; waits while ``maxsize`` lists wait."""
-        while len(self._lists) >= self._maxsize:
+        """Hand over ``messages``; waits while ``maxsize`` records or more wait."""
+        while self._waiting >= self._maxsize:
             self._room.clear()
             await self._room.wait()
         self._lists.append(messages)
+        self._waiting += len(messages)
         self._ready.set()
 
     async def batches(self) -> AsyncIterator[Sequence[Any]]:
@@ -236,6 +241,7 @@ class Inbox:
                 self._ready.clear()
                 await self._ready.wait()
             messages = self._lists.popleft()
+            self._waiting -= len(messages)
             self._room.set()
             generation = app.consumer_generation_id
             flowing = app.flow_control.is_active()
@@ -428,7 +434,7 @@ class ConsumerSeam:
 
     def inbox(self, topics: Iterable[str]) -> Inbox:
         """The inbox the fetch loop hands ``topics``' records to (a stage's)."""
-        inbox = Inbox(self._app)
+        inbox = Inbox(self._app, self._app.conf.stream_buffer_maxsize)
         for topic in topics:
             if topic in self._inboxes:
                 raise ConfigurationError(f"topic {topic} already has a stage reading it")

@@ -257,8 +257,8 @@ async def test_an_inbox_skips_records_of_an_earlier_generation_as_a_stream_does(
 
 async def test_an_inbox_is_cleared_when_flow_resumes_and_waits_when_full() -> None:
     app = inbox_app()
-    inbox = Inbox(cast(Any, app), maxsize=1)
-    await inbox.put([message(0)])
+    inbox = Inbox(cast(Any, app), maxsize=2)
+    await inbox.put([message(0), message(2)])  # a list goes in while fewer wait
     third = asyncio.ensure_future(inbox.put([message(1)]))
     await asyncio.sleep(0.01)
     assert not third.done()  # full: the fetch loop waits (raced against a rebalance)
@@ -284,7 +284,9 @@ async def test_a_closed_inbox_ends_once_what_waits_is_taken_and_opens_again() ->
 
 
 def test_a_topic_has_one_inbox() -> None:
-    seam = ConsumerSeam(cast(Any, inbox_app()))
+    app = inbox_app()
+    app.conf = SimpleNamespace(stream_buffer_maxsize=4096)
+    seam = ConsumerSeam(cast(Any, app))
     seam.inbox(["a", "b"])
     with pytest.raises(ConfigurationError, match="already has a stage"):
         seam.inbox(["b"])
