@@ -232,8 +232,6 @@ class Inbox:
 
     async def batches(self) -> AsyncIterator[Sequence[Any]]:
         app = self._app
-        inbound = app.monitor.stream_inbound_time
-        ack = app.consumer.ack  # looked up once the consumer is guarded (first batch)
         while True:
             while not self._lists:
                 if self._closed:
@@ -246,17 +244,20 @@ class Inbox:
             generation = app.consumer_generation_id
             flowing = app.flow_control.is_active()
             now = time.monotonic()
+            inbound = app.monitor.stream_inbound_time
             current = []
             for message in messages:
                 if flowing and message.generation_id == generation:
                     current.append(message)
                     inbound[message.tp] = now
-                else:
-                    ack(message)  # as a stream acks what it skips: noted, read again
+                else:  # as a stream acks what it skips; the guarded ack notes it instead
+                    self.ack(message)
             if current:
                 yield current
 
     def ack(self, message: Any) -> None:
+        # Looked up each time: the seam guards the consumer's ack at the first
+        # assignment, after the stage's run began waiting here.
         self._app.consumer.ack(message)
 
 

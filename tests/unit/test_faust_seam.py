@@ -247,11 +247,15 @@ async def test_the_fetch_loop_hands_a_stages_records_to_its_inbox_a_fetched_batc
 async def test_an_inbox_skips_records_of_an_earlier_generation_as_a_stream_does() -> None:
     app = inbox_app(generation=2)
     inbox = Inbox(cast(Any, app))
+    waiting = asyncio.ensure_future(taken(inbox))  # the stage's run starts first ...
+    await asyncio.sleep(0)
+    guarded: list[int] = []
+    app.consumer.ack = lambda message: guarded.append(message.offset)  # ... then the guard
     await inbox.put([message(0, generation=1), message(1, generation=2)])
     inbox.close()
-    assert await taken(inbox) == [[1]]
-    # Acked through the (guarded) consumer ack, which notes it to be read again.
-    assert app.acked == [0]
+    assert await waiting == [[1]]
+    # Acked through the guarded consumer ack, which notes it to be read again.
+    assert (guarded, app.acked) == ([0], [])
     assert ("s", 0) in app.monitor.stream_inbound_time  # Faust's idle-stream check reads it
 
 
