@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,22 @@ class PublishReceipt:
 #: One push to publish: its key (user_id), FlatBuffers bytes and headers.
 Push = tuple[bytes, bytes, Sequence[tuple[str, bytes]]]
 
+#: A partition's scan is forgotten after this long without a question, or once it
+#: holds this many routes: the next question reads from its own starting time.
+_SCAN_IDLE_S = 30.0
+_SCAN_MAX_ROUTES = 200_000
+
+
+@dataclass(slots=True)
+class _Scan:
+    """One gateway partition as read for in-doubt routes: every route id published
+    from the offset of ``since_ms`` up to ``end``, with its offset."""
+
+    since_ms: int
+    end: int
+    routes: dict[bytes, int]
+    used: float
+
 
 class GatewayPublisher:
     """Publishes push payloads to the gateway topic; raises classified errors."""
@@ -72,6 +89,8 @@ class GatewayPublisher:
         )
         self._reader: AIOKafkaConsumer | None = None
         self._reader_lock = asyncio.Lock()
+        self._partitions: int | None = None
+        self._scans: dict[TopicPartition, _Scan] = {}
 
     async def publish(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
@@ -148,28 +167,37 @@ class GatewayPublisher:
     async def find(self, key: bytes, route_id: str, since_ms: int) -> PublishReceipt | None:
         """Where the push of ``route_id`` (keyed ``key``) was published at or after
         ``since_ms`` (broker timestamps), if it was: the check for a route whose
-        previous owner died between publishing it and recording that it had."""
+        previous owner died between publishing it and recording that it had.
+
+        A worker that takes over partitions under load may hold hundreds of such
+        routes, and checking each by reading its partition from its own time took
+        half a second each, one after the other (the two-worker stall of issue 13):
+        so each partition is read once and what was read is kept (:class:`_Scan`);
+        a later question reads only what was published since. A route id seen
+        earlier than its own ``since_ms`` was published all the same."""
         try:
-            partitions = await self._writer.partitions(self.topic, self._timeout_s)
-            if partitions is None:
-                raise GatewayUnavailableError(
-                    f"topic {self.topic} does not exist", reason="gateway_topic_missing"
-                )
-            tp = TopicPartition(self.topic, partition_for(key, partitions))
+            tp = TopicPartition(self.topic, partition_for(key, await self._partition_count()))
             async with self._reader_lock:
                 reader = await self._reader_started()
-                reader.assign([tp])
-                found = (await reader.offsets_for_times({tp: since_ms}))[tp]
+                if reader.assignment() != {tp}:
+                    reader.assign([tp])
                 end = (await reader.end_offsets([tp]))[tp]
-                reader.seek(tp, found.offset if found is not None else end)
-                while await reader.position(tp) < end:
-                    batch = await reader.getmany(tp, timeout_ms=int(self._timeout_s * 1000))
-                    for message in batch.get(tp, []):
-                        ids = [value for name, value in message.headers if name == "route_id"]
-                        if message.offset < end and route_id.encode() in ids:
-                            return PublishReceipt(message.partition, message.offset)
-                    if not batch:
-                        raise GatewayTimeoutError(f"reading {tp} stalled before offset {end}")
+                scan = self._scans.get(tp)
+                now = time.monotonic()
+                if (
+                    scan is None
+                    or since_ms < scan.since_ms
+                    or scan.end > end  # the topic was recreated
+                    or now - scan.used > _SCAN_IDLE_S
+                    or len(scan.routes) > _SCAN_MAX_ROUTES
+                ):
+                    found = (await reader.offsets_for_times({tp: since_ms}))[tp]
+                    scan = _Scan(since_ms, found.offset if found is not None else end, {}, now)
+                    self._scans[tp] = scan
+                scan.used = now
+                await self._read(reader, tp, scan, end)
+                offset = scan.routes.get(route_id.encode())
+                return None if offset is None else PublishReceipt(tp.partition, offset)
         except (TimeoutError, KafkaConnectionError, KafkaTimeoutError) as exc:
             raise GatewayTimeoutError(
                 f"cannot check {self.topic} for route {route_id}: the broker does not answer "
@@ -187,7 +215,33 @@ class GatewayPublisher:
             raise GatewayUnavailableError(
                 f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
             ) from exc
-        return None
+
+    async def _partition_count(self) -> int:
+        if self._partitions is None:
+            partitions = await self._writer.partitions(self.topic, self._timeout_s)
+            if partitions is None:
+                raise GatewayUnavailableError(
+                    f"topic {self.topic} does not exist", reason="gateway_topic_missing"
+                )
+            self._partitions = partitions
+        return self._partitions
+
+    async def _read(
+        self, reader: AIOKafkaConsumer, tp: TopicPartition, scan: _Scan, end: int
+    ) -> None:
+        """Read ``tp`` from where ``scan`` ended to ``end`` at least, noting each route id."""
+        if scan.end >= end:
+            return
+        reader.seek(tp, scan.end)
+        while scan.end < end:
+            batch = await reader.getmany(tp, timeout_ms=int(self._timeout_s * 1000))
+            if not batch:
+                raise GatewayTimeoutError(f"reading {tp} stalled before offset {end}")
+            for message in batch.get(tp, []):  # those past ``end`` too: published as well
+                for name, value in message.headers:
+                    if name == "route_id":
+                        scan.routes.setdefault(value, message.offset)
+            scan.end = await reader.position(tp)
 
     async def _reader_started(self) -> AIOKafkaConsumer:
         if self._reader is None:
@@ -196,6 +250,8 @@ class GatewayPublisher:
                 client_id="herald-gateway-check",
                 group_id=None,
                 enable_auto_commit=False,
+                # It reads only up to offsets it knows exist: never wait for more.
+                fetch_max_wait_ms=50,
                 request_timeout_ms=int(self._timeout_s * 1000) + 1000,
             )
             await reader.start()
