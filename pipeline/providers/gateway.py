@@ -61,6 +61,16 @@ _SCAN_MAX_ROUTES = 200_000
 
 
 @dataclass(slots=True)
+class _Question:
+    """One in-doubt route to look for, and where its answer goes."""
+
+    tp: TopicPartition
+    route_id: bytes
+    since_ms: int
+    answer: asyncio.Future[PublishReceipt | None]
+
+
+@dataclass(slots=True)
 class _Scan:
     """One gateway partition as read for in-doubt routes: every route id published
     from the offset of ``since_ms`` up to ``end``, with its offset."""
@@ -91,6 +101,8 @@ class GatewayPublisher:
         self._reader_lock = asyncio.Lock()
         self._partitions: int | None = None
         self._scans: dict[TopicPartition, _Scan] = {}
+        self._questions: list[_Question] = []
+        self._answering: asyncio.Task[None] | None = None
 
     async def publish(
         self, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
@@ -170,51 +182,84 @@ class GatewayPublisher:
         previous owner died between publishing it and recording that it had.
 
         A worker that takes over partitions under load may hold hundreds of such
-        routes, and checking each by reading its partition from its own time took
-        half a second each, one after the other (the two-worker stall of issue 13):
-        so each partition is read once and what was read is kept (:class:`_Scan`);
-        a later question reads only what was published since. A route id seen
-        earlier than its own ``since_ms`` was published all the same."""
+        routes; checking each by reading its partition from its own time took half a
+        second each, one after the other (the two-worker stall of issue 13). So the
+        questions asked meanwhile are answered together, with one request for the
+        partitions' ends, and each partition is read once and what was read is kept
+        (:class:`_Scan`): a later round reads only what was published since. A route
+        id seen earlier than its own ``since_ms`` was published all the same."""
         try:
-            tp = TopicPartition(self.topic, partition_for(key, await self._partition_count()))
-            async with self._reader_lock:
-                reader = await self._reader_started()
-                if reader.assignment() != {tp}:
-                    reader.assign([tp])
-                end = (await reader.end_offsets([tp]))[tp]
-                scan = self._scans.get(tp)
-                now = time.monotonic()
-                if (
-                    scan is None
-                    or since_ms < scan.since_ms
-                    or scan.end > end  # the topic was recreated
-                    or now - scan.used > _SCAN_IDLE_S
-                    or len(scan.routes) > _SCAN_MAX_ROUTES
-                ):
-                    found = (await reader.offsets_for_times({tp: since_ms}))[tp]
-                    scan = _Scan(since_ms, found.offset if found is not None else end, {}, now)
-                    self._scans[tp] = scan
-                scan.used = now
-                await self._read(reader, tp, scan, end)
-                offset = scan.routes.get(route_id.encode())
-                return None if offset is None else PublishReceipt(tp.partition, offset)
-        except (TimeoutError, KafkaConnectionError, KafkaTimeoutError) as exc:
-            raise GatewayTimeoutError(
-                f"cannot check {self.topic} for route {route_id}: the broker does not answer "
-                f"({exc!r})"
-            ) from exc
+            partitions = await self._partition_count()
         except KafkaException as exc:
-            if exc.args and exc.args[0].code() in _UNANSWERED_CODES:
-                raise GatewayTimeoutError(
-                    f"cannot check {self.topic} for route {route_id}: {exc!r}"
-                ) from exc
-            raise GatewayUnavailableError(
-                f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
-            ) from exc
-        except AIOKafkaError as exc:
-            raise GatewayUnavailableError(
-                f"cannot check {self.topic} for route {route_id}: {exc!r}", reason="gateway_error"
-            ) from exc
+            raise self._check_error(exc) from exc
+        tp = TopicPartition(self.topic, partition_for(key, partitions))
+        question = _Question(
+            tp, route_id.encode(), since_ms, asyncio.get_running_loop().create_future()
+        )
+        self._questions.append(question)
+        if self._answering is None or self._answering.done():
+            self._answering = asyncio.ensure_future(self._answer())
+        return await question.answer
+
+    async def _answer(self) -> None:
+        """Answer the questions asked, in rounds, until none waits."""
+        async with self._reader_lock:
+            while self._questions:
+                questions, self._questions = self._questions, []
+                try:
+                    receipts = await self._round(questions)
+                except Exception as exc:  # every question of the round gets the error
+                    error = self._check_error(exc)
+                    for question in questions:
+                        if not question.answer.done():
+                            question.answer.set_exception(error)
+                    continue
+                for question, receipt in zip(questions, receipts, strict=True):
+                    if not question.answer.done():  # its asker may have been cancelled
+                        question.answer.set_result(receipt)
+
+    async def _round(self, questions: list[_Question]) -> list[PublishReceipt | None]:
+        reader = await self._reader_started()
+        tps = {question.tp for question in questions}
+        if not tps <= reader.assignment():
+            reader.assign(sorted(tps | reader.assignment()))
+        ends = await reader.end_offsets(sorted(tps))
+        now = time.monotonic()
+        for tp in sorted(tps):
+            since_ms = min(q.since_ms for q in questions if q.tp == tp)
+            scan = self._scans.get(tp)
+            if (
+                scan is None
+                or since_ms < scan.since_ms
+                or scan.end > ends[tp]  # the topic was recreated
+                or now - scan.used > _SCAN_IDLE_S
+                or len(scan.routes) > _SCAN_MAX_ROUTES
+            ):
+                found = (await reader.offsets_for_times({tp: since_ms}))[tp]
+                scan = _Scan(since_ms, found.offset if found is not None else ends[tp], {}, now)
+                self._scans[tp] = scan
+            scan.used = now
+            await self._read(reader, tp, scan, ends[tp])
+        receipts: list[PublishReceipt | None] = []
+        for question in questions:
+            offset = self._scans[question.tp].routes.get(question.route_id)
+            receipts.append(
+                None if offset is None else PublishReceipt(question.tp.partition, offset)
+            )
+        return receipts
+
+    def _check_error(self, exc: Exception) -> Exception:
+        """Herald's error for a check that could not read the gateway topic (any other
+        exception is a bug, passed on as it is)."""
+        what = f"cannot check {self.topic} for in-doubt routes"
+        if isinstance(exc, (TimeoutError, KafkaConnectionError, KafkaTimeoutError)):
+            return GatewayTimeoutError(f"{what}: the broker does not answer ({exc!r})")
+        code = exc.args[0].code() if isinstance(exc, KafkaException) and exc.args else None
+        if code in _UNANSWERED_CODES:
+            return GatewayTimeoutError(f"{what}: {exc!r}")
+        if isinstance(exc, (KafkaException, AIOKafkaError)):
+            return GatewayUnavailableError(f"{what}: {exc!r}", reason="gateway_error")
+        return exc
 
     async def _partition_count(self) -> int:
         if self._partitions is None:
