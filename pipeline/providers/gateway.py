@@ -220,13 +220,16 @@ class GatewayPublisher:
 
     async def _round(self, questions: list[_Question]) -> list[PublishReceipt | None]:
         reader = await self._reader_started()
-        tps = {question.tp for question in questions}
-        if not tps <= reader.assignment():
-            reader.assign(sorted(tps | reader.assignment()))
-        ends = await reader.end_offsets(sorted(tps))
+        earliest: dict[TopicPartition, int] = {}  # per partition, the earliest time asked
+        for question in questions:
+            earliest[question.tp] = min(
+                question.since_ms, earliest.get(question.tp, question.since_ms)
+            )
+        if not earliest.keys() <= reader.assignment():
+            reader.assign(sorted(earliest.keys() | reader.assignment()))
+        ends = await reader.end_offsets(sorted(earliest))
         now = time.monotonic()
-        for tp in sorted(tps):
-            since_ms = min(q.since_ms for q in questions if q.tp == tp)
+        for tp, since_ms in sorted(earliest.items()):
             scan = self._scans.get(tp)
             if (
                 scan is None
