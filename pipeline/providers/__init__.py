@@ -1,6 +1,6 @@
 """Delivery providers: what actually hands a message to the outside world.
 
-An email provider takes one MIME message for one recipient and either returns a
+An email provider takes one MIME message for one recipient (a :class:`Mail`) and either returns a
 receipt (the server accepted it) or raises a classified :mod:`pipeline.errors` error:
 transient (4xx, timeouts, connection trouble) or permanent (5xx).
 """
@@ -8,9 +8,9 @@ transient (4xx, timeouts, connection trouble) or permanent (5xx).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Protocol
 
+from pipeline.providers.mime import Mail
 from pipeline.settings import Settings
 
 
@@ -27,8 +27,8 @@ class SendReceipt:
 class EmailProvider(Protocol):
     """Sends one message to one recipient."""
 
-    async def send(self, message: EmailMessage, recipient: str) -> SendReceipt:
-        """Deliver ``message`` to ``recipient``; raise a classified error otherwise."""
+    async def send(self, mail: Mail) -> SendReceipt:
+        """Deliver ``mail`` to its recipient; raise a classified error otherwise."""
         ...
 
     async def probe(self) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from email.message import EmailMessage
 
 from pipeline.providers import EmailProvider, SendReceipt
+from pipeline.providers.mime import Mail
 
 
 class ProviderPool:
@@ -23,10 +23,10 @@ class ProviderPool:
     def size(self) -> int:
         return len(self._providers)
 
-    async def send(self, message: EmailMessage, recipient: str) -> SendReceipt:
+    async def send(self, mail: Mail) -> SendReceipt:
         provider = await self._idle.get()
         try:
-            return await provider.send(message, recipient)
+            return await provider.send(mail)
         finally:
             self._idle.put_nowait(provider)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from email.message import EmailMessage
 from email.utils import parseaddr
 
 import aiosmtplib
@@ -18,6 +17,7 @@ from pipeline.errors import (
     SmtpTimeoutError,
 )
 from pipeline.providers import SendReceipt
+from pipeline.providers.mime import Mail
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,11 @@ class SmtpProvider:
         self._last_used = 0.0
         self._lock = asyncio.Lock()
 
-    async def send(self, message: EmailMessage, recipient: str) -> SendReceipt:
+    async def send(self, mail: Mail) -> SendReceipt:
         async with self._lock:
             try:
                 client = await self._connected()
-                _, reply = await client.send_message(
-                    message, sender=self._sender, recipients=[recipient]
-                )
+                _, reply = await client.sendmail(self._sender, [mail.recipient], mail.data)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 await self._drop()
                 refused = exc.recipients[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections import Counter
-from email.message import EmailMessage
 
 from pipeline.errors import (
     ConfigurationError,
@@ -15,6 +14,7 @@ from pipeline.errors import (
     SmtpTimeoutError,
 )
 from pipeline.providers import SendReceipt
+from pipeline.providers.mime import Mail
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ class StubEmailProvider:
     def __init__(self, script: str = "") -> None:
         self._rules = parse_script(script)
         self._attempts: Counter[str] = Counter()
-        #: Every accepted (recipient, message), oldest first.
-        self.sent: list[tuple[str, EmailMessage]] = []
+        #: Every accepted mail, oldest first.
+        self.sent: list[Mail] = []
 
-    async def send(self, message: EmailMessage, recipient: str) -> SendReceipt:
-        address = recipient.lower()
+    async def send(self, mail: Mail) -> SendReceipt:
+        address = mail.recipient.lower()
         outcomes: tuple[str, ...] = ("accept",)
         for pattern, sequence in self._rules:
             if fnmatch.fnmatchcase(address, pattern):
@@ -65,8 +65,8 @@ class StubEmailProvider:
             )
         if outcome == "timeout":
             raise SmtpTimeoutError("stub: no reply")
-        self.sent.append((recipient, message))
-        log.info("stub accepted mail %s for %s", message["Message-ID"], recipient)
+        self.sent.append(mail)
+        log.info("stub accepted mail %s for %s", mail.message_id, mail.recipient)
         return SendReceipt(250, "2.0.0 stub accepted")
 
     async def probe(self) -> None:

@@ -27,7 +27,7 @@ from pipeline.errors import HeraldError, RenderError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers import EmailProvider
 from pipeline.providers.breaker import CircuitBreaker
-from pipeline.providers.mime import build_message
+from pipeline.providers.mime import MailWriter
 from pipeline.rendering import RenderedMail, one_line, variables_of
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.stages.context import StageContext
@@ -55,6 +55,7 @@ class EmailChannel:
         self._settings = ctx.settings
         self._catalog = ctx.catalog
         self._templates = ctx.templates
+        self._mails = MailWriter(ctx.settings)
         self._provider = provider
         self._suppressions = suppressions
         self._breaker = breaker
@@ -124,30 +125,27 @@ class EmailChannel:
             return deliveries.deferred(raw, request, now, wait_s, "circuit_open")
         outputs: list[Out] = []
         try:
-            mail = self._render(request)
+            rendered = self._render(request)
             if attempt == 1:
                 outputs.append(
-                    deliveries.status(request, "rendered", now, attempt, detail=mail.locale)
+                    deliveries.status(request, "rendered", now, attempt, detail=rendered.locale)
                 )
-            message = build_message(
-                self._settings,
+            message = self._mails.build(
                 route_id=request.route_id,
                 notification_id=request.notification_id,
                 notification_type=request.notification_type,
                 to=request.address or "",
-                subject=mail.subject,
-                text=mail.text,
-                html=mail.html,
-                locale=mail.locale,
+                subject=rendered.subject,
+                text=rendered.text,
+                html=rendered.html,
+                locale=rendered.locale,
                 attachments=request.attachments,
                 now_ms=now,
             )
             # Write-ahead: a route whose transaction starts is recorded as such, so a
             # new owner after a crash knows it is in doubt (see handle).
             await self._write([deliveries.record(registry, raw, request, "sending", attempt, now)])
-            receipt = await metrics.timed(
-                metrics.SMTP_SECONDS, self._provider.send(message, request.address or "")
-            )
+            receipt = await metrics.timed(metrics.SMTP_SECONDS, self._provider.send(message))
         except HeraldError as exc:
             if exc.server_unavailable:
                 self._breaker.failed()
@@ -168,7 +166,7 @@ class EmailChannel:
         outputs.append(deliveries.status(request, "sent", now, attempt, detail=detail))
         outputs.append(
             deliveries.record(
-                registry, raw, request, "sent", attempt, now, message_id=str(message["Message-ID"])
+                registry, raw, request, "sent", attempt, now, message_id=message.message_id
             )
         )
         return outputs

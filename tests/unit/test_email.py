@@ -4,7 +4,11 @@ the delivery registry's rules and the login-code request contract."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,7 @@ from pipeline.errors import (
     SmtpTimeoutError,
     ValidationError,
 )
-from pipeline.providers.mime import build_message, checked_address
+from pipeline.providers.mime import Mail, MailWriter, checked_address
 from pipeline.providers.smtp import classify_reply
 from pipeline.providers.stub import StubEmailProvider, parse_script
 from pipeline.rendering import TemplateCatalog
@@ -83,8 +87,7 @@ def test_the_sandbox_refuses_template_code(tmp_path: Path) -> None:
 
 def test_message_headers_come_from_herald_only() -> None:
     settings = Settings(smtp_reply_to="help@herald.invalid")
-    message = build_message(
-        settings,
+    mail = MailWriter(settings).build(
         route_id="r-1",
         notification_id="n-1",
         notification_type="game.turn.ready",
@@ -96,6 +99,7 @@ def test_message_headers_come_from_herald_only() -> None:
         attachments=[Attachment(filename="../x\r\n.pdf", data=b"1", content_type="bad type")],
         now_ms=1_700_000_000_000,
     )
+    message = parsed(mail)
     assert message["Subject"] == "Hi Bcc: evil@example.org"
     assert message["Bcc"] is None
     assert message["Message-ID"] == "<r-1@herald.invalid>"
@@ -106,6 +110,88 @@ def test_message_headers_come_from_herald_only() -> None:
     assert attachment.get_filename() == ".._x.pdf"
     for bad in ["a@example.org\r\nBcc: b@example.org", "A <a@example.org>", "nodomain", "", "a@b"]:
         with pytest.raises(InvalidAddressError):
+            checked_address(bad)
+
+
+def parsed(mail: Mail) -> EmailMessage:
+    message = message_from_bytes(mail.data, policy=default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def lines_of(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+SUBJECTS = [
+    "Your turn",
+    "A subject of many words " * 8,
+    "Grüße aus Köln \u2013 dein Zug 🎉 " * 4,
+    "Looks like =?utf-8?q?an_encoded_word?= but is text",
+    "x" * 300,
+]
+TEXTS = ["", "line\r\nnext\rlast  \n.\n", "Zug für Anna\n" + "y" * 500, "a = b =_ c\t\n"]
+FILES = [
+    Attachment(
+        filename="report.pdf", data=b"%PDF-1.4 \x00\xff" * 50, content_type="application/pdf"
+    ),
+    Attachment(
+        filename='Bericht "Q3" \u2013 Köln ' * 9 + ".txt", data=b"", content_type="text/plain"
+    ),
+]
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("html", [None, "<p>Hallo Jürgen</p>\n"])
+@pytest.mark.parametrize("attachments", [[], FILES])
+def test_the_standard_parser_reads_back_what_was_written(
+    subject: str, text: str, html: str | None, attachments: list[Attachment]
+) -> None:
+    settings = Settings(smtp_from="Hérald Bot <bot@herald.invalid>")
+    mail = MailWriter(settings).build(
+        route_id="r-1",
+        notification_id="n-1",
+        notification_type="game.turn.ready",
+        to="a@example.org",
+        subject=subject,
+        text=text,
+        html=html,
+        locale="de-AT",
+        attachments=attachments,
+        now_ms=1_700_000_000_000,
+    )
+    assert all(len(line) <= 998 for line in mail.data.split(b"\r\n"))
+    assert b"\n" not in mail.data.replace(b"\r\n", b"")
+    assert mail.data.isascii()
+    message = parsed(mail)
+    assert [part.defects for part in message.walk()] == [[]] * len(list(message.walk()))
+    assert message["Subject"] == " ".join(subject.split())
+    assert message["From"] == "Hérald Bot <bot@herald.invalid>"
+    assert message["To"] == mail.recipient == "a@example.org"
+    assert message["Message-ID"] == mail.message_id == "<r-1@herald.invalid>"
+    assert message["Content-Language"] == "de-AT"
+    expected = lines_of(text) if lines_of(text).endswith("\n") else lines_of(text) + "\n"
+    plain = message.get_body(("plain",))
+    assert plain is not None
+    assert lines_of(plain.get_content()) == expected
+    body = message.get_body(("html",))
+    assert (body is None) == (html is None)
+    if body is not None:
+        assert lines_of(body.get_content()) == html
+    found = [
+        (a.get_filename(), a.get_content_type(), a.get_content())
+        for a in message.iter_attachments()
+    ]
+    assert found == [
+        (a.filename.strip(), a.content_type, a.data if a.content_type != "text/plain" else "")
+        for a in attachments
+    ]
+
+
+def test_only_plain_ascii_mailboxes_are_addressed() -> None:
+    for bad in ["jürgen@example.org", "a@exämple.org"]:
+        with pytest.raises(InvalidAddressError, match="ASCII"):
             checked_address(bad)
 
 
@@ -124,8 +210,7 @@ def test_outcome_classes_are_error_types() -> None:
 
 def test_stub_provider_follows_its_script(settings: Settings) -> None:
     stub = StubEmailProvider("*@flaky.invalid=defer,accept; bounce@*=reject; slow@*=timeout")
-    message = build_message(
-        settings,
+    message = MailWriter(settings).build(
         route_id="r",
         notification_id="n",
         notification_type="t",
@@ -141,7 +226,7 @@ def test_stub_provider_follows_its_script(settings: Settings) -> None:
         out = []
         for _ in range(count):
             try:
-                await stub.send(message, address)
+                await stub.send(dataclasses.replace(message, recipient=address))
                 out.append("accepted")
             except (SmtpDeferredError, SmtpRejectedError, SmtpTimeoutError) as exc:
                 out.append(exc.reason)
