@@ -109,9 +109,14 @@ class TemplateCatalog:
     def _compile(self, path: Path, part: str) -> jinja2.Template:
         env = self._html_env if part == "html" else self._text_env
         try:
-            return env.from_string(path.read_text(encoding="utf-8"))
+            template = env.from_string(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as exc:
             raise ConfigurationError(f"template {path}: {exc}") from exc
+        # Jinja keeps a template's globals as a ChainMap over the environment's and
+        # copies them into every render's context: iterating a ChainMap was a third of
+        # the cost of rendering a push. Neither changes after start-up.
+        template.globals = dict(template.globals)
+        return template
 
     def template_ids(self) -> list[str]:
         """Every template id found."""
