@@ -162,10 +162,11 @@ class Worker:
                 channel.handle,
                 registry,
                 self._malformed_other,
-                batch_max=self.settings.smtp_connections,
-                # One batch at a time: a lane never has more routes at the server than
-                # it has connections (docs/email.md).
-                in_flight=0,
+                # A window of one route per connection: the next route starts as soon as
+                # the oldest is done, and a lane never has more routes at the server
+                # (each written `sending` first) than it has connections (docs/email.md).
+                batch_max=1,
+                in_flight=self.settings.smtp_connections - 1,
             )
         self.runtime.task(self.suppressions.run)
 

@@ -376,6 +376,41 @@ async def test_batches_in_flight_overlap_but_land_in_order_after_their_acks() ->
     await task
 
 
+async def test_a_window_of_deliveries_moves_on_as_the_oldest_ends() -> None:
+    """The email lanes' window (one route per connection): with batches of one and
+    two in flight, three deliveries run at once, and the fourth starts as soon as the
+    oldest ends, without waiting for the other two."""
+    gates = {offset: asyncio.Event() for offset in range(5)}
+    running: list[int] = []
+
+    async def deliver(raw: RawRecord) -> list[Out]:
+        running.append(raw.offset)
+        await gates[raw.offset].wait()
+        running.remove(raw.offset)
+        return [Out("out", None, str(raw.offset).encode())]
+
+    def handle(raw: RawRecord, view: WriteBehind) -> Any:
+        return deliver(raw)
+
+    inbox, broker = FakeInbox(), FakeBroker()
+    run = batch_run(handle, failing_error, broker, in_flight=2, batch_max=1)
+    for offset in range(5):
+        inbox.queue.put_nowait(Message("in", 0, offset))
+    task = asyncio.ensure_future(run.run(inbox))
+    await asyncio.sleep(0.05)
+    assert running == [0, 1, 2]
+    gates[0].set()
+    await asyncio.sleep(0.05)
+    assert running == [1, 2, 3]
+    assert inbox.acked == [0]
+    for gate in gates.values():
+        gate.set()
+    await asyncio.sleep(0.05)
+    assert inbox.acked == [0, 1, 2, 3, 4]
+    inbox.queue.put_nowait(None)
+    await task
+
+
 def test_sealed_layers_reach_the_table_only_in_order() -> None:
     table: dict[bytes, Any] = {b"a": 0}
     view = WriteBehind(table)
