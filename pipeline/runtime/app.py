@@ -247,6 +247,7 @@ class Runtime:
         async def assigned(partitions: list[tuple[str, int]]) -> None:
             # The consumer exists by the first assignment.
             seam.guard(continuity.guard, continuity.guard_gaps, continuity.read_offsets)
+            await seam.pace_fetches(self.settings.fetch_interval_ms / 1000)
             continuity.assigned(partitions)
             guarded = [tp for tp in partitions if continuity.guards(tp[0])]
             loop = asyncio.get_running_loop()

@@ -28,7 +28,10 @@ from collections.abc import (
 )
 from typing import Any, cast
 
+import aiokafka
 import faust
+from aiokafka.consumer.consumer import AIOKafkaConsumer
+from aiokafka.consumer.fetcher import Fetcher as KafkaFetcher
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 from faust.agents.actor import Actor
 from faust.sensors.monitor import Monitor
@@ -44,6 +47,7 @@ from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
 
 FAUST_VERSION: str = faust.__version__
+AIOKAFKA_VERSION: str = aiokafka.__version__
 
 
 def _params(function: Any) -> list[str]:
@@ -150,6 +154,17 @@ _CHECKS: tuple[tuple[str, Callable[[], bool]], ...] = (
         ),
     ),
     (
+        "aiokafka: async Fetcher._proc_fetch_request(assignment, node_id, request), one "
+        "per broker at a time, on the Fetcher made in AIOKafkaConsumer.start (fetch pacing)",
+        lambda: (
+            inspect.iscoroutinefunction(KafkaFetcher._proc_fetch_request)
+            and _params(KafkaFetcher._proc_fetch_request) == ["assignment", "node_id", "request"]
+            and "self._in_flight.add(node_id)"
+            in inspect.getsource(KafkaFetcher._fetch_requests_routine)
+            and "self._fetcher = Fetcher(" in inspect.getsource(AIOKafkaConsumer.start)
+        ),
+    ),
+    (
         "App.rebalancing (True from on_rebalance_start until recovery ends)",
         lambda: (
             "self.rebalancing = True" in inspect.getsource(faust.App.on_rebalance_start)
@@ -171,10 +186,48 @@ def check_faust() -> None:
             missing.append(what)
     if missing:
         raise FaustSeamError(
-            f"faust-streaming {FAUST_VERSION} lacks what pipeline/runtime/faust.py relies on: "
+            f"faust-streaming {FAUST_VERSION} (aiokafka {AIOKAFKA_VERSION}) lacks what "
+            "pipeline/runtime/faust.py relies on: "
             + "; ".join(missing)
             + " (pin the release in constraints.txt that tests/unit/test_faust_seam.py passes on)"
         )
+
+
+class PacedFetches:
+    """aiokafka's fetch to one broker, started no sooner than ``interval_s`` after the
+    previous one to that broker.
+
+    Every fetch names all ~150 partitions a worker reads and costs the consumer thread
+    ~2.5 ms of CPU to encode and decode in pure Python, whatever it returns; and with
+    aiokafka's ``fetch_min_bytes`` of 1 the broker answers as soon as any partition has
+    a record. A trickle of records thus became a fetch per record, and under a steady
+    load the consumer thread took the GIL from the event loop for most of its turns
+    (docs/performance.md, fifth pass). Pacing bounds the fetches per second without
+    costing an idle worker anything: a fetch that finds nothing still waits at the
+    broker (up to Faust's 1.5 s), and the next one goes out at once.
+
+    The fetch waits before it is sent, never after its answer, so records it brings are
+    handed over at once; the records that reach the broker during the wait come with
+    the next fetch.
+    """
+
+    def __init__(
+        self, fetch: Callable[[Any, int, Any], Awaitable[bool]], interval_s: float
+    ) -> None:
+        self._fetch = fetch
+        self._interval_s = interval_s
+        self._last: dict[int, float] = {}
+
+    async def __call__(self, assignment: Any, node_id: int, request: Any) -> bool:
+        loop = asyncio.get_running_loop()
+        wait = self._last.get(node_id, -self._interval_s) + self._interval_s - loop.time()
+        if wait > 0:
+            # aiokafka sends no other fetch to this broker meanwhile (one in flight
+            # each), and answers for partitions moved meanwhile are dropped by its
+            # position checks as for any fetch in flight.
+            await asyncio.sleep(wait)
+        self._last[node_id] = loop.time()
+        return await self._fetch(assignment, node_id, request)
 
 
 class Inbox:
@@ -463,6 +516,21 @@ class ConsumerSeam:
             thread._ensure_consumer()._coordinator.request_rejoin()
 
         await thread.call_thread(request)
+
+    async def pace_fetches(self, interval_s: float) -> None:
+        """Pace the consumer's fetches (:class:`PacedFetches`); once per aiokafka
+        consumer, on its own thread. Nothing when ``interval_s`` is 0."""
+        if interval_s <= 0:
+            return
+        thread = self._consumer._thread
+
+        async def install() -> None:
+            fetcher = thread._ensure_consumer()._fetcher
+            if fetcher is None or isinstance(fetcher._proc_fetch_request, PacedFetches):
+                return
+            fetcher._proc_fetch_request = PacedFetches(fetcher._proc_fetch_request, interval_s)
+
+        await thread.call_thread(install)
 
     def fetcher_ended(self) -> bool:
         """True when Faust's fetch loop ended by itself while the worker runs: its task

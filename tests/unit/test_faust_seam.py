@@ -17,9 +17,11 @@ from mode.utils.queues import FlowControlEvent, ThrowableQueue
 from pipeline.errors import ConfigurationError, FaustSeamError
 from pipeline.runtime.app import task_stacks
 from pipeline.runtime.faust import (
+    AIOKAFKA_VERSION,
     FAUST_VERSION,
     ConsumerSeam,
     Inbox,
+    PacedFetches,
     check_faust,
     drain_in_batches,
     table_entries,
@@ -44,6 +46,19 @@ def test_a_reshaped_internal_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(Consumer, "_add_gap", add_gap)
     with pytest.raises(FaustSeamError, match="_add_gap"):
+        check_faust()
+
+
+def test_a_reshaped_aiokafka_fetch_is_caught_naming_its_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka.consumer.fetcher import Fetcher as KafkaFetcher
+
+    async def fetch(self: Any, assignment: Any, node_id: int) -> bool:
+        return False
+
+    monkeypatch.setattr(KafkaFetcher, "_proc_fetch_request", fetch)
+    with pytest.raises(FaustSeamError, match=rf"aiokafka {AIOKAFKA_VERSION}.*_proc_fetch_request"):
         check_faust()
 
 
@@ -310,3 +325,23 @@ def test_table_entries_are_the_dict_faust_recovery_fills() -> None:
 def test_a_table_outside_a_memory_store_fails_loudly() -> None:
     with pytest.raises(FaustSeamError, match="memory store"):
         table_entries(SimpleNamespace(name="t", data={}))
+
+
+async def test_fetches_to_a_broker_are_paced_and_the_first_goes_at_once() -> None:
+    sent: list[tuple[int, float]] = []
+    loop = asyncio.get_running_loop()
+
+    async def fetch(assignment: Any, node_id: int, request: Any) -> bool:
+        sent.append((node_id, loop.time()))
+        return True
+
+    paced = PacedFetches(fetch, 0.05)
+    start = loop.time()
+    assert await paced(None, 1, None)
+    await paced(None, 2, None)  # another broker: not held back by the first
+    await paced(None, 1, None)
+    (first, t1), (second, t2), (third, t3) = sent
+    assert (first, second, third) == (1, 2, 1)
+    assert t1 - start < 0.02
+    assert t2 - start < 0.02
+    assert t3 - t1 >= 0.05
