@@ -208,26 +208,50 @@ class PacedFetches:
 
     The fetch waits before it is sent, never after its answer, so records it brings are
     handed over at once; the records that reach the broker during the wait come with
-    the next fetch.
+    the next fetch. A worker that is behind (``behind()``: its last hand-over was
+    large) fetches at once: its fetches come back full, and pacing them only slowed a
+    backlog's drain.
     """
 
     def __init__(
-        self, fetch: Callable[[Any, int, Any], Awaitable[bool]], interval_s: float
+        self,
+        fetch: Callable[[Any, int, Any], Awaitable[bool]],
+        interval_s: float,
+        behind: Callable[[], bool] = lambda: False,
     ) -> None:
         self._fetch = fetch
         self._interval_s = interval_s
+        self._behind = behind
         self._last: dict[int, float] = {}
 
     async def __call__(self, assignment: Any, node_id: int, request: Any) -> bool:
         loop = asyncio.get_running_loop()
         wait = self._last.get(node_id, -self._interval_s) + self._interval_s - loop.time()
-        if wait > 0:
+        if wait > 0 and not self._behind():
             # aiokafka sends no other fetch to this broker meanwhile (one in flight
             # each), and answers for partitions moved meanwhile are dropped by its
             # position checks as for any fetch in flight.
             await asyncio.sleep(wait)
         self._last[node_id] = loop.time()
         return await self._fetch(assignment, node_id, request)
+
+
+#: Records in one hand-over of the fetch loop from which a worker counts as behind
+#: (PacedFetches): ~6,000 records a second at the default pace, several times what one
+#: worker handles.
+BEHIND_RECORDS = 256
+
+
+class FetchLoad:
+    """The size of the fetch loop's last hand-over: written by :func:`drain_in_batches`
+    on the event loop, read by :class:`PacedFetches` on the consumer's thread."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def behind(self) -> bool:
+        """True when the last hand-over held BEHIND_RECORDS records or more."""
+        return self.last >= BEHIND_RECORDS
 
 
 class Inbox:
@@ -315,7 +339,10 @@ class Inbox:
 
 
 async def drain_in_batches(
-    consumer: Any, fetcher: Any, inboxes: Mapping[str, Inbox] | None = None
+    consumer: Any,
+    fetcher: Any,
+    inboxes: Mapping[str, Inbox] | None = None,
+    load: FetchLoad | None = None,
 ) -> None:
     """Faust's ``Consumer._drain_messages`` (the fetch loop), racing each fetched batch
     against a rebalance's ``suspend_flow`` instead of each record, and handing the
@@ -328,9 +355,11 @@ async def drain_in_batches(
     race per batch aborts a rebalanced batch just as promptly. Everything else is
     Faust's, in its order: records below the read offset dropped, gaps noted, the
     ``commit_every`` commit, the read offset set once a record is handed over (to
-    Faust's conductor, or to the list its inbox gets at the end of the batch).
+    Faust's conductor, or to the list its inbox gets at the end of the batch). ``load``
+    learns how many records each fetched batch held.
     """
     inboxes = inboxes or {}
+    load = load or FetchLoad()
     callback = consumer.callback
     consumer_should_stop = consumer._stopped.is_set
     fetcher_should_stop = fetcher._stopped.is_set
@@ -344,7 +373,9 @@ async def drain_in_batches(
         handed: dict[Inbox, list[Any]] = {}
         item: tuple[Any, Any] | None = first
         since_yield = 0
+        count = 0
         while item is not None:
+            count += 1
             tp, message = item
             offset = message.offset
             r_offset = read_offset[tp]
@@ -365,6 +396,7 @@ async def drain_in_batches(
                 since_yield = 0
                 await asyncio.sleep(0)
             item = await anext(records, None)
+        load.last = count
         for inbox, messages in handed.items():
             await inbox.put(messages)
 
@@ -376,7 +408,9 @@ async def drain_in_batches(
             if consumer.should_stop:
                 continue
             first = await anext(records, None)  # the fetch: outside the race
-            if first is not None:
+            if first is None:
+                load.last = 0
+            else:
                 try:
                     await consumer.wait_first(deliver(first, records), consumer.suspend_flow.wait())
                 except asyncio.CancelledError:
@@ -485,6 +519,8 @@ class ConsumerSeam:
         self._app = app
         self._guarded: list[Any] = []
         self._inboxes: dict[str, Inbox] = {}
+        #: What the fetch loop handed over last (fetch pacing reads it).
+        self.load = FetchLoad()
 
     def inbox(self, topics: Iterable[str]) -> Inbox:
         """The inbox the fetch loop hands ``topics``' records to (a stage's)."""
@@ -528,7 +564,9 @@ class ConsumerSeam:
             fetcher = thread._ensure_consumer()._fetcher
             if fetcher is None or isinstance(fetcher._proc_fetch_request, PacedFetches):
                 return
-            fetcher._proc_fetch_request = PacedFetches(fetcher._proc_fetch_request, interval_s)
+            fetcher._proc_fetch_request = PacedFetches(
+                fetcher._proc_fetch_request, interval_s, self.load.behind
+            )
 
         await thread.call_thread(install)
 
@@ -578,7 +616,7 @@ class ConsumerSeam:
         consumer._add_gap = add_gap(consumer._add_gap)
         consumer._read_offset = read_offsets(consumer._read_offset)
         consumer._drain_messages = functools.partial(
-            drain_in_batches, consumer, inboxes=self._inboxes
+            drain_in_batches, consumer, inboxes=self._inboxes, load=self.load
         )
         self._guarded.append(consumer)
 

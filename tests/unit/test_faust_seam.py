@@ -18,8 +18,10 @@ from pipeline.errors import ConfigurationError, FaustSeamError
 from pipeline.runtime.app import task_stacks
 from pipeline.runtime.faust import (
     AIOKAFKA_VERSION,
+    BEHIND_RECORDS,
     FAUST_VERSION,
     ConsumerSeam,
+    FetchLoad,
     Inbox,
     PacedFetches,
     check_faust,
@@ -159,14 +161,21 @@ class FetchLoop(Service):
 
 async def test_the_batched_fetch_loop_hands_over_what_faust_would() -> None:
     handed: list[int] = []
+    load = FetchLoad()
+    loads: list[int] = []
 
     async def callback(message: Any) -> None:
         handed.append(message.offset)
+        loads.append(load.last)
 
     consumer = FetchLoop([[0, 1, 2], [1, 3, 7, 8]], callback)
-    await drain_in_batches(consumer, Service())
+    await drain_in_batches(consumer, Service(), load=load)
     # Offset 1 again is below the read offset once 2 was handed over: dropped.
     assert handed == [0, 1, 2, 3, 7, 8]
+    # Each fetched batch's size, for fetch pacing: the first's while the second is
+    # handed over, none after the last (empty) fetch.
+    assert loads == [0, 0, 0, 3, 3, 3]
+    assert load.last == 0
     assert consumer.gaps == [(4, 7)]  # the jump 3 -> 7, for Faust's gap bookkeeping
     assert consumer._read_offset[("t", 0)] == 8
 
@@ -345,3 +354,19 @@ async def test_fetches_to_a_broker_are_paced_and_the_first_goes_at_once() -> Non
     assert t1 - start < 0.02
     assert t2 - start < 0.02
     assert t3 - t1 >= 0.05
+
+
+async def test_a_worker_that_is_behind_fetches_without_pacing() -> None:
+    sent: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def fetch(assignment: Any, node_id: int, request: Any) -> bool:
+        sent.append(loop.time())
+        return True
+
+    load = FetchLoad()
+    paced = PacedFetches(fetch, 10.0, load.behind)
+    await paced(None, 1, None)
+    load.last = BEHIND_RECORDS  # the last hand-over was a backlog's
+    await asyncio.wait_for(paced(None, 1, None), timeout=1)
+    assert len(sent) == 2
