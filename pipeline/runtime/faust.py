@@ -200,9 +200,9 @@ class PacedFetches:
     Every fetch names all ~150 partitions a worker reads and costs the consumer thread
     ~2.5 ms of CPU to encode and decode in pure Python, whatever it returns; and with
     aiokafka's ``fetch_min_bytes`` of 1 the broker answers as soon as any partition has
-    a record. A trickle of records thus became a fetch per record, and under a steady
-    load the consumer thread took the GIL from the event loop for most of its turns
-    (docs/performance.md, fifth pass). Pacing bounds the fetches per second without
+    a record. A trickle of records thus became a fetch per record, and the consumer
+    thread's work, in the same process, delayed every wake-up of the event loop by
+    milliseconds (docs/performance.md, fifth pass). Pacing bounds the fetches per second without
     costing an idle worker anything: a fetch that finds nothing still waits at the
     broker (up to Faust's 1.5 s), and the next one goes out at once.
 
