@@ -69,9 +69,9 @@ class EmailChannel:
     async def handle(self, raw: RawRecord, registry: MutableMapping[bytes, Any]) -> list[Out]:
         """Deal with one route; ``registry`` maps route_id to its entry.
 
-        A lane sends up to HERALD_SMTP_CONNECTIONS routes at once (one batch), and each
-        route's outputs (status events, the registry entry) are written as soon as it
-        is done, not with the batch: the window in which a crash could send it twice
+        A lane sends up to HERALD_SMTP_CONNECTIONS routes at once (a window: the next
+        starts when the oldest is done), and each route's outputs (status events, the
+        registry entry) are written as soon as it is done, not with its batch: the window in which a crash could send it twice
         stays one route's, not a batch's."""
         now = self._clock.now_ms()
         request = self._deliveries.accept(raw, registry, now)
