@@ -71,8 +71,8 @@ class EmailChannel:
 
         A lane sends up to HERALD_SMTP_CONNECTIONS routes at once (a window: the next
         starts when the oldest is done), and each route's outputs (status events, the
-        registry entry) are written as soon as it is done, not with its batch: the window in which a crash could send it twice
-        stays one route's, not a batch's."""
+        registry entry) are written as soon as it is done, not with its batch: the
+        window in which a crash could send it twice stays one route's, not a batch's."""
         now = self._clock.now_ms()
         request = self._deliveries.accept(raw, registry, now)
         if not isinstance(request, ChannelRequest):
