@@ -197,7 +197,7 @@ class PacedFetches:
     """aiokafka's fetch to one broker, started no sooner than ``interval_s`` after the
     previous one to that broker.
 
-    Every fetch names all ~150 partitions a worker reads and costs the consumer thread
+    Every fetch names all ~130 partitions a worker reads and costs the consumer thread
     ~2.5 ms of CPU to encode and decode in pure Python, whatever it returns; and with
     aiokafka's ``fetch_min_bytes`` of 1 the broker answers as soon as any partition has
     a record. A trickle of records thus became a fetch per record, and the consumer
