@@ -38,6 +38,9 @@ _PLAIN_FILENAME = re.compile(r"^[A-Za-z0-9 !#$%&'()*+,.:;<>?@\[\]^_`{|}~-]+$")
 _MAX_ADDRESS = 254
 #: Folding width for header lines (RFC 5322 asks for 78; 998 is the hard limit).
 _WIDTH = 78
+#: A plain word longer than this cannot be folded within 998 characters: encoded
+#: words split it.
+_LONGEST_WORD = 900
 #: UTF-8 bytes per encoded word: 39 bytes are 52 base64 characters, 64 with the frame.
 _WORD_BYTES = 39
 #: Characters of one RFC 2231 filename section.
@@ -138,9 +141,10 @@ def _address_field(name: str, value: str) -> str:
 
 def _field(name: str, value: str) -> str:
     """``name: value`` folded at spaces; RFC 2047 encoded words when the value is not
-    plain ASCII or could be read as encoded words."""
-    plain = value.isascii() and "=?" not in value
-    words = value.split(" ") if plain else _encoded_words(value)
+    plain ASCII, could be read as encoded words, or has a word too long to fold."""
+    words = value.split(" ")
+    if not value.isascii() or "=?" in value or max(map(len, words)) > _LONGEST_WORD:
+        words = _encoded_words(value)
     line = f"{name}:"
     lines: list[str] = []
     for word in words:

@@ -129,6 +129,7 @@ SUBJECTS = [
     "Grüße aus Köln \u2013 dein Zug 🎉 " * 4,
     "Looks like =?utf-8?q?an_encoded_word?= but is text",
     "x" * 300,
+    "y" * 2000,  # longer than a header line may be: split into encoded words
 ]
 TEXTS = ["", "line\r\nnext\rlast  \n.\n", "Zug für Anna\n" + "y" * 500, "a = b =_ c\t\n"]
 FILES = [
