@@ -105,6 +105,7 @@ class Runtime:
         )
         encode = encode_raw if value_serializer == "raw" else encode_json
         topic = self.settings.topic(changelog)
+        self.sink.state_topics.add(topic)
         return StageTable(
             table_entries(table),
             Changelog(topic, spec.partitions, encode) if write_changelog else None,

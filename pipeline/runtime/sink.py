@@ -26,6 +26,14 @@ class AckedSink:
     agent's input stays unacknowledged meanwhile, which is exactly what keeps the
     promise that nothing accepted is lost. Resending is safe because every id Herald
     writes is deterministic, so a repeat is absorbed downstream.
+
+    A table's changelog never runs ahead of the outputs it stands for: records to
+    ``state_topics`` are written once the others are acknowledged. A worker killed in
+    the middle of a write can thus leave outputs without their table entries (the
+    input is read again and its outputs written again, with the same ids), never table
+    entries without their outputs (the input would be read again, found done in its
+    table, and its outputs lost: an accepted intent never routed, a sent mail without
+    its status event).
     """
 
     def __init__(
@@ -36,9 +44,21 @@ class AckedSink:
         self._ack_timeout_s = ack_timeout_s
         #: True while a write keeps failing (for the readiness check still to come).
         self.stalled = False
+        #: The tables' changelog topics (the runtime adds each table's).
+        self.state_topics: set[str] = set()
 
     async def deliver(self, records: Sequence[Out]) -> None:
-        """Write ``records``; return when all are acknowledged."""
+        """Write ``records``; return when all are acknowledged (the tables' changelog
+        records after the others)."""
+        state = self.state_topics
+        outputs = [record for record in records if record.topic not in state]
+        if 0 < len(outputs) < len(records):
+            await self._deliver(outputs)
+            await self._deliver([record for record in records if record.topic in state])
+        else:
+            await self._deliver(records)
+
+    async def _deliver(self, records: Sequence[Out]) -> None:
         pending = list(records)
         backoff = 0.1
         while pending:

@@ -25,6 +25,28 @@ async def test_refused_records_are_resent_until_acknowledged() -> None:
     assert not sink.stalled
 
 
+async def test_table_changelog_records_are_written_after_the_outputs_are_acknowledged() -> None:
+    """A worker killed mid-write must never leave a table entry without the outputs it
+    stands for (the input, read again, would be found done and its outputs lost)."""
+    broker = FakeBroker(failures=1, refuse_topic="out")
+    writes: list[list[str]] = []
+    write = broker.write
+
+    async def recording(records: Any) -> Any:
+        writes.append([record.topic for record in records])
+        return await write(records)
+
+    sink = AckedSink(recording, max_backoff_s=0.01)
+    sink.state_topics.add("table.changelog")
+    await sink.deliver(
+        [Out("out", None, b"1"), Out("table.changelog", None, b"2"), Out("status", None, b"3")]
+    )
+    # The refused output is sent again, and only then the table's entry.
+    assert writes == [["out", "status"], ["out"], ["table.changelog"]]
+    await sink.deliver([Out("table.changelog", None, b"4")])  # a write-ahead on its own
+    assert writes[-1] == ["table.changelog"]
+
+
 async def test_a_send_never_answered_is_sent_again() -> None:
     broker = FakeBroker(unanswered=1)
     sink = AckedSink(broker.write, max_backoff_s=0.01, ack_timeout_s=0.05)
