@@ -50,11 +50,13 @@ class AckedSink:
     async def deliver(self, records: Sequence[Out]) -> None:
         """Write ``records``; return when all are acknowledged (the tables' changelog
         records after the others)."""
-        state = self.state_topics
-        outputs = [record for record in records if record.topic not in state]
-        if 0 < len(outputs) < len(records):
+        outputs: list[Out] = []
+        changelog: list[Out] = []
+        for record in records:
+            (changelog if record.topic in self.state_topics else outputs).append(record)
+        if outputs and changelog:
             await self._deliver(outputs)
-            await self._deliver([record for record in records if record.topic in state])
+            await self._deliver(changelog)
         else:
             await self._deliver(records)
 
