@@ -34,7 +34,7 @@ class RecordCodec(Generic[R]):
 
     def encode(self, record: R) -> bytes:
         """Record to wire-format bytes."""
-        data = self.avro.encode(record.to_avro())
+        data = self.avro.encode_object(record)
         self._last = (data, record)
         return data
 

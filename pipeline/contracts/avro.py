@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
+from pipeline.contracts.compiled import compile_reader, compile_writer
+from pipeline.contracts.records import AvroRecord
 from pipeline.errors import (
     ConfigurationError,
     DecodeError,
@@ -157,6 +159,10 @@ class AvroCodec:
         self._registry = registry
         self._schema = schema
         self._parsed = parse_schema(schema)
+        # Generated code for our own schema; fastavro for what it does not cover.
+        self._write_body = compile_writer(schema)
+        self._write_object = compile_writer(schema, attributes=True)
+        self._read_body = compile_reader(schema)
         self._writer_id: int | None = None
         self._header: bytes = b""
         self._readers: dict[int, Any] = {}
@@ -173,10 +179,19 @@ class AvroCodec:
     def encode(self, record: dict[str, Any]) -> bytes:
         """Serialize ``record`` (a dict matching the schema) with the wire-format header."""
         self.schema_id  # noqa: B018 - resolves the header once
+        if self._write_body is not None:
+            return self._write_body(record, self._header)
         buffer = io.BytesIO()
         buffer.write(self._header)
         schemaless_writer(buffer, self._parsed, record)
         return buffer.getvalue()
+
+    def encode_object(self, record: AvroRecord) -> bytes:
+        """Serialize a Herald record object (its fields read as attributes)."""
+        self.schema_id  # noqa: B018 - resolves the header once
+        if self._write_object is not None:
+            return self._write_object(record, self._header)
+        return self.encode(record.to_avro())
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """Parse wire-format bytes into a dict; DecodeError for anything else."""
@@ -191,19 +206,22 @@ class AvroCodec:
             writer = parse_schema(self._registry.schema_by_id(schema_id))
             self._readers[schema_id] = writer
         writer_schema = self._readers[schema_id]
-        body = io.BytesIO(data)
-        body.seek(_HEADER.size)
         try:
-            if writer_schema is None:
-                record = schemaless_reader(body, self._parsed, None)
+            if writer_schema is None and self._read_body is not None:
+                record, end = self._read_body(data, _HEADER.size)
             else:
-                record = schemaless_reader(body, writer_schema, self._parsed)
+                body = io.BytesIO(data)
+                body.seek(_HEADER.size)
+                if writer_schema is None:
+                    record = schemaless_reader(body, self._parsed, None)
+                else:
+                    record = schemaless_reader(body, writer_schema, self._parsed)
+                end = body.tell()
         except Exception as exc:  # fastavro raises many types on bad bodies
             raise DecodeError(f"Avro body does not match schema id {schema_id}: {exc}") from exc
-        if body.tell() != len(data):
+        if end != len(data):
             raise DecodeError(
-                f"{len(data) - body.tell()} trailing bytes after the Avro body "
-                f"(schema id {schema_id})"
+                f"{len(data) - end} trailing bytes after the Avro body (schema id {schema_id})"
             )
         if not isinstance(record, dict):
             raise DecodeError(f"schema id {schema_id} does not describe a record")
