@@ -101,6 +101,11 @@ def validate(intent: Intent, catalog: Catalog, settings: Settings) -> ValidInten
         raise fail("payload_not_json_object", f"payload_json is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise fail("payload_not_json_object", "payload_json must be a JSON object")
+    if "\\u" in intent.payload_json and _has_lone_surrogate(payload):
+        # Valid JSON, but text no channel can send (it is not encodable as UTF-8).
+        raise fail(
+            "payload_not_json_object", "payload_json escapes a lone surrogate (\\ud800-\\udfff)"
+        )
     missing = [f for f in spec.required if payload.get(f) in (None, "")]
     if missing:
         raise fail("missing_payload_fields", f"{spec.name} requires {', '.join(missing)}")
@@ -113,6 +118,14 @@ def validate(intent: Intent, catalog: Catalog, settings: Settings) -> ValidInten
         raise fail("payload_field_type", f"{spec.name}: {'; '.join(wrong)}")
 
     return ValidIntent(intent, spec, recipients, payload, spec.effective_priority(intent.priority))
+
+
+def _has_lone_surrogate(payload: dict[str, Any]) -> bool:
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def fingerprint(valid: ValidIntent) -> str:
@@ -231,7 +244,8 @@ class Intake:
 
     def _fan_out(self, raw: RawRecord, valid: ValidIntent, nid: str, now_ms: int) -> list[Out]:
         intent = valid.intent
-        payload_json = json.dumps(valid.payload, separators=(",", ":"), ensure_ascii=False)
+        # As the producer wrote it: validated, and equal as JSON to anything re-dumped.
+        payload_json = intent.payload_json
         users: tuple[str | None, ...] = (
             valid.recipients if intent.audience_kind == "user" else (None,)
         )

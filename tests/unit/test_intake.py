@@ -61,6 +61,8 @@ def test_accepted_intent_fans_out_per_recipient(
     assert [o.key for o in on("notification.recipients", outputs)] == [b"u1", b"u2"]
     assert len({r.notification_id for r in recipients}) == 1
     assert table[intent.idempotency_id.encode()]["nid"] == recipients[0].notification_id
+    # The payload travels as the producer wrote it (validated, not re-serialized).
+    assert {r.payload_json for r in recipients} == {intent.payload_json}
 
 
 def test_duplicate_conflict_and_expiry(

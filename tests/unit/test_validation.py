@@ -55,6 +55,7 @@ def test_type_priority_floor_raises_priority(catalog: Catalog, settings: Setting
         ({"occurred_at_ms": 0}, "invalid_occurred_at"),
         ({"payload_json": "[1, 2]"}, "payload_not_json_object"),
         ({"payload_json": "{not json"}, "payload_not_json_object"),
+        ({"payload_json": '{"game_name": "A\\udc00"}'}, "payload_not_json_object"),
         ({"payload": {"game_id": "g"}}, "missing_payload_fields"),
         ({"payload": {**TURN_READY_PAYLOAD, "game_name": ""}}, "missing_payload_fields"),
         ({"payload": {**TURN_READY_PAYLOAD, "blob": "x" * 70_000}}, "payload_too_large"),
