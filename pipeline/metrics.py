@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.values import value_class
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
@@ -120,7 +121,7 @@ _DELIVERED = frozenset({"sent", "published"})
 _FINAL = frozenset({"sent", "published", "suppressed", "expired", "dead_lettered"})
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class Note:
     """What a written record means for the metrics."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,12 +23,13 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.errors import ConfigurationError, RenderError
+from pipeline.values import value_class
 
 DEFAULT_LOCALE = "en"
 SUFFIX = ".j2"
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class RenderedMail:
     """One mail's text, ready for MIME."""
 
@@ -45,7 +45,7 @@ class RenderedMail:
     """True when ``en`` stood in for a locale without templates."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class RenderedPush:
     """One push's display texts."""
 

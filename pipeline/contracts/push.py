@@ -21,6 +21,7 @@ from flatbuffers import number_types
 
 from pipeline.contracts.fbs import notification_generated as fbs
 from pipeline.errors import DecodeError, PushPayloadError
+from pipeline.values import value_class
 
 #: The schema's file_identifier: the first thing a reader checks.
 FILE_IDENTIFIER = b"HRLD"
@@ -52,7 +53,7 @@ BODY_TABLES = _body_tables()
 _TABLE_BY_TAG = {tag: name for name, (tag, _) in BODY_TABLES.items()}
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class Display:
     """What the client shows."""
 
@@ -66,7 +67,7 @@ class Display:
     """Deep link opened on tap, when the type has one."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class PushPayload:
     """One push: what Herald encodes for the gateway, or what a reader decoded."""
 

@@ -34,6 +34,7 @@ from pipeline.runtime.producer import UNANSWERED, KafkaWriter
 from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.topology.partitioning import partition_for
+from pipeline.values import value_class
 
 #: librdkafka's codes for a cluster that does not answer (as opposed to one that refuses).
 _UNANSWERED_CODES = frozenset(
@@ -43,7 +44,7 @@ _UNANSWERED_CODES = frozenset(
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class PublishReceipt:
     """Where the gateway topic stored one push."""
 

@@ -9,10 +9,10 @@ input's offset be committed.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline import metrics
+from pipeline.values import value_class
 
 
 def normalize_headers(headers: Any) -> tuple[tuple[str, bytes], ...]:
@@ -31,7 +31,7 @@ def header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class RawRecord:
     """A Kafka record as an agent received it, before any decoding."""
 
@@ -44,7 +44,7 @@ class RawRecord:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class Out:
     """One record an agent wants written."""
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.contracts.ids import deterministic_id
@@ -23,13 +22,14 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.outputs import malformed, status_out
 from pipeline.topology import Catalog, TypeSpec, payload_type_error
 from pipeline.topology.partitioning import partition_for
+from pipeline.values import value_class
 
 _PRODUCER_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _MAX_KEY_LEN = 256
 _MAX_USER_ID_LEN = 128
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class ValidIntent:
     """An intent that passed validation, normalised for fingerprinting."""
 
