@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.model import parse_duration
-from pipeline.topology.partitioning import partition_for
+from pipeline.topology.partitioning import murmur2, partition_for
 
 
 @pytest.fixture
@@ -102,6 +104,14 @@ def test_partitioner_matches_the_java_client() -> None:
     # Reference values of org.apache.kafka.common.utils.Utils.murmur2 (Java client).
     assert partition_for(b"21", 1000) == (-973932308 & 0x7FFFFFFF) % 1000
     assert partition_for(b"foobar", 1000) == (-790332482 & 0x7FFFFFFF) % 1000
+
+
+def test_murmur2_is_aiokafkas_for_keys_of_every_length() -> None:
+    rng = random.Random(1)
+    for length in range(130):
+        for _ in range(10):
+            key = rng.randbytes(length)
+            assert murmur2(key) == aiokafka_murmur2(key), key
 
 
 def test_catalog_holds_the_v1_types(settings: Settings) -> None:
