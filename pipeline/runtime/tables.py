@@ -15,9 +15,13 @@ _DELETED = object()
 _MISSING = object()
 
 
+#: Compact JSON (json.dumps with arguments builds an encoder per call).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_json(value: Any) -> bytes:
     """A JSON table value as Faust's ``json`` serializer reads it back on recovery."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _compact_json(value).encode()
 
 
 def encode_raw(value: Any) -> bytes:

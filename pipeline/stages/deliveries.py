@@ -23,6 +23,7 @@ from pipeline.contracts.records import Attempt, ChannelRequest, DeadLetter, Stat
 from pipeline.errors import DecodeError, HeraldError
 from pipeline.logs import route_fields
 from pipeline.runtime.records import Out, RawRecord
+from pipeline.runtime.tables import encode_json
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayTiers
 from pipeline.stages.outputs import malformed, status_out
@@ -304,7 +305,7 @@ class Deliveries:
             **extra,
         }
         key = request.route_id.encode("utf-8")
-        value = json.dumps(entry, separators=(",", ":")).encode()
+        value = encode_json(entry)
         registry[key] = value
         return Out(self.registry_topic, key, value, partition=raw.partition)
 

@@ -132,3 +132,13 @@ def test_embedded_registry_refuses_unknown_ids(settings: Settings) -> None:
 def test_deterministic_ids_are_the_uuid5_they_always_were(parts: tuple[object, ...]) -> None:
     expected = str(uuid.uuid5(HERALD_NS, "\x1f".join(map(str, parts))))
     assert deterministic_id(*parts) == expected
+
+
+def test_deterministic_ids_match_uuid5_for_every_variant_digit() -> None:
+    seen = set()
+    for n in range(2000):
+        parts = ("intent", n, "x" * (n % 40))
+        made = deterministic_id(*parts)
+        assert made == str(uuid.uuid5(HERALD_NS, "\x1f".join(map(str, parts))))
+        seen.add(made[19])
+    assert seen == set("89ab")
