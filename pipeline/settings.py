@@ -120,6 +120,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    gc_young_threshold: int = Field(
+        default=20_000,
+        ge=0,
+        description=(
+            "Allocations between two collections of Python's youngest generation (0: "
+            "Python's default, 700, and nothing frozen). Larger means fewer, longer "
+            "pauses of the cyclic collector (docs/performance.md, sixth pass)."
+        ),
+    )
+
     push_handoff: bool = Field(
         default=True,
         description=(

@@ -43,8 +43,8 @@ _TIMES = (-62_135_596_800_000, 253_402_300_799_999)
 _SMALL = tuple(bytes((n << 1,)) for n in range(64))
 
 
-class UnsupportedSchemaError(Exception):
-    """A schema part this module does not generate code for."""
+class _NotGeneratedError(Exception):
+    """A schema part this module does not generate code for (never leaves the module)."""
 
 
 def _varint(n: int) -> bytes:
@@ -112,7 +112,7 @@ class _Code:
 
     def entering(self, name: str) -> None:
         if name in self._open:
-            raise UnsupportedSchemaError(f"recursive record {name}")
+            raise _NotGeneratedError(f"recursive record {name}")
         self._open.add(name)
 
     def leaving(self, name: str) -> None:
@@ -127,11 +127,11 @@ def _resolve(schema: Any, named: dict[str, Any]) -> Any:
             return schema
         if schema in named:
             return named[schema]
-        raise UnsupportedSchemaError(f"unknown type {schema}")
+        raise _NotGeneratedError(f"unknown type {schema}")
     if isinstance(schema, dict) and schema.get("type") in _PRIMITIVES:
         logical = schema.get("logicalType")
         if logical is not None and (logical, schema["type"]) != ("timestamp-millis", "long"):
-            raise UnsupportedSchemaError(f"logical type {logical}")
+            raise _NotGeneratedError(f"logical type {logical}")
         return schema["type"]
     return schema
 
@@ -149,7 +149,7 @@ def _is_timestamp(schema: Any) -> bool:
 def _nullable(branches: list[Any]) -> tuple[int, Any]:
     """(index of null, the other branch) of a two-branch union with null."""
     if len(branches) != 2 or "null" not in branches:
-        raise UnsupportedSchemaError("union other than [null, T]")
+        raise _NotGeneratedError("union other than [null, T]")
     null_at = branches.index("null")
     return null_at, branches[1 - null_at]
 
@@ -244,7 +244,7 @@ def _write_named(
             _write(code, schema["values"], item, depth + 2, named)
         emit(depth, "a(b'\\x00')")
     else:
-        raise UnsupportedSchemaError(f"type {kind}")
+        raise _NotGeneratedError(f"type {kind}")
 
 
 def _bad_symbol(value: Any, enum: str) -> bytes:
@@ -360,7 +360,7 @@ def _read_named(
     elif kind in ("array", "map"):
         item_schema = schema["items"] if kind == "array" else schema["values"]
         if kind == "array" and not _takes_bytes(item_schema, named):
-            raise UnsupportedSchemaError("array of items that take no bytes")
+            raise _NotGeneratedError("array of items that take no bytes")
         items, count, item = code.name("i"), code.name("n"), code.name("x")
         emit(depth, f"{items} = {'[]' if kind == 'array' else '{}'}")
         emit(depth, "while True:")
@@ -382,7 +382,7 @@ def _read_named(
             _read(code, item_schema, f"{items}[{key}]", depth + 2, named)
         emit(depth, f"{target} = {items}")
     else:
-        raise UnsupportedSchemaError(f"type {kind}")
+        raise _NotGeneratedError(f"type {kind}")
 
 
 _READ_ENV: dict[str, Any] = {
@@ -413,7 +413,7 @@ def compile_writer(schema: dict[str, Any], *, attributes: bool = False) -> Write
     code.emit(1, "a = o.append")
     try:
         _write(code, parsed, "r", 1, named)
-    except UnsupportedSchemaError:
+    except _NotGeneratedError:
         return None
     code.emit(1, "return b''.join(o)")
     writer: Writer = code.function("r, head", _WRITE_ENV)
@@ -427,7 +427,7 @@ def compile_reader(schema: dict[str, Any]) -> Reader | None:
     code.emit(1, "m = len(b)")
     try:
         _read(code, parsed, "result", 1, named)
-    except UnsupportedSchemaError:
+    except _NotGeneratedError:
         return None
     code.emit(1, "return result, p")
     reader: Reader = code.function("b, p", _READ_ENV)
