@@ -106,7 +106,8 @@ class _Code:
     def function(self, signature: str, env: dict[str, Any]) -> Any:
         source = "\n".join([f"def f({signature}):", *self.lines])
         scope = {**env, **self.constants}
-        # Generated from schemas alone: no datum ever reaches the source.
+        # Generated from Herald's own schema files: names enter as repr() literals or
+        # as checked identifiers, and no datum ever reaches the source.
         exec(compile(source, "<avro codegen>", "exec"), scope)
         return scope["f"]
 
@@ -136,10 +137,13 @@ def _resolve(schema: Any, named: dict[str, Any]) -> Any:
     return schema
 
 
-def _is_keyword(schema: Any) -> bool:
-    """Whether a record of ``schema`` has a field whose name is a Python keyword."""
+def _not_attributes(schema: Any) -> bool:
+    """Whether a record of ``schema`` has a field whose name cannot be an attribute
+    (a Python keyword, or not an identifier)."""
     fields = schema.get("fields", ()) if isinstance(schema, dict) else ()
-    return any(keyword.iskeyword(field["name"]) for field in fields)
+    return any(
+        keyword.iskeyword(field["name"]) or not field["name"].isidentifier() for field in fields
+    )
 
 
 def _is_timestamp(schema: Any) -> bool:
@@ -406,7 +410,7 @@ def compile_writer(schema: dict[str, Any], *, attributes: bool = False) -> Write
     saves building the dict.
     """
     parsed, named = _parsed(schema)
-    if attributes and any(_is_keyword(schema) for schema in [parsed, *named.values()]):
+    if attributes and any(_not_attributes(schema) for schema in [parsed, *named.values()]):
         return None
     code = _Code(attributes)
     code.emit(1, "o = [head]")

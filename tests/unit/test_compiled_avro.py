@@ -216,6 +216,9 @@ def test_what_is_not_generated_falls_back_to_none() -> None:
     assert compile_reader(recursive) is None
     assert compile_reader({"type": "string", "logicalType": "uuid"}) is None
     assert compile_reader({"type": "array", "items": "null"}) is None
+    keyword = {"type": "record", "name": "K", "fields": [{"name": "class", "type": "string"}]}
+    assert compile_writer(keyword, attributes=True) is None  # not an attribute name
+    assert compile_writer(keyword) is not None
 
 
 def test_writers_refuse_what_the_schema_does_not_allow() -> None:
