@@ -110,7 +110,8 @@ class RenderError(PermanentError):
 
 
 class InvalidAddressError(PermanentError):
-    """A recipient address that is not one plain mailbox (or could smuggle headers)."""
+    """A recipient address a channel cannot use: not one plain mailbox (or one that could
+    smuggle headers), or not a valid E.164 phone number."""
 
     reason = "invalid_address"
 
