@@ -116,6 +116,44 @@ class InvalidAddressError(PermanentError):
     reason = "invalid_address"
 
 
+class HttpDeferredError(TransientError):
+    """An HTTP endpoint answered 429 or 5xx: try again, no sooner than ``retry_after_s``."""
+
+    reason = "http_deferred"
+
+    def __init__(self, detail: str = "", *, code: int, retry_after_s: float | None) -> None:
+        super().__init__(detail, code=code)
+        #: What the endpoint's Retry-After asked for, in seconds (None: it did not say).
+        self.retry_after_s = retry_after_s
+
+
+class HttpRejectedError(PermanentError):
+    """An HTTP endpoint refused the request (a 4xx other than 408, 410 and 429, or a
+    redirect, which Herald does not follow)."""
+
+    reason = "http_rejected"
+
+
+class EndpointGoneError(PermanentError):
+    """An HTTP endpoint answered 410 Gone: it wants no more deliveries."""
+
+    reason = "endpoint_gone"
+
+
+class HttpTimeoutError(TransientError):
+    """An HTTP endpoint did not answer within the timeout."""
+
+    reason = "http_timeout"
+    server_unavailable = True
+
+
+class HttpConnectionError(TransientError):
+    """An HTTP endpoint could not be reached (refused, reset, unknown host)."""
+
+    reason = "http_unreachable"
+    server_unavailable = True
+
+
 class SmtpDeferredError(TransientError):
     """The SMTP server answered 4xx: try again later."""
 

@@ -211,6 +211,11 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = Field(
         default=15.0, gt=0, description="Longest wait for any one SMTP reply (timeout: transient)."
     )
+    http_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for an HTTP channel's endpoint to answer (timeout: transient).",
+    )
     smtp_connections: int = Field(
         default=4,
         ge=1,
