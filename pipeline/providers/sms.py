@@ -67,12 +67,12 @@ def sms_size(text: str) -> SmsSize:
 
 def e164(number: str) -> str:
     """``number`` (international form, with its ``+`` and country code; spaces,
-    dashes and brackets allowed) in E.164; InvalidAddressError when it is not a valid
+    dashes, dots and brackets allowed) in E.164; InvalidAddressError when it is not a valid
     number."""
     if not _DIALLED.fullmatch(number):
         # phonenumbers reads letters as a keypad's (1-800-FLOWERS) and "ext." as an
         # extension: neither belongs in an SMS recipient.
-        raise InvalidAddressError(f"{number!r} is not '+' and digits (spaces, -, (, ) allowed)")
+        raise InvalidAddressError(f"{number!r} is not '+' and digits (spaces, -, ., (, ) allowed)")
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException as exc:
