@@ -18,6 +18,9 @@ class HeraldError(Exception):
     #: True when the failure says the remote server is unreachable or unresponsive (as
     #: opposed to a reply about one message): what the circuit breaker counts.
     server_unavailable: bool = False
+    #: Seconds the remote side asked Herald to wait before trying again (Retry-After),
+    #: when it said; a retry is never scheduled sooner.
+    retry_after_s: float | None = None
 
     def __init__(
         self, detail: str = "", *, reason: str | None = None, code: int | None = None

@@ -54,16 +54,17 @@ END_TO_END = Histogram(
     ["channel"],
     buckets=_LATENCY_BUCKETS,
 )
-SMTP_SECONDS = Histogram(
-    "herald_smtp_seconds",
-    "One SMTP transaction (connect to the server's reply), by outcome.",
-    ["outcome"],
-    buckets=_LATENCY_BUCKETS,
-)
 GATEWAY_SECONDS = Histogram(
     "herald_gateway_publish_seconds",
     "One publication to the gateway topic, by outcome.",
     ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+PROVIDER_SECONDS = Histogram(
+    "herald_provider_call_seconds",
+    "One call to a direct channel's provider (an SMTP transaction, a webhook POST, ...), "
+    "by channel and outcome.",
+    ["channel", "outcome"],
     buckets=_LATENCY_BUCKETS,
 )
 
@@ -97,13 +98,19 @@ def outcome_of(error: BaseException | None) -> str:
     return "error" if transient is None else "transient" if transient else "permanent"
 
 
-def observe(histogram: Histogram, seconds: float, error: BaseException | None = None) -> None:
-    """Observe one timing in ``histogram`` under its outcome (:func:`outcome_of`)."""
-    _child(histogram, outcome_of(error)).observe(seconds)
+def observe(
+    histogram: Histogram,
+    seconds: float,
+    error: BaseException | None = None,
+    labels: tuple[str, ...] = (),
+) -> None:
+    """Observe one timing in ``histogram`` under ``labels`` and its outcome
+    (:func:`outcome_of`, the last label)."""
+    _child(histogram, *labels, outcome_of(error)).observe(seconds)
 
 
-async def timed(histogram: Histogram, call: Awaitable[T]) -> T:
-    """Await ``call``, observing its duration in ``histogram`` by outcome."""
+async def timed(histogram: Histogram, call: Awaitable[T], labels: tuple[str, ...] = ()) -> T:
+    """Await ``call``, observing its duration in ``histogram`` by ``labels`` and outcome."""
     started = time.monotonic()
     error: Exception | None = None
     try:
@@ -112,7 +119,7 @@ async def timed(histogram: Histogram, call: Awaitable[T]) -> T:
         error = exc
         raise
     finally:
-        observe(histogram, time.monotonic() - started, error)
+        observe(histogram, time.monotonic() - started, error, labels)
 
 
 _INTAKE = frozenset({"accepted", "duplicate", "rejected", "rejected_conflict", "ignored"})

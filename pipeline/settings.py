@@ -8,6 +8,7 @@ else reads the environment.
 
 from __future__ import annotations
 
+import json
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Literal
@@ -216,6 +217,28 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest wait for an HTTP channel's endpoint to answer (timeout: transient).",
     )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signing key of the webhook channel (Standard Webhooks `whsec_...`); "
+        "while rotating, several separated by spaces (each signs). Required when a catalog "
+        "type uses the webhook channel.",
+    )
+    webhook_endpoints: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named webhook endpoints a catalog type's `webhook_endpoint` refers to, "
+        'as JSON: {"orders": "https://hooks.example.com/herald"}.',
+    )
+    webhook_require_https: bool = Field(
+        default=True,
+        description="Refuse webhook URLs that are not https (such a route is skipped as "
+        "invalid_webhook_url).",
+    )
+    webhook_connections: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Webhook routes one worker has in flight at once.",
+    )
     smtp_connections: int = Field(
         default=4,
         ge=1,
@@ -324,6 +347,8 @@ class Settings(BaseSettings):
         return {
             self.env_var(name): value.get_secret_value()
             if isinstance(value, SecretStr)
+            else json.dumps(value)
+            if isinstance(value, dict | list)
             else str(value)
             for name, value in self.model_dump().items()
             if value is not None

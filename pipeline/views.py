@@ -1,5 +1,5 @@
-"""Small compacted topics read whole into memory and followed: the suppression list
-and the login-code intake's idempotency records.
+"""Small compacted topics read whole into memory and followed: the suppression list,
+the disabled webhook endpoints and the login-code intake's idempotency records.
 
 Every process that needs one reads every partition from the beginning (no consumer
 group, nothing committed) and is ``ready`` once it has reached the end offsets it
@@ -183,3 +183,26 @@ class SuppressionList(CompactedView[dict[str, Any]]):
     def lift(self, address: str) -> Out:
         """The tombstone that lifts the suppression of ``address``."""
         return Out(self.topic, address_key(address), None)
+
+
+class DisabledEndpoints(CompactedView[dict[str, Any]]):
+    """Webhook endpoints Herald no longer calls (notification.webhook.disabled), keyed
+    by URL: an endpoint that answered 410 Gone is put here; a tombstone lifts it."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "notification.webhook.disabled", json_value, name="webhooks")
+
+    def reason(self, url: str) -> str | None:
+        """Why ``url`` is disabled, or None when it is not."""
+        entry = self.get(url.encode("utf-8"))
+        return None if entry is None else str(entry.get("reason", "disabled"))
+
+    def entry(self, url: str, reason: str, detail: str, now_ms: int) -> Out:
+        """The record that disables ``url`` (applied to this view at once)."""
+        value = {"url": url, "reason": reason, "detail": detail[:500], "at_ms": now_ms}
+        self.put(url.encode("utf-8"), value)
+        return Out(self.topic, url.encode("utf-8"), json.dumps(value).encode())
+
+    def lift(self, url: str) -> Out:
+        """The tombstone that enables ``url`` again."""
+        return Out(self.topic, url.encode("utf-8"), None)

@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.providers import email_provider
-from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.runtime.app import Runtime
 from pipeline.runtime.batches import Handle
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.tables import StageTable, WriteBehind
 from pipeline.settings import Settings
+from pipeline.stages.channel import DirectChannel
+from pipeline.stages.channels import DIRECT, PUSH, DirectKind, routings
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayRelease, DelayTiers
 from pipeline.stages.deliveries import expired_entries
-from pipeline.stages.email import LANES, EmailChannel
 from pipeline.stages.handoff import PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.intake import Intake
 from pipeline.stages.outputs import malformed
 from pipeline.stages.push import DeviceFeedbackLog, PushChannel
 from pipeline.stages.route import Router
 from pipeline.stages.users import UserDirectory
-from pipeline.views import SuppressionList
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +42,16 @@ class Worker:
         self.users = UserDirectory(ctx)
         self.feedback = DeviceFeedbackLog(ctx)
         self.invalid_tokens = self.runtime.table("push-tokens", "herald.push.tokens.changelog")
-        self.router = Router(ctx, self.invalid_tokens.store)
-        self.suppressions = SuppressionList(settings)
+        self.router = Router(ctx, routings(ctx, self.invalid_tokens.store))
+        self.direct = {name: DIRECT[name](ctx) for name in ctx.topology.channels if name != PUSH}
         # One push channel for the push stage and the route stage's hand-off: its
         # in-flight set keeps the two from publishing one route at once.
         self.push = PushChannel(ctx, GatewayPublisher(settings), self.runtime.sink.deliver)
         self.push_registry = self._registry("push")
         self._wire_intake()
         self._wire_routing()
-        self._wire_email()
+        for name, kind in self.direct.items():
+            self._wire_direct(name, kind)
         self._wire_push()
         self._wire_delays()
         self._wire_watchdog()
@@ -143,32 +142,26 @@ class Worker:
         self.runtime.timer(self.settings.idempotency_sweep_interval_s, sweep_registry)
         return registry
 
-    def _wire_email(self) -> None:
-        registry = self._registry("email")
-        # One breaker for both lanes: they talk to the same server.
-        breaker = CircuitBreaker.smtp(self.settings)
-        for lane, logical_topic in LANES.items():
-            # Each lane has its own connections: login codes never wait behind bulk mail.
-            channel = EmailChannel(
-                self.ctx,
-                email_provider(self.settings),
-                self.suppressions,
-                breaker,
-                self.runtime.sink.deliver,
-            )
+    def _wire_direct(self, name: str, kind: DirectKind) -> None:
+        registry = self._registry(name)
+        for lane, logical_topic in self.ctx.topology.channel(name).lanes.items():
+            # Each lane has its own transport (its own connections): critical routes
+            # never wait behind bulk ones.
+            channel = DirectChannel(self.ctx, name, kind.transport(), self.runtime.sink.deliver)
             self.runtime.stage(
-                f"herald.email.{lane}",
+                f"herald.{name}.{lane}",
                 [self.settings.topic(logical_topic)],
                 channel.handle,
                 registry,
                 self._malformed_other,
-                # A window of one route per connection: the next route starts as soon as
-                # the oldest is done, and a lane never has more routes at the server
-                # (each written `sending` first) than it has connections (docs/email.md).
+                # A window: the next route starts as soon as the oldest is done, and a
+                # lane never has more routes at the provider (each written `sending`
+                # first) than its window (docs/email.md).
                 batch_max=1,
-                in_flight=self.settings.smtp_connections - 1,
+                in_flight=kind.window - 1,
             )
-        self.runtime.task(self.suppressions.run)
+        for task in kind.tasks():
+            self.runtime.task(task)
 
     def _wire_push(self) -> None:
         channel = self.push
@@ -211,11 +204,10 @@ class Worker:
                 self.router.recipients_topic,
                 self.router.rejoin_topic,
                 # Channel lanes commit after every batch (a delivery times out after
-                # HERALD_SMTP_TIMEOUT_S / HERALD_GATEWAY_TIMEOUT_S), so a lane that
+                # its provider's timeout setting), so a lane that
                 # commits nothing for the stall timeout is stuck. Delay tiers hold
                 # records on purpose: not watched.
-                *(self.settings.topic(t) for t in LANES.values()),
-                self.settings.topic("notification.push.requested"),
+                *(self.settings.topic(lane) for lane in self.ctx.topology.lanes()),
                 self.feedback.feedback_topic,
                 self.feedback.keyed_topic,
             ]

@@ -287,6 +287,8 @@ class UserProfile(AvroRecord):
     """Quiet window, or None."""
     updated_at_ms: int = 0
     """When the user service changed the profile."""
+    contacts: dict[str, str] = field(default_factory=dict)
+    """Addresses of the other channels by channel name (sms, webhook, slack)."""
 
     def to_avro(self) -> dict[str, Any]:
         data = AvroRecord.to_avro(self)

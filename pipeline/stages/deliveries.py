@@ -1,4 +1,4 @@
-"""What the channels (email, push) share: the per-route delivery registry, status
+"""What every channel shares: the per-route delivery registry, status
 events, and the path of a failed attempt (a wait in the channel's delay tiers, or the
 channel's DLQ with the route's whole history).
 
@@ -85,10 +85,11 @@ class Deliveries:
         self.tiers = DelayTiers.of(ctx.topology.retry[channel], settings)
         self._rng = random.Random()
         self._status_topic = settings.topic("notification.status")
-        self._dlq_topic = settings.topic(f"notification.{channel}.dlq")
+        spec = ctx.topology.channel(channel)
+        self._dlq_topic = settings.topic(spec.dlq)
         self._max_letter_bytes = settings.dead_letter_max_bytes
         self._malformed_topic = settings.topic("notification.malformed")
-        self.registry_topic = settings.topic(f"herald.{channel}.deliveries.changelog")
+        self.registry_topic = settings.topic(spec.registry)
 
     def accept(
         self, raw: RawRecord, registry: MutableMapping[bytes, Any], now_ms: int
@@ -148,7 +149,8 @@ class Deliveries:
             )
         ]
         if exc.transient and attempt < self.tiers.policy.budget:
-            due = now + int(self.tiers.backoff_s(attempt, self._rng) * 1000)
+            wait_s = max(self.tiers.backoff_s(attempt, self._rng), exc.retry_after_s or 0.0)
+            due = now + int(wait_s * 1000)
             retry = dataclasses.replace(request, attempt=attempt, attempts=history, due_at_ms=due)
             value = self._contracts.channel_request.encode(retry)
             due_text = datetime.fromtimestamp(due / 1000, tz=UTC).isoformat(timespec="seconds")

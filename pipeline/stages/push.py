@@ -33,16 +33,18 @@ from typing import Any
 
 from pipeline import metrics
 from pipeline.contracts.push import BODY_TABLES, Display, PushPayload, body_from_variables, encode
-from pipeline.contracts.records import ChannelRequest
+from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
 from pipeline.errors import DecodeError, HeraldError, PushPayloadError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers.gateway import GatewayPublisher, PublishReceipt, Push
 from pipeline.rendering import variables_of
 from pipeline.runtime.batches import then
 from pipeline.runtime.records import Out, RawRecord, Write
+from pipeline.stages.channel import Address
 from pipeline.stages.context import StageContext
 from pipeline.stages.deliveries import Deliveries, registry_entry
 from pipeline.stages.outputs import malformed
+from pipeline.topology import TypeSpec
 from pipeline.topology.partitioning import partition_for
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class PushChannel:
         self._max_bytes = settings.push_max_payload_bytes
         self._deliveries = Deliveries(ctx, "push")
         self.registry_topic = self._deliveries.registry_topic
-        self.requests_topic = settings.topic("notification.push.requested")
+        self.requests_topic = settings.topic(ctx.topology.channel("push").lanes["bulk"])
         unmapped = sorted(
             spec.name
             for spec in catalog.types.values()
@@ -377,6 +379,26 @@ def usable_tokens(tokens: list[str], invalid: Mapping[bytes, Any], user_id: str)
     """``tokens`` without those the gateway reported dead for ``user_id``."""
     dead = invalid_tokens(invalid.get(user_id.encode("utf-8")))
     return [token for token in tokens if token not in dead]
+
+
+class PushRouting:
+    """The push channel to the route stage: a user's devices, less those the gateway
+    reported dead; a route expires ``push_ttl_s`` after its event."""
+
+    name = "push"
+
+    def __init__(self, invalid_tokens: Mapping[bytes, Any]) -> None:
+        # Push tokens the gateway reported dead, by user_id (DeviceFeedbackLog).
+        self._invalid_tokens = invalid_tokens
+
+    def address(self, profile: UserProfile, spec: TypeSpec) -> Address | str:
+        tokens = usable_tokens(
+            [d.token for d in profile.push_devices], self._invalid_tokens, profile.user_id
+        )
+        return Address(tokens=tuple(tokens)) if tokens else "no_push_device"
+
+    def deadline_ms(self, recipient: Recipient, spec: TypeSpec) -> int:
+        return recipient.occurred_at_ms + spec.push_ttl_s * 1000 if spec.push_ttl_s else 0
 
 
 class DeviceFeedbackLog:

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline import metrics
@@ -27,11 +26,12 @@ from pipeline.contracts.records import (
 from pipeline.errors import DecodeError
 from pipeline.rendering import DEFAULT_LOCALE
 from pipeline.runtime.records import Out, RawRecord
+from pipeline.stages.channel import Address, ChannelRouting
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayTiers, attempt_of
 from pipeline.stages.outputs import malformed, status_out
-from pipeline.stages.push import usable_tokens
 from pipeline.topology import TypeSpec
+from pipeline.topology.catalog import PRIORITIES
 
 
 def quiet_until_ms(quiet: QuietHours | None, timezone: str | None, now_ms: int) -> int | None:
@@ -91,9 +91,7 @@ def opted_out(profile: UserProfile, spec: TypeSpec, channel: str, priority: str)
 class Router:
     """The routing decisions for one recipient record (see the module docstring)."""
 
-    def __init__(
-        self, ctx: StageContext, invalid_tokens: Mapping[bytes, Any] | None = None
-    ) -> None:
+    def __init__(self, ctx: StageContext, channels: Mapping[str, ChannelRouting]) -> None:
         settings, topology = ctx.settings, ctx.topology
         self._contracts = ctx.contracts
         # Profiles change rarely and are read per recipient: decode each version once
@@ -101,24 +99,23 @@ class Router:
         self._profile = functools.lru_cache(maxsize=8192)(ctx.contracts.user.decode)
         self._catalog = ctx.catalog
         self._templates = ctx.templates
-        # Push tokens the gateway reported dead, by user_id (pipeline.stages.push).
-        # (An empty table is falsy: test for None, not truth.)
-        self._invalid_tokens: Mapping[bytes, Any] = {} if invalid_tokens is None else invalid_tokens
+        self._channels = dict(channels)
         self.recipients_topic = settings.topic("notification.recipients")
         # Waiting recipients come back here, so notification.recipients keeps exactly
         # one record per accepted recipient.
         self.rejoin_topic = settings.topic("notification.recipients.rejoin")
         self._status_topic = settings.topic("notification.status")
         self._malformed_topic = settings.topic("notification.malformed")
-        self._channel_topics = {
-            "email": settings.topic("notification.email.requested"),
-            "push": settings.topic("notification.push.requested"),
+        # Each channel's lane per priority (critical routes take a priority lane where
+        # the channel has one, so login codes never queue behind bulk mail).
+        self._lanes = {
+            (name, priority): settings.topic(topology.channel(name).lane_for(priority))
+            for name in self._channels
+            for priority in PRIORITIES
         }
-        # Critical mail (login codes) has its own lane so it never queues behind bulk.
-        self._priority_email_topic = settings.topic("notification.email.priority")
         self._wait = DelayTiers.of(topology.retry["recipients"], settings)
         self._deferral = {
-            ch: DelayTiers.of(topology.retry[ch], settings) for ch in ("email", "push")
+            name: DelayTiers.of(topology.retry[name], settings) for name in self._channels
         }
 
     def handle(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
@@ -172,37 +169,26 @@ class Router:
         if recipient.priority != "critical":
             quiet_end = quiet_until_ms(profile.quiet_hours, profile.timezone, now_ms)
         outputs: list[Out] = []
-        tokens = usable_tokens(
-            [d.token for d in profile.push_devices], self._invalid_tokens, profile.user_id
-        )
-        for channel in spec.channels.get("user", ()):
-            route_id = self.route_id(recipient, channel)
-            reason = opted_out(profile, spec, channel, recipient.priority)
-            if reason is None and channel == "email" and not profile.email:
-                reason = "no_email_address"
-            if reason is None and channel == "push" and not tokens:
-                reason = "no_push_device"
-            if reason is not None:
+        for name in spec.channels.get("user", ()):
+            channel = self._channels[name]
+            route_id = self.route_id(recipient, name)
+            reason = opted_out(profile, spec, name, recipient.priority)
+            found = channel.address(profile, spec) if reason is None else reason
+            if isinstance(found, str):
                 outputs.append(
                     self._status(
-                        recipient,
-                        "skipped",
-                        now_ms,
-                        channel=channel,
-                        route_id=route_id,
-                        reason=reason,
+                        recipient, "skipped", now_ms, channel=name, route_id=route_id, reason=found
                     )
                 )
                 continue
             request = self._request(
                 recipient,
-                spec,
-                channel,
+                name,
                 route_id,
                 locale,
                 fell_back,
-                address=profile.email if channel == "email" else None,
-                tokens=tokens if channel == "push" else [],
+                address=found,
+                deadline_ms=channel.deadline_ms(recipient, spec),
                 due_at_ms=quiet_end or 0,
             )
             outputs.extend(
@@ -222,13 +208,12 @@ class Router:
             route_id = self.route_id(recipient, "email", address)
             request = self._request(
                 recipient,
-                spec,
                 "email",
                 route_id,
                 DEFAULT_LOCALE,
                 False,
-                address=address,
-                tokens=[],
+                address=Address(address),
+                deadline_ms=0,
                 due_at_ms=0,
             )
             outputs.extend(self._emit(recipient, request, None, now_ms, key=request.record_key()))
@@ -243,9 +228,7 @@ class Router:
         key: bytes,
     ) -> list[Out]:
         value = self._contracts.channel_request.encode(request)
-        target = self._channel_topics[request.channel]
-        if request.channel == "email" and request.priority == "critical":
-            target = self._priority_email_topic
+        target = self._lanes[request.channel, request.priority]
         channel, route_id = request.channel, request.route_id
         if quiet_end is not None:
             return [
@@ -275,19 +258,15 @@ class Router:
     def _request(
         self,
         recipient: Recipient,
-        spec: TypeSpec,
         channel: str,
         route_id: str,
         locale: str,
         fell_back: bool,
         *,
-        address: str | None,
-        tokens: list[str],
+        address: Address,
+        deadline_ms: int,
         due_at_ms: int,
     ) -> ChannelRequest:
-        deadline = 0
-        if channel == "push" and spec.push_ttl_s:
-            deadline = recipient.occurred_at_ms + spec.push_ttl_s * 1000
         return ChannelRequest(
             route_id=route_id,
             notification_id=recipient.notification_id,
@@ -295,13 +274,13 @@ class Router:
             channel=channel,
             template_id=recipient.notification_type,
             user_id=recipient.user_id,
-            address=address,
-            device_tokens=tokens,
+            address=address.address,
+            device_tokens=list(address.tokens),
             locale=locale,
             locale_fallback=fell_back,
             variables_json=recipient.payload_json,
             priority=recipient.priority,
-            deadline_ms=deadline,
+            deadline_ms=deadline_ms,
             due_at_ms=due_at_ms,
             occurred_at_ms=recipient.occurred_at_ms,
             produced_at_ms=recipient.produced_at_ms,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +11,9 @@ import yaml
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
+from pipeline.topology.model import Topology
 
 AUDIENCES = ("user", "admin_email")
-CHANNELS = ("email", "push")
 PRIORITIES = ("critical", "high", "normal", "low")
 #: How a type treats a user's opt-outs: always honoured; honoured except at critical
 #: priority; or ignored (transactional mail such as login codes).
@@ -45,6 +45,9 @@ class TypeSpec:
     """Accepted for idempotency, never delivered."""
     opt_out: str = "honoured"
     """honoured, optional (critical bypasses it) or ignored (see OPT_OUT_POLICIES)."""
+    webhook_endpoint: str | None = None
+    """The named endpoint (HERALD_WEBHOOK_ENDPOINTS) every webhook route of the type
+    goes to; None: each user's own (their profile's ``contacts["webhook"]``)."""
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -68,15 +71,21 @@ class Catalog:
 
     @classmethod
     def load(cls, settings: Settings) -> Catalog:
+        """The catalog of ``settings``' topologies/, its channels checked against the
+        channels topics.yaml declares."""
         path = settings.topology_dir / "catalog.yaml"
         try:
             doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigurationError(f"cannot read catalog {path}: {exc}") from exc
-        return cls.from_dict(doc, source=str(path))
+        channels = Topology.load(settings).channels
+        return cls.from_dict(doc, tuple(channels), source=str(path))
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any], source: str = "catalog") -> Catalog:
+    def from_dict(
+        cls, doc: dict[str, Any], known_channels: Collection[str], source: str = "catalog"
+    ) -> Catalog:
+        """The catalog in ``doc``; ``known_channels``: the channels a type may use."""
         lists: dict[str, list[str]] = doc.get("admin_lists") or {}
         types: dict[str, TypeSpec] = {}
         for name, entry in (doc.get("types") or {}).items():
@@ -87,8 +96,11 @@ class Catalog:
             for audience, chans in channels.items():
                 if audience not in AUDIENCES:
                     raise ConfigurationError(f"{where}: unknown audience {audience!r}")
-                if unknown := set(chans) - set(CHANNELS):
-                    raise ConfigurationError(f"{where}: unknown channels {sorted(unknown)}")
+                if unknown := set(chans) - set(known_channels):
+                    raise ConfigurationError(
+                        f"{where}: unknown channels {sorted(unknown)} "
+                        f"(topics.yaml declares {', '.join(known_channels)})"
+                    )
             if channels.get("admin_email", ()) not in ((), ("email",)):
                 raise ConfigurationError(f"{where}: the admin_email audience is email only")
             admin: tuple[str, ...] = ()
@@ -114,6 +126,7 @@ class Catalog:
                 admin_recipients=admin,
                 produces_nothing=bool(entry.get("produces_nothing", False)),
                 opt_out=opt_out,
+                webhook_endpoint=entry.get("webhook_endpoint"),
             )
         return cls(types)
 

@@ -61,12 +61,59 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """The topics of one delivery channel (``channels:`` in topics.yaml).
+
+    Every name follows from the channel's: its routes wait on its lanes, keyed by
+    user_id; its dead letters go to its DLQ; its never-twice registry is a table on
+    its registry changelog; its retries use the ``retry:`` policy of the same name.
+    """
+
+    name: str
+    """The channel (email, push, webhook, ...), as the catalog and status events name it."""
+    lanes: dict[str, str]
+    """Lane name -> logical topic of its routes: ``bulk`` always, ``priority`` for
+    channels whose critical routes never queue behind bulk ones."""
+    dlq: str
+    """Logical topic of its dead letters."""
+    registry: str
+    """Logical changelog topic of its delivery registry."""
+
+    @property
+    def priority_lane(self) -> str | None:
+        """The lane critical routes take, when the channel has one."""
+        return self.lanes.get("priority")
+
+    def lane_for(self, priority: str) -> str:
+        """The logical topic a route of ``priority`` is routed to."""
+        if priority == "critical" and "priority" in self.lanes:
+            return self.lanes["priority"]
+        return self.lanes["bulk"]
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
-    """Every topic of one profile, plus the retry policies."""
+    """Every topic of one profile, plus the retry policies and the channels."""
 
     profile: str
     topics: dict[str, TopicSpec]
     retry: dict[str, RetryPolicy]
+    channels: dict[str, ChannelSpec] = field(default_factory=dict)
+    """Delivery channels by name, in declaration order."""
+
+    def channel(self, name: str) -> ChannelSpec:
+        """A declared channel; ConfigurationError if there is none of that name."""
+        try:
+            return self.channels[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"channel {name!r} is not declared in topologies/topics.yaml "
+                f"(have {', '.join(self.channels)})"
+            ) from None
+
+    def lanes(self) -> dict[str, str]:
+        """Every channel lane (logical topic) -> its channel."""
+        return {topic: c.name for c in self.channels.values() for topic in c.lanes.values()}
 
     def spec(self, logical_name: str) -> TopicSpec:
         """The spec of a declared topic; ConfigurationError if it is not declared."""
@@ -157,4 +204,35 @@ class Topology:
                     },
                 )
             retry[channel] = RetryPolicy(channel, budget, delays, names)
-        return cls(profile=profile, topics=topics, retry=retry)
+        channels = _channels(doc.get("channels") or {}, topics, retry, source)
+        return cls(profile=profile, topics=topics, retry=retry, channels=channels)
+
+
+def _channels(
+    doc: dict[str, Any], topics: dict[str, TopicSpec], retry: dict[str, RetryPolicy], source: str
+) -> dict[str, ChannelSpec]:
+    channels: dict[str, ChannelSpec] = {}
+    for name, entry in doc.items():
+        entry = entry or {}
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
+            raise ConfigurationError(f"{source}: channel name {name!r} is not [a-z][a-z0-9_]*")
+        lanes = {"bulk": f"notification.{name}.requested"}
+        if entry.get("priority_lane", False):
+            lanes["priority"] = f"notification.{name}.priority"
+        spec = ChannelSpec(
+            name=name,
+            lanes=lanes,
+            dlq=f"notification.{name}.dlq",
+            registry=f"herald.{name}.deliveries.changelog",
+        )
+        for topic in (*lanes.values(), spec.dlq, spec.registry):
+            if topic not in topics:
+                raise ConfigurationError(f"{source}: channel {name!r} needs topic {topic!r}")
+            if topic != spec.dlq and topics[topic].group != "users":
+                raise ConfigurationError(
+                    f"{source}: {topic!r} must be in the users group (keyed by user_id)"
+                )
+        if name not in retry:
+            raise ConfigurationError(f"{source}: channel {name!r} has no retry policy")
+        channels[name] = spec
+    return channels

@@ -91,7 +91,7 @@ def test_counters_and_consumer_lag(isolated: Settings, tmp_path: Path) -> None:
     assert value(found, "herald_deliveries_total", channel="push", status="published") == 5
     assert value(found, "herald_delivery_attempts_total", channel="push", outcome="delivered") == 5
     assert value(found, "herald_end_to_end_latency_seconds_count", channel="email") == 5
-    assert value(found, "herald_smtp_seconds_count", outcome="ok") == 5
+    assert value(found, "herald_provider_call_seconds_count", channel="email", outcome="ok") == 5
     assert value(found, "herald_gateway_publish_seconds_count", outcome="ok") == 5
     assert value(found, "herald_dead_letters_total", channel="email", reason="x") == 0
 

@@ -32,6 +32,7 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import REPO_ROOT, Settings
+from pipeline.stages.channels import routings
 from pipeline.stages.delay import TARGET
 from pipeline.stages.handoff import PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.push import (
@@ -542,7 +543,8 @@ def test_feedback_off_its_home_partition_or_broken_is_forwarded_or_kept(
 
 def test_router_leaves_out_reported_tokens(settings: Settings, contracts: Contracts) -> None:
     dead = {b"u1": json.dumps({"tok-1": {"reason": "unregistered"}}).encode()}
-    router = Router(stage_context(settings), dead)
+    ctx = stage_context(settings)
+    router = Router(ctx, routings(ctx, dead))
     outputs = route(router, contracts, recipient(), profile())
     assert outcomes(outputs, contracts)["push"] == ("skipped", "no_push_device")
     assert outcomes(outputs, contracts)["email"][0] == "routed"
@@ -643,7 +645,7 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
         ahead.extend(records)
 
     push = PushChannel(ctx, gateway, write)  # type: ignore[arg-type]
-    handoff = RouteAndPush(ctx, Router(ctx), push)
+    handoff = RouteAndPush(ctx, Router(ctx, routings(ctx, {})), push)
     registry: dict[bytes, Any] = {}
     user = profile(channels_disabled=["email"])
     view = WriteBehind(

@@ -16,6 +16,7 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.runtime.records import Out
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import Settings
+from pipeline.stages.channels import routings
 from pipeline.stages.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
 from pipeline.stages.route import Router, quiet_until_ms
 from pipeline.stages.users import UserDirectory
@@ -32,7 +33,8 @@ def contracts(settings: Settings) -> Contracts:
 
 @pytest.fixture
 def router(settings: Settings, contracts: Contracts) -> Router:
-    return Router(stage_context(settings))
+    ctx = stage_context(settings)
+    return Router(ctx, routings(ctx, {}))
 
 
 def recipient(**overrides: Any) -> Recipient:

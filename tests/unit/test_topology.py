@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,49 @@ def test_unknown_group_and_profile_are_refused(doc: dict[str, Any]) -> None:
         Topology.from_dict(doc, "staging")
 
 
+def test_each_channel_names_its_lanes_dlq_registry_and_retry_policy(doc: dict[str, Any]) -> None:
+    topology = Topology.from_dict(doc, "local")
+    email = topology.channel("email")
+    assert email.lanes == {
+        "bulk": "notification.email.requested",
+        "priority": "notification.email.priority",
+    }
+    assert email.lane_for("critical") == "notification.email.priority"
+    assert email.lane_for("high") == "notification.email.requested"
+    webhook = topology.channel("webhook")
+    assert webhook.lane_for("critical") == "notification.webhook.requested"
+    assert (webhook.dlq, webhook.registry) == (
+        "notification.webhook.dlq",
+        "herald.webhook.deliveries.changelog",
+    )
+    assert topology.lanes()["notification.push.requested"] == "push"
+    with pytest.raises(ConfigurationError, match="channel 'fax' is not declared"):
+        topology.channel("fax")
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        (("topics", "notification.webhook.dlq"), "needs topic 'notification.webhook.dlq'"),
+        (("retry", "webhook"), "channel 'webhook' has no retry policy"),
+    ],
+)
+def test_a_channel_missing_a_topic_or_its_retry_policy_is_refused(
+    doc: dict[str, Any], remove: tuple[str, str], message: str
+) -> None:
+    broken = copy.deepcopy(doc)
+    del broken[remove[0]][remove[1]]
+    with pytest.raises(ConfigurationError, match=message):
+        Topology.from_dict(broken, "local")
+
+
+def test_a_lane_outside_the_users_group_is_refused(doc: dict[str, Any]) -> None:
+    broken = copy.deepcopy(doc)
+    broken["topics"]["notification.webhook.requested"]["group"] = "ops"
+    with pytest.raises(ConfigurationError, match="users group"):
+        Topology.from_dict(broken, "local")
+
+
 def test_durations() -> None:
     assert [parse_duration(t) for t in ("500ms", "10s", "5m", "2h", "1d")] == [
         0.5,
@@ -145,6 +189,7 @@ def test_catalog_is_extended_without_code(tmp_path: Path, settings: Settings) ->
     text = (settings.topology_dir / "catalog.yaml").read_text()
     text += "  shop.order.shipped:\n    channels: {user: [email]}\n    required: [order_id]\n"
     (tmp_path / "catalog.yaml").write_text(text)
+    shutil.copy(settings.topology_dir / "topics.yaml", tmp_path / "topics.yaml")
     catalog = Catalog.load(Settings(topology_dir=tmp_path))
     shipped = catalog.get("shop.order.shipped")
     assert shipped is not None
@@ -156,7 +201,7 @@ def test_catalog_is_extended_without_code(tmp_path: Path, settings: Settings) ->
     ("entry", "message"),
     [
         ({"channels": {"admin_email": ["push"]}, "admin_list": "ops"}, "email only"),
-        ({"channels": {"user": ["sms"]}}, "unknown channels"),
+        ({"channels": {"user": ["pigeon"]}}, r"unknown channels \['pigeon'\]"),
         ({"channels": {"robots": ["email"]}}, "unknown audience"),
         ({"channels": {"admin_email": ["email"]}, "admin_list": "nobody"}, "admin_list"),
     ],
@@ -164,4 +209,4 @@ def test_catalog_is_extended_without_code(tmp_path: Path, settings: Settings) ->
 def test_catalog_mistakes_are_refused(entry: dict[str, Any], message: str) -> None:
     doc = {"admin_lists": {"ops": ["ops@example.org"]}, "types": {"x.y": entry}}
     with pytest.raises(ConfigurationError, match=message):
-        Catalog.from_dict(doc)
+        Catalog.from_dict(doc, ("email", "push"))

@@ -176,12 +176,12 @@ def test_a_catalog_declaring_an_unknown_type_does_not_load() -> None:
         }
     }
     with pytest.raises(ConfigurationError, match="'when' has unknown type 'timestamp'"):
-        Catalog.from_dict(doc)
+        Catalog.from_dict(doc, ("email",))
 
 
 def test_a_catalog_listing_names_declares_them_untyped() -> None:
     doc = {"types": {"t.x": {"channels": {"user": ["email"]}, "required": ["a", "b"]}}}
-    spec = Catalog.from_dict(doc).types["t.x"]
+    spec = Catalog.from_dict(doc, ("email",)).types["t.x"]
     assert spec.required == ("a", "b")
     assert spec.fields == {"a": "any", "b": "any"}
 

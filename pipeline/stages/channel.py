@@ -1,0 +1,263 @@
+"""What a channel is to the rest of Herald, and the delivery path of the channels that
+hand each route to an outside provider (email, webhook, Slack, SMS).
+
+A channel is one module of pipeline/stages/ with:
+
+- a :class:`ChannelRouting`: what the route stage asks of it (the recipient's address for a
+  user, or why there is none) and, for a direct channel, its :class:`Transport`;
+- its topics and retry tiers, declared in topologies/topics.yaml (``channels:``);
+- its entry in pipeline/stages/channels.py.
+
+Everything else works for it without a special case: the route stage, delay tiers,
+budgets, dead letters, the never-twice registry, metrics, the operator API and
+``herald dlq`` (docs/channels.md).
+
+:class:`DirectChannel` is the shared path of a direct channel's route: accept it (the
+registry says it is not done), ask the transport whether it is blocked (a suppressed
+address, a disabled endpoint), render it, write ``sending`` ahead (and wait for it),
+call the provider, then record ``sent``, or the failure (a retry in the delay tiers or
+a dead letter). A route its previous owner left ``sending`` is in doubt: it goes again
+and an ``in_doubt`` event says so, so an operator can see every possible duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from typing import Any, Generic, Protocol, TypeVar
+
+from pipeline import metrics
+from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
+from pipeline.errors import HeraldError, TransientError
+from pipeline.logs import route_fields
+from pipeline.providers.breaker import CircuitBreaker
+from pipeline.runtime.records import Out, RawRecord, Write
+from pipeline.stages.context import StageContext
+from pipeline.stages.deliveries import Deliveries, registry_entry
+from pipeline.topology import TypeSpec
+from pipeline.values import value_class
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+
+@value_class
+class Address:
+    """Where a user's route of one channel goes."""
+
+    address: str | None = None
+    """The mailbox, phone number or URL (None for channels that need none)."""
+    tokens: tuple[str, ...] = ()
+    """Push device tokens."""
+
+
+class ChannelRouting(Protocol):
+    """What the route stage needs from a channel."""
+
+    name: str
+    """The channel's name, as topics.yaml and the catalog spell it."""
+
+    def address(self, profile: UserProfile, spec: TypeSpec) -> Address | str:
+        """Where ``profile``'s route of type ``spec`` goes, or why it cannot go (the
+        ``skipped`` event's reason, e.g. ``no_email_address``)."""
+        ...
+
+    def deadline_ms(self, recipient: Recipient, spec: TypeSpec) -> int:
+        """When a route is no longer worth delivering (epoch ms; 0: never)."""
+        ...
+
+
+@value_class
+class Prepared(Generic[M]):
+    """A route's message, rendered and ready for its provider."""
+
+    message: M
+    """What the provider sends (a MIME mail, a JSON body, an SMS text)."""
+    locale: str
+    """The locale it was rendered in (the ``rendered`` event's detail)."""
+
+
+@value_class
+class Sent:
+    """A provider's acceptance of one message."""
+
+    detail: str
+    """The provider's answer (the ``sent`` event's detail)."""
+    entry: tuple[tuple[str, str], ...] = ()
+    """Extra fields of the route's ``sent`` registry entry (e.g. the Message-ID)."""
+
+
+class Transport(Protocol[M]):
+    """A direct channel's provider side: render, send, and what follows a failure."""
+
+    breaker: CircuitBreaker | None
+    """The provider's circuit, when one server takes every route (SMTP, an SMS API)."""
+
+    async def ready(self) -> None:
+        """Wait until the transport can decide (its followed views are read)."""
+        ...
+
+    def blocked(self, request: ChannelRequest) -> str | None:
+        """Why ``request`` must not be sent at all (its address is suppressed): it ends
+        ``suppressed`` with this reason."""
+        ...
+
+    def prepare(self, request: ChannelRequest, now_ms: int) -> Prepared[M]:
+        """The message; a permanent HeraldError when it cannot be rendered."""
+        ...
+
+    async def send(self, message: M) -> Sent:
+        """Hand ``message`` to the provider; a classified HeraldError otherwise."""
+        ...
+
+    async def probe(self) -> None:
+        """Check that the provider takes connections (the circuit's probe)."""
+        ...
+
+    def after_failure(self, request: ChannelRequest, exc: HeraldError, now_ms: int) -> list[Out]:
+        """Records a failure calls for besides the retry or dead letter (a hard
+        bounce's suppression, a gone endpoint's disabling)."""
+        ...
+
+
+class DirectChannel(Generic[M]):
+    """The delivery of one direct channel's routes (see the module docstring)."""
+
+    def __init__(
+        self,
+        ctx: StageContext,
+        channel: str,
+        transport: Transport[M],
+        write: Write,
+    ) -> None:
+        self.channel = channel
+        self._transport = transport
+        self._write = write
+        self._clock = ctx.clock
+        self._deliveries = Deliveries(ctx, channel)
+        self._timing = (channel,)
+        #: Routes being sent right now (a second copy in the same batch waits for none).
+        self._in_flight: set[str] = set()
+        self.registry_topic = self._deliveries.registry_topic
+
+    async def handle(self, raw: RawRecord, registry: MutableMapping[bytes, Any]) -> list[Out]:
+        """Deal with one route; ``registry`` maps route_id to its entry.
+
+        A lane sends several routes at once (a window: the next starts when the oldest
+        is done), and each route's outputs (status events, the registry entry) are
+        written as soon as it is done, not with its batch: the window in which a crash
+        could send it twice stays one route's, not a batch's."""
+        now = self._clock.now_ms()
+        request = self._deliveries.accept(raw, registry, now)
+        if not isinstance(request, ChannelRequest):
+            return request
+        if request.route_id in self._in_flight:
+            log.info("%s route %s is being sent; copy skipped", self.channel, request.route_id)
+            return []
+        entry = registry_entry(registry.get(request.route_id.encode("utf-8")))
+        in_doubt = entry is not None and entry.get("state") == "sending"
+        self._in_flight.add(request.route_id)
+        try:
+            outputs = await self._deliver(raw, registry, request, now)
+            if in_doubt:
+                # Its provider call began (the write-ahead below) but no outcome was
+                # recorded: a worker died mid-send. It goes again (the same Message-ID
+                # or webhook-id); the event (and its metric) lets an operator see every
+                # possible duplicate.
+                doubt = self._deliveries.status(
+                    request,
+                    "in_doubt",
+                    now,
+                    request.attempt + 1,
+                    detail=f"an earlier owner started its {self.channel} delivery; outcome unknown",
+                )
+                outputs.insert(0, doubt)
+            await self._write(outputs)
+        finally:
+            self._in_flight.discard(request.route_id)
+        return []
+
+    async def _deliver(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        now: int,
+    ) -> list[Out]:
+        deliveries, transport = self._deliveries, self._transport
+        attempt = request.attempt + 1
+        await transport.ready()
+        reason = transport.blocked(request)
+        if reason is not None:
+            return [
+                deliveries.status(request, "suppressed", now, request.attempt, reason=reason),
+                deliveries.record(registry, raw, request, "suppressed", request.attempt, now),
+            ]
+        breaker = transport.breaker
+        if breaker is not None:
+            gate = breaker.gate()
+            if gate == "wait" or (gate == "probe" and not await self._probe(breaker)):
+                return deliveries.deferred(raw, request, now, breaker.wait_s(), "circuit_open")
+        outputs: list[Out] = []
+        try:
+            prepared = transport.prepare(request, now)
+            if attempt == 1:
+                outputs.append(
+                    deliveries.status(request, "rendered", now, attempt, detail=prepared.locale)
+                )
+            # Write-ahead: a route whose delivery starts is recorded as such, so a new
+            # owner after a crash knows it is in doubt (see handle).
+            await self._write([deliveries.record(registry, raw, request, "sending", attempt, now)])
+            sent = await metrics.timed(
+                metrics.PROVIDER_SECONDS, transport.send(prepared.message), self._timing
+            )
+        except HeraldError as exc:
+            if breaker is not None:
+                if exc.server_unavailable:
+                    breaker.failed()
+                elif exc.code is not None:
+                    breaker.succeeded()  # the server answered, if only to refuse
+            return outputs + self._failed(raw, registry, request, attempt, exc)
+        except Exception as exc:  # a provider bug must not lose the route: it retries
+            log.exception(
+                "unexpected failure sending %s route %s",
+                self.channel,
+                request.route_id,
+                extra=route_fields(request, attempt),
+            )
+            error = TransientError(f"{type(exc).__name__}: {exc}", reason="internal_error")
+            return outputs + self._failed(raw, registry, request, attempt, error)
+        if breaker is not None:
+            breaker.succeeded()
+        now = self._clock.now_ms()
+        outputs.append(deliveries.status(request, "sent", now, attempt, detail=sent.detail[:500]))
+        outputs.append(
+            deliveries.record(registry, raw, request, "sent", attempt, now, **dict(sent.entry))
+        )
+        return outputs
+
+    async def _probe(self, breaker: CircuitBreaker) -> bool:
+        """The circuit's one probe: does the provider take connections again?"""
+        try:
+            await self._transport.probe()
+        except HeraldError as exc:
+            breaker.failed()
+            log.info("%s circuit probe failed: %s", breaker.name, exc)
+            return False
+        except BaseException:
+            breaker.failed()  # never leave the circuit half-open for good
+            raise
+        breaker.succeeded()
+        return True
+
+    def _failed(
+        self,
+        raw: RawRecord,
+        registry: MutableMapping[bytes, Any],
+        request: ChannelRequest,
+        attempt: int,
+        exc: HeraldError,
+    ) -> list[Out]:
+        outputs = self._deliveries.failed(raw, registry, request, attempt, exc)
+        return outputs + self._transport.after_failure(request, exc, self._clock.now_ms())
