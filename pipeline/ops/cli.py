@@ -23,6 +23,7 @@ from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.records import DeadLetter, PushDevice, QuietHours, UserProfile
 from pipeline.errors import HeraldError
+from pipeline.runtime.records import Out
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin
@@ -234,12 +235,7 @@ _TAILS = {
     "recipients": ("notification.recipients", "recipient"),
     "intents": ("notification.intents", "intent"),
     "users": ("notification.users", "user"),
-    "email-requests": ("notification.email.requested", "channel_request"),
-    "push-requests": ("notification.push.requested", "channel_request"),
     "push-routes": ("notification.push.routes", "channel_request"),
-    "email-priority": ("notification.email.priority", "channel_request"),
-    "email-dlq": ("notification.email.dlq", "dead_letter"),
-    "push-dlq": ("notification.push.dlq", "dead_letter"),
     "push-feedback": ("gateway.device-feedback", "device_feedback"),
     "gateway": ("gateway.client-events", "push"),
 }
@@ -271,8 +267,31 @@ def render_record(codec: RecordCodec[Any] | None, value: bytes | None) -> dict[s
         return {"undecodable": str(exc), "raw_b64": base64.b64encode(value).decode("ascii")}
 
 
+def _tail_of(settings: Settings, what: str) -> tuple[str, str]:
+    """The logical topic and codec of a ``herald tail`` WHAT: a name of _TAILS, or
+    <channel>-requests, <channel>-priority or <channel>-dlq for a declared channel."""
+    if what in _TAILS:
+        return _TAILS[what]
+    channels = Topology.load(settings).channels
+    name, _, kind = what.rpartition("-")
+    channel = channels.get(name)
+    if channel is not None:
+        if kind == "dlq":
+            return channel.dlq, "dead_letter"
+        lane = {"requests": "bulk", "priority": "priority"}.get(kind)
+        if lane in channel.lanes:
+            return channel.lanes[lane], "channel_request"
+    lanes = [
+        f"{c.name}-{'requests' if lane == 'bulk' else lane}"
+        for c in channels.values()
+        for lane in c.lanes
+    ]
+    known = sorted([*_TAILS, *lanes, *(f"{c}-dlq" for c in channels)])
+    raise click.BadParameter(f"{what!r} is none of {', '.join(known)}", param_hint="WHAT")
+
+
 @cli.command()
-@click.argument("what", type=click.Choice(sorted(_TAILS)))
+@click.argument("what")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new records.")
 @click.option(
     "--idle-timeout",
@@ -281,11 +300,15 @@ def render_record(codec: RecordCodec[Any] | None, value: bytes | None) -> dict[s
     help="With --follow: stop after this many seconds without a record.",
 )
 def tail(what: str, follow: bool, idle_timeout: float | None) -> None:
-    """Print a topic's records as JSON lines (decoded), from the beginning."""
+    """Print a topic's records as JSON lines (decoded), from the beginning.
+
+    WHAT: status, malformed, recipients, intents, users, push-routes, push-feedback,
+    gateway, or <channel>-requests, <channel>-priority, <channel>-dlq
+    (email-requests, webhook-dlq, ...)."""
     from pipeline.ops.reader import read_messages
 
     settings = _settings()
-    logical, codec_name = _TAILS[what]
+    logical, codec_name = _tail_of(settings, what)
     codec: RecordCodec[Any] | None = None
     if codec_name != "push":
         codec = getattr(Contracts(settings), codec_name)
@@ -332,7 +355,7 @@ def _letter_filter(
 
 def _filter_options(command: Callable[..., None]) -> Callable[..., None]:
     options = [
-        click.option("--channel", type=click.Choice(["email", "push"]), help="Only this channel."),
+        click.option("--channel", help="Only this channel (email, push, webhook, ...)."),
         click.option("--type", "notification_type", help="Only this notification type."),
         click.option(
             "--error-class",
@@ -651,17 +674,12 @@ def suppress() -> None:
 
 
 def _write_suppression(add: bool, address: str, reason: str) -> None:
-    from confluent_kafka import Producer
-
     from pipeline.views import SuppressionList
 
-    settings = _settings()
-    suppressions = SuppressionList(settings)
-    out = suppressions.entry(address, reason, "operator") if add else suppressions.lift(address)
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
-    producer.produce(out.topic, key=out.key, value=out.value)
-    if producer.flush(15):
-        raise click.ClickException("Kafka did not acknowledge the write")
+    suppressions = SuppressionList(_settings())
+    _write_one(
+        suppressions.entry(address, reason, "operator") if add else suppressions.lift(address)
+    )
 
 
 @suppress.command("add")
@@ -684,17 +702,71 @@ def suppress_remove(address: str) -> None:
 @suppress.command("list")
 def suppress_list() -> None:
     """Every suppressed address with its reason."""
-    from pipeline.ops.reader import read_topic
+    for entry in _compacted(_settings().topic("notification.email.suppressions")).values():
+        click.echo(f"{entry.get('address')}\t{entry.get('reason')}\t{entry.get('source')}")
+
+
+# --- webhook endpoints ------------------------------------------------------------
+
+
+@cli.group()
+def webhook() -> None:
+    """Webhook endpoints Herald stopped calling (notification.webhook.disabled)."""
+
+
+@webhook.command("disable")
+@click.argument("url")
+@click.option("--reason", default="operator", show_default=True)
+def webhook_disable(url: str, reason: str) -> None:
+    """Stop calling URL: its routes end suppressed (endpoint_disabled)."""
+    from pipeline.views import DisabledEndpoints
+
+    out = DisabledEndpoints(_settings()).entry(url, reason, "operator", int(time.time() * 1000))
+    _write_one(out)
+    click.echo(f"disabled {url} ({reason})")
+
+
+@webhook.command("enable")
+@click.argument("url")
+def webhook_enable(url: str) -> None:
+    """Call URL again (after it answered 410, or was disabled by an operator)."""
+    from pipeline.views import DisabledEndpoints
+
+    _write_one(DisabledEndpoints(_settings()).lift(url))
+    click.echo(f"enabled {url}")
+
+
+@webhook.command("disabled")
+def webhook_disabled() -> None:
+    """Every disabled endpoint with its reason and when."""
+    for key, entry in _compacted(_settings().topic("notification.webhook.disabled")).items():
+        click.echo(f"{key}\t{entry.get('reason')}\t{entry.get('at_ms')}\t{entry.get('detail')}")
+
+
+def _write_one(out: Out) -> None:
+    """Write one record and wait for Kafka's acknowledgement."""
+    from confluent_kafka import Producer
 
     settings = _settings()
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    producer.produce(out.topic, key=out.key, value=out.value)
+    if producer.flush(15):
+        raise click.ClickException("Kafka did not acknowledge the write")
+
+
+def _compacted(topic: str) -> dict[str, dict[str, Any]]:
+    """The latest JSON value per key of a compacted topic (tombstones delete)."""
+    from pipeline.ops.reader import read_topic
+
     current: dict[bytes, bytes | None] = {}
-    for *_, key, value in read_topic(settings, settings.topic("notification.email.suppressions")):
+    for *_, key, value in read_topic(_settings(), topic):
         if key is not None:
             current[key] = value
-    for value in current.values():
-        if value is not None:
-            entry = json.loads(value)
-            click.echo(f"{entry.get('address')}\t{entry.get('reason')}\t{entry.get('source')}")
+    return {
+        key.decode("utf-8", "replace"): json.loads(value)
+        for key, value in current.items()
+        if value is not None
+    }
 
 
 @cli.command()

@@ -30,9 +30,8 @@ from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from pipeline.times import UNIT_S
+from pipeline.topology import Topology
 
-#: The DLQ topic of each channel (logical names).
-DLQ_TOPICS = {"email": "notification.email.dlq", "push": "notification.push.dlq"}
 REPLAYS_TOPIC = "herald.dlq.replays"
 #: Where undecodable or invalid input is kept (logical names).
 MALFORMED_TOPICS = {"intents": "notification.intents.malformed", "other": "notification.malformed"}
@@ -51,7 +50,7 @@ class LetterFilter:
     """Which dead letters an operator means; every field left None matches all."""
 
     channel: str | None = None
-    """email or push."""
+    """A channel topics.yaml declares (email, push, webhook, ...)."""
     notification_type: str | None = None
     """Catalog type."""
     error_class: str | None = None
@@ -84,12 +83,13 @@ def read_letters(
     settings: Settings, contracts: Contracts, selected: LetterFilter
 ) -> list[DeadLetter]:
     """Every dead letter that ``selected`` matches, oldest first, each once."""
-    channels = [selected.channel] if selected.channel else list(DLQ_TOPICS)
+    declared = Topology.load(settings).channels
+    channels = [selected.channel] if selected.channel else list(declared)
     letters: dict[str, DeadLetter] = {}
     for channel in channels:
-        if channel not in DLQ_TOPICS:
-            raise ConfigurationError(f"unknown channel {channel!r} (email or push)")
-        for *_, value in read_topic(settings, settings.topic(DLQ_TOPICS[channel])):
+        if channel not in declared:
+            raise ConfigurationError(f"unknown channel {channel!r} (one of {', '.join(declared)})")
+        for *_, value in read_topic(settings, settings.topic(declared[channel].dlq)):
             letter = contracts.dead_letter.decode(value)
             if selected.matches(letter):
                 letters[letter.dead_letter_id] = letter

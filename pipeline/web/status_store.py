@@ -114,12 +114,6 @@ RESEND_REASON = "resend"
 #: Intake's verdicts: the notification's own status.
 _INTAKE_STATUSES = frozenset({"accepted", "duplicate", "ignored"})
 MAX_PAGE = 500
-#: The channel lanes a route is read from (logical names).
-LANES = (
-    "notification.email.requested",
-    "notification.email.priority",
-    "notification.push.requested",
-)
 #: Topics that keep routes a stage delivered without their lane (the push hand-off,
 #: docs/push.md): the lane a resend of them goes to.
 KEPT_ROUTES = {"notification.push.routes": "notification.push.requested"}
@@ -134,7 +128,7 @@ class DeliveryQuery:
     status: str | None = None
     """Current status (sent, dead_lettered, ...)."""
     channel: str | None = None
-    """email or push."""
+    """A channel (email, push, webhook, ...)."""
     notification_type: str | None = None
     """Catalog type."""
     since_ms: int | None = None
@@ -442,7 +436,8 @@ class StatusFollower(Follower):
         self.status_topic = settings.topic("notification.status")
         self._partitions = {
             settings.topic(name): topology.spec(name).partitions
-            for name in ("notification.status", *LANES, *KEPT_ROUTES)
+            # Every channel's lanes: a route is read from the one it was routed to.
+            for name in ("notification.status", *topology.lanes(), *KEPT_ROUTES)
         }
         self._lanes = {
             settings.topic(kept): settings.topic(lane) for kept, lane in KEPT_ROUTES.items()
