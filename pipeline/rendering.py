@@ -3,12 +3,15 @@
 Layout: ``templates/<template_id>/<locale>/<part>.j2`` where template_id is the
 notification type, the mail parts are ``subject``, ``text`` and optional ``html``, and
 the push parts ``push_title``, ``push_body`` and optional ``push_image`` and
-``push_link`` (these two fall back to ``en``: a URL rarely depends on the language).
+``push_link`` (these two fall back to ``en``: a URL rarely depends on the language),
+``slack`` (Slack mrkdwn) and ``sms`` (plain text).
 Every template is compiled once, when the catalog is built (a syntax error stops
 start-up, not a delivery). Rendering runs in Jinja2's immutable sandbox with strict
 undefined variables; only ``html`` is autoescaped (escaping a plain-text body would
-show ``&amp;`` to readers). The subject is folded to one line, so no variable can
-start a new header.
+show ``&amp;`` to readers), and every value put into ``slack`` has Slack's control
+characters escaped (``&``, ``<``, ``>``), so a variable can neither mention
+``<!channel>`` nor make a link; the template's own text may. The subject is folded to
+one line, so no variable can start a new header.
 """
 
 from __future__ import annotations
@@ -76,10 +79,18 @@ def _checked_url(url: str, part: str, *, https_only: bool) -> str:
     return url
 
 
-def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
+def slack_escaped(value: Any) -> str:
+    """``value`` as text Slack shows as written (its mrkdwn control characters escaped)."""
+    text = "" if value is None else str(value)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _environment(autoescape: bool, slack: bool = False) -> ImmutableSandboxedEnvironment:
     return ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
+        # finalize runs on every {{ expression }}, never on the template's own text.
+        finalize=slack_escaped if slack else None,
         auto_reload=False,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -92,6 +103,7 @@ class TemplateCatalog:
     def __init__(self, templates_dir: Path) -> None:
         self._text_env = _environment(autoescape=False)
         self._html_env = _environment(autoescape=True)
+        self._slack_env = _environment(autoescape=False, slack=True)
         self._templates: dict[tuple[str, str, str], jinja2.Template] = {}
         self._locales: dict[str, frozenset[str]] = {}
         if not templates_dir.is_dir():
@@ -107,7 +119,7 @@ class TemplateCatalog:
             self._locales[template_dir.name] = frozenset(locales)
 
     def _compile(self, path: Path, part: str) -> jinja2.Template:
-        env = self._html_env if part == "html" else self._text_env
+        env = {"html": self._html_env, "slack": self._slack_env}.get(part, self._text_env)
         try:
             template = env.from_string(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as exc:
@@ -193,6 +205,24 @@ class TemplateCatalog:
             locale=resolved,
             locale_fallback=fell_back or resolved != locale.lower(),
         )
+
+    def render_text(
+        self,
+        template_id: str,
+        part: str,
+        locale: str,
+        variables: Mapping[str, Any],
+        required: Iterable[str] = (),
+    ) -> tuple[str, str]:
+        """(text, locale rendered) of a one-part message (``slack``, ``sms``), trimmed;
+        RenderError when the type has no such template or it cannot be rendered."""
+        _check_required(template_id, variables, required)
+        resolved, _ = self.resolve(template_id, locale)
+        if not self.has(template_id, resolved, part):
+            if not self.has(template_id, DEFAULT_LOCALE, part):
+                raise RenderError(f"no {part} template {template_id}/{resolved} ({part}{SUFFIX})")
+            resolved = DEFAULT_LOCALE
+        return self._render(template_id, resolved, part, variables).strip(), resolved
 
     def _render(
         self, template_id: str, locale: str, part: str, variables: Mapping[str, Any]

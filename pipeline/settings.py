@@ -16,6 +16,14 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+
+def _revealed(value: object) -> str:
+    """A secret inside a dict or list setting, for a child process's environment."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 #: The repository root when running from a checkout; the defaults for data folders
 #: (schemas, topologies, templates) point here so that a fresh clone just works.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -239,6 +247,36 @@ class Settings(BaseSettings):
         le=256,
         description="Webhook routes one worker has in flight at once.",
     )
+    slack_base_url: str = Field(
+        default="https://hooks.slack.com",
+        description="Where Slack incoming webhooks are posted: each webhook URL's path is "
+        "sent to this base (tests point it at a local server).",
+    )
+    slack_webhooks: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Named Slack incoming webhooks a catalog type's `slack_webhook` refers "
+        'to, as JSON: {"ops": "https://hooks.slack.com/services/T.../B.../..."}.',
+    )
+    slack_connections: int = Field(
+        default=4, ge=1, le=64, description="Slack routes one worker has in flight at once."
+    )
+    sms_provider: Literal["twilio", "stub"] = Field(
+        default="stub",
+        description="twilio sends through Twilio's Messages API (or a service that speaks "
+        "it, at HERALD_SMS_BASE_URL); stub only logs.",
+    )
+    sms_base_url: str = Field(
+        default="https://api.twilio.com", description="Base URL of the Twilio-compatible API."
+    )
+    sms_account_sid: str | None = Field(default=None, description="Twilio account SID.")
+    sms_auth_token: SecretStr | None = Field(default=None, description="Twilio auth token.")
+    sms_from: str | None = Field(
+        default=None,
+        description="Sender: an E.164 number, or a messaging service SID (MG...).",
+    )
+    sms_connections: int = Field(
+        default=4, ge=1, le=64, description="SMS routes one worker has in flight at once."
+    )
     smtp_connections: int = Field(
         default=4,
         ge=1,
@@ -347,7 +385,7 @@ class Settings(BaseSettings):
         return {
             self.env_var(name): value.get_secret_value()
             if isinstance(value, SecretStr)
-            else json.dumps(value)
+            else json.dumps(value, default=_revealed)
             if isinstance(value, dict | list)
             else str(value)
             for name, value in self.model_dump().items()

@@ -16,6 +16,8 @@ from pipeline.stages.channel import ChannelRouting, Transport
 from pipeline.stages.context import StageContext
 from pipeline.stages.email import EmailKind, EmailRouting
 from pipeline.stages.push import PushRouting
+from pipeline.stages.slack import SlackKind, SlackRouting
+from pipeline.stages.sms import SmsKind, SmsRouting
 from pipeline.stages.webhook import WebhookKind, WebhookRouting
 
 
@@ -38,6 +40,8 @@ class DirectKind(Protocol):
 DIRECT: dict[str, Callable[[StageContext], DirectKind]] = {
     "email": EmailKind,
     "webhook": WebhookKind,
+    "slack": SlackKind,
+    "sms": SmsKind,
 }
 #: The channel the worker wires itself (batched publication, the route stage's hand-off).
 PUSH = "push"
@@ -50,6 +54,8 @@ def routings(ctx: StageContext, invalid_tokens: Mapping[bytes, Any]) -> dict[str
         "email": EmailRouting(),
         PUSH: PushRouting(invalid_tokens),
         "webhook": WebhookRouting(ctx.settings),
+        "slack": SlackRouting(),
+        "sms": SmsRouting(),
     }
     if unknown := sorted(set(ctx.topology.channels) - set(made)):
         raise ConfigurationError(

@@ -9,13 +9,14 @@ another producer out of the table (the user's previous profile stays) and writes
 from __future__ import annotations
 
 import re
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.contracts.records import UserProfile
 from pipeline.errors import DecodeError, InvalidAddressError, ValidationError
 from pipeline.providers.mime import checked_address
+from pipeline.providers.sms import e164
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.stages.context import StageContext
 from pipeline.stages.outputs import malformed
@@ -26,6 +27,9 @@ _HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 MAX_USER_ID = 200
 MAX_TOKEN = 4096
 MAX_DEVICES = 50
+#: Contacts (sms, webhook, slack, ...) per profile, and the longest one (a URL).
+MAX_CONTACTS = 16
+MAX_CONTACT = 2048
 MAX_LIST = 200
 MAX_TEXT = 200
 
@@ -75,6 +79,22 @@ def check_profile(profile: UserProfile) -> None:
             f"{MAX_TEXT} characters",
             reason="profile_too_large",
         )
+    _check_contacts(profile.contacts)
+
+
+def _check_contacts(contacts: Mapping[str, str]) -> None:
+    if len(contacts) > MAX_CONTACTS or any(
+        not 0 < len(k) <= MAX_TEXT or len(v) > MAX_CONTACT for k, v in contacts.items()
+    ):
+        raise ValidationError(
+            f"at most {MAX_CONTACTS} contacts, each named and at most {MAX_CONTACT} characters",
+            reason="profile_too_large",
+        )
+    if number := contacts.get("sms"):
+        try:
+            e164(number)
+        except InvalidAddressError as exc:
+            raise ValidationError(exc.detail[:300], reason="invalid_phone_number") from exc
 
 
 class UserDirectory:

@@ -48,6 +48,11 @@ class TypeSpec:
     webhook_endpoint: str | None = None
     """The named endpoint (HERALD_WEBHOOK_ENDPOINTS) every webhook route of the type
     goes to; None: each user's own (their profile's ``contacts["webhook"]``)."""
+    slack_webhook: str | None = None
+    """The named Slack incoming webhook (HERALD_SLACK_WEBHOOKS) every Slack route of the
+    type goes to; None: each user's own (``contacts["slack"]``)."""
+    sms_max_segments: int = 3
+    """The longest SMS text of the type, in segments; a longer one is not sent."""
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -127,6 +132,8 @@ class Catalog:
                 produces_nothing=bool(entry.get("produces_nothing", False)),
                 opt_out=opt_out,
                 webhook_endpoint=entry.get("webhook_endpoint"),
+                slack_webhook=entry.get("slack_webhook"),
+                sms_max_segments=int(entry.get("sms_max_segments", 3)),
             )
         return cls(types)
 
