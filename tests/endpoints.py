@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
@@ -25,18 +27,36 @@ class Received:
     """One request the server answered."""
 
     path: str
+    key: str
     headers: dict[str, str]
     body: bytes
     status: int
     at: float = field(default_factory=time.time)
 
 
-class ScriptedEndpoints:
-    """``script`` maps a path ("/hooks/a") to its steps, one per request; other paths
-    answer 200."""
+def by_path(path: str, body: bytes) -> str:
+    return path
 
-    def __init__(self, script: dict[str, list[str]] | None = None) -> None:
+
+def by_recipient(path: str, body: bytes) -> str:
+    """The ``To`` of a form-encoded request (an SMS API's recipient)."""
+    return parse_qs(body.decode())["To"][0]
+
+
+class ScriptedEndpoints:
+    """``script`` maps a request's key (its path, "/hooks/a", unless ``key`` says
+    otherwise) to its steps, one per request; other keys take ``default``. A 2xx answer is
+    JSON with an id, as an SMS API's."""
+
+    def __init__(
+        self,
+        script: dict[str, list[str]] | None = None,
+        key: Callable[[str, bytes], str] = by_path,
+        default: tuple[str, ...] = ("ok",),
+    ) -> None:
         self.script = dict(script or {})
+        self._key = key
+        self._default = list(default)
         self.port = free_port()
         self.received: list[Received] = []
         self.attempts: Counter[str] = Counter()
@@ -49,13 +69,11 @@ class ScriptedEndpoints:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def accepted(self, path: str | None = None) -> list[Received]:
-        """The requests answered 2xx (to ``path``, or to any)."""
+    def accepted(self, key: str | None = None) -> list[Received]:
+        """The requests answered 2xx (with ``key``, or any)."""
         with self._lock:
             return [
-                r
-                for r in self.received
-                if 200 <= r.status < 300 and (path is None or r.path == path)
+                r for r in self.received if 200 <= r.status < 300 and (key is None or r.key == key)
             ]
 
     def __enter__(self) -> ScriptedEndpoints:
@@ -88,11 +106,11 @@ class ScriptedEndpoints:
 
     async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
-        path = request.path
+        key = self._key(request.path, body)
         with self._lock:
-            steps = self.script.get(path, ["ok"])
-            step = steps[min(self.attempts[path], len(steps) - 1)]
-            self.attempts[path] += 1
+            steps = self.script.get(key, self._default)
+            step = steps[min(self.attempts[key], len(steps) - 1)]
+            self.attempts[key] += 1
         kind, _, arg = step.partition(":")
         headers: dict[str, str] = {}
         if kind == "slow":
@@ -105,11 +123,16 @@ class ScriptedEndpoints:
             if arg:
                 headers["Retry-After"] = arg
         with self._lock:
-            self.received.append(Received(path, dict(request.headers), body, status))
+            self.received.append(Received(request.path, key, dict(request.headers), body, status))
+        if 200 <= status < 300:
+            answer = {"sid": f"SM{uuid.uuid4().hex}", "status": "queued"}
+            return web.json_response(answer, status=status, headers=headers)
         return web.Response(status=status, text=f"{status} {step}", headers=headers)
 
 
-def endpoint_server(script: dict[str, list[str]] | None = None) -> Iterator[ScriptedEndpoints]:
+def endpoint_server(
+    script: dict[str, list[str]] | None = None, key: Callable[[str, bytes], str] = by_path
+) -> Iterator[ScriptedEndpoints]:
     """A started server for a fixture (stopped afterwards)."""
-    with ScriptedEndpoints(script) as server:
+    with ScriptedEndpoints(script, key) as server:
         yield server

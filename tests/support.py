@@ -160,6 +160,30 @@ def fast_retries(settings: Settings, folder: Path, stage: str, **updates: Any) -
     return fast
 
 
+def with_types(
+    settings: Settings,
+    folder: Path,
+    types: dict[str, dict[str, Any]],
+    templates: dict[str, dict[str, str]],
+    **updates: Any,
+) -> Settings:
+    """``settings`` whose catalog (copied into ``folder``) has ``types`` besides its own,
+    and whose templates (copied too) have ``templates``: type -> part -> en text."""
+    topologies, template_dir = folder / "catalog", folder / "templates"
+    shutil.copytree(settings.topology_dir, topologies)
+    shutil.copytree(settings.templates_dir, template_dir)
+    doc = yaml.safe_load((topologies / "catalog.yaml").read_text())
+    doc["types"].update(types)
+    (topologies / "catalog.yaml").write_text(yaml.safe_dump(doc))
+    for name, parts in templates.items():
+        (template_dir / name / "en").mkdir(parents=True, exist_ok=True)
+        for part, text in parts.items():
+            (template_dir / name / "en" / f"{part}.j2").write_text(text)
+    return settings.model_copy(
+        update={"topology_dir": topologies, "templates_dir": template_dir, **updates}
+    )
+
+
 TURN = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 4}
 
 

@@ -4,31 +4,22 @@ webhook-id), suppressed, skipped or dead-lettered with its history."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import random
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.contracts import Contracts
-from pipeline.contracts.records import DeadLetter, StatusEvent, UserProfile
-from pipeline.producer import HeraldProducer
+from pipeline.contracts.records import DeadLetter
 from pipeline.providers.webhook import parse_secret, verify
 from pipeline.settings import Settings
+from tests.channels import NAMED, SHIPPED, new_secret, outcomes, publish, settled, shop
 from tests.endpoints import ScriptedEndpoints, endpoint_server
-from tests.support import WorkerProcess, fast_retries, read_all, wait_for
+from tests.support import WorkerProcess, read_all, wait_for
 
 pytestmark = pytest.mark.integration
-
-SHIPPED = "shop.order.shipped"
-ALERT = "ops.alert"
 
 
 @pytest.fixture
@@ -46,39 +37,21 @@ def endpoints() -> Iterator[ScriptedEndpoints]:
 
 @pytest.fixture
 def secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    return new_secret()
 
 
 @pytest.fixture
 def hooks(
     isolated: Settings, endpoints: ScriptedEndpoints, secret: str, tmp_path: Path
 ) -> Settings:
-    """Isolated settings with two webhook types (one to each user's endpoint, one to a
-    named endpoint), webhook retries of 1 s then 2 s for 3 attempts, a 2 s timeout."""
-    settings = fast_retries(
+    return shop(
         isolated,
-        tmp_path / "topologies",
+        tmp_path,
         "webhook",
         webhook_secret=secret,
         webhook_endpoints={"ops": endpoints.url("/ops")},
         webhook_require_https=False,
-        http_timeout_s=2.0,
     )
-    catalog = settings.topology_dir / "catalog.yaml"
-    doc = yaml.safe_load(catalog.read_text())
-    doc["types"][SHIPPED] = {
-        "category": "shop",
-        "channels": {"user": ["webhook"]},
-        "required": {"order_id": "string"},
-    }
-    doc["types"][ALERT] = {
-        "category": "ops",
-        "channels": {"user": ["webhook"]},
-        "required": {"text": "string"},
-        "webhook_endpoint": "ops",
-    }
-    catalog.write_text(yaml.safe_dump(doc))
-    return settings
 
 
 @pytest.fixture
@@ -89,36 +62,8 @@ def hook_worker(hooks: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
     process.stop()
 
 
-def publish(settings: Settings, users: Mapping[str, str | None], kind: str = SHIPPED) -> None:
-    """One user per entry (their webhook URL, or None), then one intent each."""
-    with HeraldProducer(settings) as herald:
-        for user, url in users.items():
-            contacts = {"webhook": url} if url else {}
-            herald.put_user(UserProfile(user_id=user, contacts=contacts))
-        for user in users:
-            payload = {"order_id": f"o-{user}"} if kind == SHIPPED else {"text": f"t-{user}"}
-            herald.publish_intent(
-                notification_type=kind,
-                producer="shop",
-                idempotency_key=f"{kind}-{user}",
-                recipient_user_ids=[user],
-                payload=payload,
-            )
-
-
-def last_status(events: list[StatusEvent], user: str) -> StatusEvent:
-    (*_, last) = [e for e in events if e.user_id == user and e.channel == "webhook"]
-    return last
-
-
-def settled(users: list[str]) -> Callable[[list[StatusEvent]], bool]:
-    final = {"sent", "dead_lettered", "suppressed", "skipped"}
-
-    def done(events: list[StatusEvent]) -> bool:
-        ended = {e.user_id for e in events if e.channel == "webhook" and e.status in final}
-        return ended >= set(users)
-
-    return done
+def contacts(**urls: str | None) -> dict[str, dict[str, str]]:
+    return {user: {"webhook": url} if url else {} for user, url in urls.items()}
 
 
 def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
@@ -126,14 +71,17 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
 ) -> None:
     contracts = Contracts(hooks)
     paths = ["/ok", "/flaky", "/later", "/gone", "/bad", "/slow"]
-    users: dict[str, str | None] = {f"u{p[1:]}": endpoints.url(p) for p in paths}
-    users["u-none"] = None
+    users = contacts(**{f"u{p[1:]}": endpoints.url(p) for p in paths}, **{"u-none": None})
     publish(hooks, users)
     events = wait_for(
-        hooks, "notification.status", contracts.status, settled(list(users)), timeout_s=90
+        hooks,
+        "notification.status",
+        contracts.status,
+        settled(list(users), "webhook"),
+        timeout_s=90,
     )
-    final = {user: last_status(events, user) for user in users}
-    assert {u: (e.status, e.reason) for u, e in final.items()} == {
+    route_ids = {e.user_id: e.route_id for e in events if e.channel == "webhook"}
+    assert outcomes(events, "webhook") == {
         "uok": ("sent", None),
         "uflaky": ("sent", None),
         "ulater": ("sent", None),
@@ -147,7 +95,7 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
     for path, user in [(p, f"u{p[1:]}") for p in paths]:
         for got in endpoints.accepted(path):
             assert verify(keys, got.headers, got.body, int(time.time()))
-            assert got.headers["webhook-id"] == final[user].route_id
+            assert got.headers["webhook-id"] == route_ids[user]
             body = json.loads(got.body)
             assert body["type"] == SHIPPED
             assert body["data"]["user_id"] == user
@@ -175,10 +123,11 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
     assert (letters["ubad"].last_reason, letters["ubad"].last_code) == ("http_rejected", 400)
 
     # The 410 disabled the endpoint: the next route to it is never sent.
-    publish(hooks, {"ugone2": endpoints.url("/gone")})
-    events = wait_for(hooks, "notification.status", contracts.status, settled(["ugone2"]))
-    gone2 = last_status(events, "ugone2")
-    assert (gone2.status, gone2.reason) == ("suppressed", "endpoint_disabled")
+    publish(hooks, contacts(ugone2=endpoints.url("/gone")))
+    events = wait_for(
+        hooks, "notification.status", contracts.status, settled(["ugone2"], "webhook")
+    )
+    assert outcomes(events, "webhook")["ugone2"] == ("suppressed", "endpoint_disabled")
     assert endpoints.attempts["/gone"] == 1
 
 
@@ -186,61 +135,11 @@ def test_a_type_with_a_named_endpoint_sends_there(
     hooks: Settings, endpoints: ScriptedEndpoints, hook_worker: WorkerProcess
 ) -> None:
     contracts = Contracts(hooks)
-    publish(hooks, {"a1": None, "a2": endpoints.url("/elsewhere")}, kind=ALERT)
-    events = wait_for(hooks, "notification.status", contracts.status, settled(["a1", "a2"]))
-    assert {last_status(events, u).status for u in ("a1", "a2")} == {"sent"}
-    texts = sorted(json.loads(r.body)["data"]["payload"]["text"] for r in endpoints.accepted())
-    assert texts == ["t-a1", "t-a2"]
+    publish(hooks, contacts(a1=None, a2=endpoints.url("/elsewhere")), kind=NAMED)
+    events = wait_for(
+        hooks, "notification.status", contracts.status, settled(["a1", "a2"], "webhook")
+    )
+    assert outcomes(events, "webhook") == {"a1": ("sent", None), "a2": ("sent", None)}
+    orders = sorted(json.loads(r.body)["data"]["payload"]["order_id"] for r in endpoints.accepted())
+    assert orders == ["o-a1", "o-a2"]
     assert {r.path for r in endpoints.accepted()} == {"/ops"}
-
-
-def test_a_worker_killed_again_and_again_delivers_each_webhook_once(
-    hooks: Settings, tmp_path: Path
-) -> None:
-    """One worker, SIGKILLed ten times while 600 webhook routes are being sent (each
-    POST takes 250 ms, 8 at once), each time 0.2-1.5 s after its first delivery, and
-    restarted at once. Every route is delivered; the receiver sees each webhook-id
-    once, except routes the worker reported ``in_doubt`` (the endpoint had them when
-    the sender died, before their outcome was recorded), which it may see again and
-    drops by webhook-id."""
-    script = {f"/h{i}": ["slow:0.25"] for i in range(30)}
-    count, kills = 600, 10
-    rng = random.Random(uuid.uuid4().int)
-    contracts = Contracts(hooks)
-    with ScriptedEndpoints(script) as endpoints:
-        users = {f"k{i}": endpoints.url(f"/h{i % 30}") for i in range(count)}
-        publish(hooks, users)
-        progress = []
-        for life in range(kills):
-            worker = WorkerProcess(hooks, tmp_path / f"worker{life}.log")
-            before = len(endpoints.received)
-            worker.start()
-            deadline = time.monotonic() + 60
-            while len(endpoints.received) == before and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.2, 1.5))
-            worker.kill()
-            progress.append(len(endpoints.received) - before)
-        worker = WorkerProcess(hooks, tmp_path / "worker-last.log")
-        worker.start()
-        try:
-            events = wait_for(
-                hooks,
-                "notification.status",
-                contracts.status,
-                settled(list(users)),
-                timeout_s=180,
-                what="every route settled",
-            )
-        finally:
-            worker.stop()
-        delivered = Counter(r.headers["webhook-id"] for r in endpoints.accepted())
-    # Every kill struck while routes were being sent, none after the last.
-    assert min(progress) > 0, progress
-    assert sum(progress) < count, progress
-    routes = {e.route_id for e in events if e.channel == "webhook" and e.status == "sent"}
-    assert len(routes) == count
-    assert set(delivered) == routes  # none missing, none foreign
-    in_doubt = {e.route_id for e in events if e.status == "in_doubt" and e.channel == "webhook"}
-    repeated = {route_id for route_id, n in delivered.items() if n > 1}
-    assert repeated <= in_doubt, (repeated - in_doubt, in_doubt)
