@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.contracts import Contracts
 from pipeline.settings import Settings
-from tests.channels import new_secret, publish, settled, shop, sms_updates
+from tests.channels import new_secret, publish, settled, shop, slack_url, sms_updates
 from tests.endpoints import ScriptedEndpoints, by_path, by_recipient
 from tests.support import WorkerProcess, wait_for
 
@@ -31,10 +31,14 @@ def channel_settings(
     """Settings for ``channel`` against ``server``, and COUNT users with contacts on it."""
     updates: dict[str, Any]
     if channel == "webhook":
-        updates = {"webhook_secret": new_secret(), "webhook_require_https": False}
+        updates = {
+            "webhook_secret": new_secret(),
+            "webhook_endpoints": {"ops": server.url("/ops")},
+            "webhook_require_https": False,
+        }
         contacts = [server.url(f"/h{i % 30}") for i in range(COUNT)]
     elif channel == "slack":
-        updates = {"slack_base_url": server.url("")}
+        updates = {"slack_base_url": server.url(""), "slack_webhooks": {"ops": slack_url("ops")}}
         contacts = [f"https://hooks.slack.com/services/T0/B0/h{i % 30}" for i in range(COUNT)]
     else:
         updates = sms_updates(server)
@@ -66,6 +70,7 @@ def test_a_worker_killed_again_and_again_delivers_each_message_once(
             worker.start()
             deadline = time.monotonic() + 60
             while len(server.received) == before and time.monotonic() < deadline:
+                assert worker.alive(), f"worker {life} exited: {worker.log()[-2000:]}"
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.2, 1.5))
             worker.kill()
