@@ -193,6 +193,7 @@ class DirectChannel(Generic[M]):
             return [
                 deliveries.status(request, "suppressed", now, request.attempt, reason=reason),
                 deliveries.record(registry, raw, request, "suppressed", request.attempt, now),
+                *deliveries.fallback(raw, request, "suppressed"),
             ]
         breaker = transport.breaker
         if breaker is not None:

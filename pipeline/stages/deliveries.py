@@ -30,6 +30,9 @@ from pipeline.stages.outputs import malformed, status_out
 
 log = logging.getLogger(__name__)
 
+#: The header of a record on notification.recipients.rejoin that is a route which ended
+#: without reaching its user: the route stage tries the type's next channel.
+FALLBACK = "herald-fallback"
 #: Registry states after which a route is never attempted again.
 DONE = frozenset({"sent", "suppressed", "published", "expired"})
 
@@ -89,6 +92,8 @@ class Deliveries:
         self._dlq_topic = settings.topic(spec.dlq)
         self._max_letter_bytes = settings.dead_letter_max_bytes
         self._malformed_topic = settings.topic("notification.malformed")
+        self._rejoin_topic = settings.topic("notification.recipients.rejoin")
+        self._catalog = ctx.catalog
         self.registry_topic = settings.topic(spec.registry)
 
     def accept(
@@ -212,6 +217,25 @@ class Deliveries:
             Out(self._dlq_topic, request.route_id.encode("utf-8"), self._fit(letter, final)),
             self.status(request, "dead_lettered", now, attempt, reason=letter.reason),
             self.record(registry, raw, request, "dead_lettered", attempt, now),
+            *self.fallback(raw, request, "dead_lettered"),
+        ]
+
+    def fallback(self, raw: RawRecord, request: ChannelRequest, status: str) -> list[Out]:
+        """The record that makes the route stage try the next channel of the route's
+        type, when the type falls back after ``status`` (the route's end); else none."""
+        spec = self._catalog.get(request.notification_type)
+        if spec is None or status not in spec.fallback_when:
+            return []
+        if not spec.next_channels(request.channel) or request.user_id is None:
+            return []
+        return [
+            Out(
+                self._rejoin_topic,
+                request.user_id.encode("utf-8"),
+                self._contracts.channel_request.encode(request),
+                partition=raw.partition,  # the user's (the users group is copartitioned)
+                headers=((FALLBACK, request.channel.encode()),),
+            )
         ]
 
     def _fit(self, letter: DeadLetter, final: ChannelRequest) -> bytes:

@@ -169,6 +169,7 @@ class PushChannel:
             return [
                 deliveries.status(request, "expired", now, request.attempt, detail=detail),
                 deliveries.record(registry, raw, request, "expired", request.attempt, now),
+                *deliveries.fallback(raw, request, "expired"),
             ]
         try:
             value = self.payload(request)

@@ -25,10 +25,11 @@ from pipeline.contracts.records import (
 )
 from pipeline.errors import DecodeError
 from pipeline.rendering import DEFAULT_LOCALE
-from pipeline.runtime.records import Out, RawRecord
+from pipeline.runtime.records import Out, RawRecord, header
 from pipeline.stages.channel import Address, ChannelRouting
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayTiers, attempt_of
+from pipeline.stages.deliveries import FALLBACK
 from pipeline.stages.outputs import malformed, status_out
 from pipeline.topology import TypeSpec
 from pipeline.topology.catalog import PRIORITIES
@@ -120,6 +121,8 @@ class Router:
 
     def handle(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
         """Every output for one recipient record; ``users`` maps user_id to profile bytes."""
+        if header(raw.headers, FALLBACK) is not None:
+            return self._fall_back(raw, users, now_ms)
         try:
             recipient = self._contracts.recipient.decode(raw.value)
         except DecodeError as exc:
@@ -161,15 +164,58 @@ class Router:
             for channel in spec.channels.get("user", ())
         ]
 
+    def _fall_back(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
+        """The next channel of a fallback type, after a route that ended without reaching
+        the user (pipeline.stages.deliveries.Deliveries.fallback): ``raw`` holds it."""
+        try:
+            failed = self._contracts.channel_request.decode(raw.value)
+        except DecodeError as exc:
+            return [
+                malformed(
+                    self._contracts, self._malformed_topic, raw, exc.reason, exc.detail, now_ms
+                )
+            ]
+        spec = self._catalog.get(failed.notification_type)
+        profile_bytes = users.get((failed.user_id or "").encode("utf-8"))
+        if spec is None or not spec.fallback_when or profile_bytes is None:
+            return []  # the type or the user is gone since: nothing left to try
+        recipient = Recipient(
+            notification_id=failed.notification_id,
+            notification_type=failed.notification_type,
+            audience_kind="user",
+            user_id=failed.user_id,
+            # The route does not carry these; the notification's intake events do.
+            producer="",
+            idempotency_key="",
+            occurred_at_ms=failed.occurred_at_ms,
+            accepted_at_ms=0,
+            produced_at_ms=failed.produced_at_ms,
+            priority=failed.priority,
+            request_id=failed.request_id,
+            trace_id=failed.trace_id,
+            tenant_id=failed.tenant_id,
+            payload_json=failed.variables_json,
+        )
+        profile = self._profile(profile_bytes)
+        return self._user_routes(recipient, spec, profile, now_ms, after=failed)
+
     def _user_routes(
-        self, recipient: Recipient, spec: TypeSpec, profile: UserProfile, now_ms: int
+        self,
+        recipient: Recipient,
+        spec: TypeSpec,
+        profile: UserProfile,
+        now_ms: int,
+        after: ChannelRequest | None = None,
     ) -> list[Out]:
+        """A route (or skip) per user channel; for a fallback type, only the first
+        channel after ``after`` that takes one (skipping, while skips fall back)."""
         locale, fell_back = self._templates.resolve(spec.name, profile.preferred_language)
         quiet_end = None
         if recipient.priority != "critical":
             quiet_end = quiet_until_ms(profile.quiet_hours, profile.timezone, now_ms)
+        chain = spec.fallback_when
         outputs: list[Out] = []
-        for name in spec.channels.get("user", ()):
+        for name in spec.next_channels(after.channel if after else None):
             channel = self._channels[name]
             route_id = self.route_id(recipient, name)
             reason = opted_out(profile, spec, name, recipient.priority)
@@ -180,6 +226,8 @@ class Router:
                         recipient, "skipped", now_ms, channel=name, route_id=route_id, reason=found
                     )
                 )
+                if chain and "skipped" not in chain:
+                    break
                 continue
             request = self._request(
                 recipient,
@@ -198,8 +246,11 @@ class Router:
                     quiet_end,
                     now_ms,
                     key=(recipient.user_id or "").encode("utf-8"),
+                    after=after,
                 )
             )
+            if chain:
+                break
         return outputs
 
     def _admin_routes(self, recipient: Recipient, spec: TypeSpec, now_ms: int) -> list[Out]:
@@ -226,6 +277,7 @@ class Router:
         quiet_end: int | None,
         now_ms: int,
         key: bytes,
+        after: ChannelRequest | None = None,
     ) -> list[Out]:
         value = self._contracts.channel_request.encode(request)
         target = self._lanes[request.channel, request.priority]
@@ -243,6 +295,8 @@ class Router:
                     detail=f"until {quiet_end}",
                 ),
             ]
+        # A fallback route names the route it stands in for.
+        link = None if after is None else f"after {after.channel} route {after.route_id}"
         return [
             Out(target, key, value),
             self._status(
@@ -251,7 +305,8 @@ class Router:
                 now_ms,
                 channel=channel,
                 route_id=route_id,
-                detail=request.locale,
+                reason=None if after is None else "fallback",
+                detail=link or request.locale,
             ),
         ]
 

@@ -15,6 +15,8 @@ from pipeline.topology.model import Topology
 
 AUDIENCES = ("user", "admin_email")
 PRIORITIES = ("critical", "high", "normal", "low")
+#: How a route may end that makes a fallback type try its next channel.
+FALLBACK_WHEN = ("skipped", "suppressed", "dead_lettered", "expired")
 #: How a type treats a user's opt-outs: always honoured; honoured except at critical
 #: priority; or ignored (transactional mail such as login codes).
 OPT_OUT_POLICIES = ("honoured", "optional", "ignored")
@@ -53,6 +55,15 @@ class TypeSpec:
     type goes to; None: each user's own (``contacts["slack"]``)."""
     sms_max_segments: int = 3
     """The longest SMS text of the type, in segments; a longer one is not sent."""
+    fallback_when: frozenset[str] = frozenset()
+    """Empty: every user channel gets a route. Else the user channels are a fallback
+    chain, tried in order: the next gets a route only when the previous one's ended in
+    one of these states (FALLBACK_WHEN)."""
+
+    def next_channels(self, after: str | None) -> tuple[str, ...]:
+        """The user channels to try after ``after`` (None: from the first)."""
+        chain = self.channels.get("user", ())
+        return chain if after is None else chain[chain.index(after) + 1 :]
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -120,6 +131,17 @@ class Catalog:
             opt_out = str(entry.get("opt_out", "honoured"))
             if opt_out not in OPT_OUT_POLICIES:
                 raise ConfigurationError(f"{where}: opt_out must be one of {OPT_OUT_POLICIES}")
+            fallback = entry.get("fallback")
+            when: frozenset[str] = frozenset()
+            if fallback is not None:
+                listed = fallback.get("when") if isinstance(fallback, dict) else None
+                when = frozenset(listed or FALLBACK_WHEN)
+                if strange := when - set(FALLBACK_WHEN):
+                    raise ConfigurationError(
+                        f"{where}: fallback when {sorted(strange)}: one of {FALLBACK_WHEN}"
+                    )
+                if len(channels.get("user", ())) < 2:
+                    raise ConfigurationError(f"{where}: a fallback needs two user channels")
             types[name] = TypeSpec(
                 name=name,
                 category=str(entry.get("category", name.split(".")[0])),
@@ -134,6 +156,7 @@ class Catalog:
                 webhook_endpoint=entry.get("webhook_endpoint"),
                 slack_webhook=entry.get("slack_webhook"),
                 sms_max_segments=int(entry.get("sms_max_segments", 3)),
+                fallback_when=when,
             )
         return cls(types)
 

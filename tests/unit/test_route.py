@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from datetime import UTC, datetime
@@ -17,10 +18,13 @@ from pipeline.runtime.records import Out
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import Settings
 from pipeline.stages.channels import routings
+from pipeline.stages.context import StageContext
 from pipeline.stages.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
+from pipeline.stages.deliveries import FALLBACK, Deliveries
 from pipeline.stages.route import Router, quiet_until_ms
 from pipeline.stages.users import UserDirectory
-from pipeline.topology import Topology
+from pipeline.topology import Catalog, Topology
+from pipeline.topology.catalog import FALLBACK_WHEN
 from tests.unit.helpers import profile_record, raw, stage_context, users_home
 
 NOON_UTC = int(datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -285,3 +289,60 @@ def test_user_directory_keeps_latest_profile_and_forgets_on_tombstone(
         raw(value, topic="notification.users.keyed", key=b"u2"), view, NOON_UTC
     )
     assert contracts.malformed.decode(bad.value).reason == "key_mismatch"
+
+
+@pytest.fixture
+def fallback_router(settings: Settings) -> tuple[Router, StageContext]:
+    """A router whose game.turn.ready tries push, then email (the catalog's fallback)."""
+    ctx = stage_context(settings)
+    types = dict(ctx.catalog.types)
+    types["game.turn.ready"] = dataclasses.replace(
+        types["game.turn.ready"], fallback_when=frozenset(FALLBACK_WHEN)
+    )
+    ctx = dataclasses.replace(ctx, catalog=Catalog(types))
+    return Router(ctx, routings(ctx, {})), ctx
+
+
+def test_a_fallback_type_routes_only_its_first_channel_that_can_take_it(
+    fallback_router: tuple[Router, StageContext], contracts: Contracts
+) -> None:
+    router, _ = fallback_router
+    with_device = route(router, contracts, recipient(), profile())
+    assert outcomes(with_device, contracts) == {"push": ("routed", None)}
+    without = route(router, contracts, recipient(), profile(push_devices=[]))
+    assert outcomes(without, contracts) == {
+        "push": ("skipped", "no_push_device"),
+        "email": ("routed", None),
+    }
+
+
+def test_a_dead_lettered_route_of_a_fallback_type_gets_the_next_channel(
+    fallback_router: tuple[Router, StageContext], contracts: Contracts
+) -> None:
+    router, ctx = fallback_router
+    (push_out,) = [
+        o for o in route(router, contracts, recipient(), profile()) if o.topic.endswith("requested")
+    ]
+    push = contracts.channel_request.decode(push_out.value)
+    lane = raw(push_out.value, topic=push_out.topic, key=b"u1", partition=4)
+    deliveries = Deliveries(ctx, "push")
+    assert deliveries.fallback(lane, push, "published") == []
+    (back,) = deliveries.fallback(lane, push, "dead_lettered")
+    assert (back.topic, back.key, back.partition) == ("notification.recipients.rejoin", b"u1", 4)
+    assert back.headers == ((FALLBACK, b"push"),)
+    user = profile()
+    record = raw(back.value, topic=back.topic, key=back.key, headers=back.headers)
+    outputs = router.handle(record, {b"u1": contracts.user.encode(user)}, NOON_UTC)
+    assert outcomes(outputs, contracts) == {"email": ("routed", "fallback")}
+    (event,) = [contracts.status.decode(o.value) for o in outputs if o.topic.endswith("status")]
+    assert event.detail == f"after push route {push.route_id}"
+    (email,) = [
+        contracts.channel_request.decode(o.value) for o in outputs if o.topic.endswith("requested")
+    ]
+    assert (email.channel, email.address, email.notification_id) == (
+        "email",
+        "u1@example.org",
+        push.notification_id,
+    )
+    # The last channel of the chain has nothing after it.
+    assert deliveries.fallback(lane, email, "dead_lettered") == []

@@ -204,6 +204,11 @@ def test_catalog_is_extended_without_code(tmp_path: Path, settings: Settings) ->
         ({"channels": {"user": ["pigeon"]}}, r"unknown channels \['pigeon'\]"),
         ({"channels": {"robots": ["email"]}}, "unknown audience"),
         ({"channels": {"admin_email": ["email"]}, "admin_list": "nobody"}, "admin_list"),
+        ({"channels": {"user": ["email"]}, "fallback": {}}, "two user channels"),
+        (
+            {"channels": {"user": ["push", "email"]}, "fallback": {"when": ["bounced"]}},
+            r"fallback when \['bounced'\]",
+        ),
     ],
 )
 def test_catalog_mistakes_are_refused(entry: dict[str, Any], message: str) -> None:
