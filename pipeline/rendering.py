@@ -4,7 +4,7 @@ Layout: ``templates/<template_id>/<locale>/<part>.j2`` where template_id is the
 notification type, the mail parts are ``subject``, ``text`` and optional ``html``, and
 the push parts ``push_title``, ``push_body`` and optional ``push_image`` and
 ``push_link`` (these two fall back to ``en``: a URL rarely depends on the language),
-``slack`` (Slack mrkdwn) and ``sms`` (plain text).
+``slack`` (Slack mrkdwn), ``sms`` (plain text) and ``inapp_title``/``inapp_body``.
 Every template is compiled once, when the catalog is built (a syntax error stops
 start-up, not a delivery). Rendering runs in Jinja2's immutable sandbox with strict
 undefined variables; only ``html`` is autoescaped (escaping a plain-text body would
@@ -223,6 +223,31 @@ class TemplateCatalog:
                 raise RenderError(f"no {part} template {template_id}/{resolved} ({part}{SUFFIX})")
             resolved = DEFAULT_LOCALE
         return self._render(template_id, resolved, part, variables).strip(), resolved
+
+    def render_inapp(
+        self,
+        template_id: str,
+        locale: str,
+        variables: Mapping[str, Any],
+        required: Iterable[str] = (),
+    ) -> tuple[str, str, str]:
+        """(title, body, locale) of an in-app entry: from ``inapp_title``/``inapp_body``,
+        else the type's push texts, else its mail's subject and text."""
+        for title_part, body_part in (
+            ("inapp_title", "inapp_body"),
+            ("push_title", "push_body"),
+            ("subject", "text"),
+        ):
+            resolved, _ = self.resolve(template_id, locale)
+            if self.has(template_id, resolved, title_part) or self.has(
+                template_id, DEFAULT_LOCALE, title_part
+            ):
+                title, where = self.render_text(
+                    template_id, title_part, locale, variables, required
+                )
+                body, _ = self.render_text(template_id, body_part, where, variables, required)
+                return one_line(title), body, where
+        raise RenderError(f"no in-app, push or mail template for {template_id}")
 
     def _render(
         self, template_id: str, locale: str, part: str, variables: Mapping[str, Any]

@@ -147,7 +147,9 @@ class Worker:
         for lane, logical_topic in self.ctx.topology.channel(name).lanes.items():
             # Each lane has its own transport (its own connections): critical routes
             # never wait behind bulk ones.
-            channel = DirectChannel(self.ctx, name, kind.transport(), self.runtime.sink.deliver)
+            channel = DirectChannel(
+                self.ctx, name, kind.transport(self.runtime.sink.deliver), self.runtime.sink.deliver
+            )
             self.runtime.stage(
                 f"herald.{name}.{lane}",
                 [self.settings.topic(logical_topic)],

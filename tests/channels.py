@@ -53,8 +53,10 @@ def publish(
     users: Mapping[str, Mapping[str, str]],
     kind: str = SHIPPED,
     payloads: Mapping[str, dict[str, str]] | None = None,
+    key: str | None = None,
 ) -> None:
-    """Each user with their contacts, then one intent each."""
+    """Each user with their contacts, then one intent each (idempotency key: ``key``,
+    else one per type and user)."""
     with HeraldProducer(settings) as herald:
         for user, contacts in users.items():
             herald.put_user(UserProfile(user_id=user, contacts=dict(contacts)))
@@ -62,7 +64,7 @@ def publish(
             herald.publish_intent(
                 notification_type=kind,
                 producer="shop",
-                idempotency_key=f"{kind}-{user}",
+                idempotency_key=key or f"{kind}-{user}",
                 recipient_user_ids=[user],
                 payload=(payloads or {}).get(user, {"order_id": f"o-{user}"}),
             )

@@ -12,9 +12,11 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from pipeline.errors import ConfigurationError
+from pipeline.runtime.records import Write
 from pipeline.stages.channel import ChannelRouting, Transport
 from pipeline.stages.context import StageContext
 from pipeline.stages.email import EmailKind, EmailRouting
+from pipeline.stages.inapp import InappKind, InappRouting
 from pipeline.stages.push import PushRouting
 from pipeline.stages.slack import SlackKind, SlackRouting
 from pipeline.stages.sms import SmsKind, SmsRouting
@@ -27,8 +29,9 @@ class DirectKind(Protocol):
     window: int
     """Routes one lane sends at once."""
 
-    def transport(self) -> Transport[Any]:
-        """A transport for one lane (its own connections)."""
+    def transport(self, write: Write) -> Transport[Any]:
+        """A transport for one lane (its own connections); ``write`` writes records to
+        Kafka and waits for their acknowledgement."""
         ...
 
     def tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
@@ -42,6 +45,7 @@ DIRECT: dict[str, Callable[[StageContext], DirectKind]] = {
     "webhook": WebhookKind,
     "slack": SlackKind,
     "sms": SmsKind,
+    "inapp": InappKind,
 }
 #: The channel the worker wires itself (batched publication, the route stage's hand-off).
 PUSH = "push"
@@ -56,6 +60,7 @@ def routings(ctx: StageContext, invalid_tokens: Mapping[bytes, Any]) -> dict[str
         "webhook": WebhookRouting(ctx.settings),
         "slack": SlackRouting(),
         "sms": SmsRouting(),
+        "inapp": InappRouting(),
     }
     if unknown := sorted(set(ctx.topology.channels) - set(made)):
         raise ConfigurationError(

@@ -29,7 +29,7 @@ from pipeline.providers import EmailProvider, email_provider
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.mime import Mail, MailWriter
 from pipeline.rendering import RenderedMail, one_line, variables_of
-from pipeline.runtime.records import Out
+from pipeline.runtime.records import Out, Write
 from pipeline.stages.channel import Address, Prepared, Sent
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
@@ -65,7 +65,7 @@ class EmailKind:
         #: Routes a lane sends at once: one per SMTP connection (docs/email.md).
         self.window = ctx.settings.smtp_connections
 
-    def transport(self) -> EmailTransport:
+    def transport(self, write: Write) -> EmailTransport:
         provider = email_provider(self._ctx.settings)
         return EmailTransport(self._ctx, provider, self.suppressions, self._breaker)
 

@@ -25,7 +25,7 @@ from pipeline.errors import ConfigurationError, HeraldError, RenderError
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.http import HttpPoster
 from pipeline.rendering import variables_of
-from pipeline.runtime.records import Out
+from pipeline.runtime.records import Out, Write
 from pipeline.settings import Settings
 from pipeline.stages.channel import Address, Prepared, Sent
 from pipeline.stages.context import StageContext
@@ -171,7 +171,7 @@ class SlackKind:
                 )
         self.window = settings.slack_connections
 
-    def transport(self) -> SlackTransport:
+    def transport(self, write: Write) -> SlackTransport:
         return SlackTransport(self._ctx, HttpPoster(self._ctx.settings))
 
     def tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:

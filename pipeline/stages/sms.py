@@ -21,7 +21,7 @@ from pipeline.errors import ConfigurationError, HeraldError, InvalidAddressError
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.sms import SmsProvider, Unconfigured, e164, sms_provider, sms_size
 from pipeline.rendering import DEFAULT_LOCALE, variables_of
-from pipeline.runtime.records import Out
+from pipeline.runtime.records import Out, Write
 from pipeline.stages.channel import Address, Prepared, Sent
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
@@ -137,7 +137,7 @@ class SmsKind:
         )
         self.window = settings.sms_connections
 
-    def transport(self) -> SmsTransport:
+    def transport(self, write: Write) -> SmsTransport:
         return SmsTransport(self._ctx, self._provider, self._breaker)
 
     def tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:

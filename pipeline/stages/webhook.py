@@ -31,7 +31,7 @@ from pipeline.errors import ConfigurationError, HeraldError
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.http import HttpPoster
 from pipeline.providers.webhook import parse_secret, signed_headers
-from pipeline.runtime.records import Out
+from pipeline.runtime.records import Out, Write
 from pipeline.settings import Settings
 from pipeline.stages.channel import Address, Prepared, Sent
 from pipeline.stages.context import StageContext
@@ -183,7 +183,7 @@ class WebhookKind:
         self.disabled = DisabledEndpoints(settings)
         self.window = settings.webhook_connections
 
-    def transport(self) -> WebhookTransport:
+    def transport(self, write: Write) -> WebhookTransport:
         return WebhookTransport(self._keys, self.disabled, HttpPoster(self._settings))
 
     def tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:

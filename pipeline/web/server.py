@@ -23,7 +23,7 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.views import SuppressionList
-from pipeline.web import operator_api
+from pipeline.web import inbox, operator_api
 from pipeline.web.lag import ConsumerLagCollector
 from pipeline.web.login_codes import KafkaWriter, LoginCodeIntake, parse_request
 from pipeline.web.status_store import StatusFollower, StatusStore
@@ -137,11 +137,13 @@ def create_app(settings: Settings) -> web.Application:
     app[LAG_REGISTRY] = CollectorRegistry(auto_describe=False)
     app[LAG_REGISTRY].register(lag)
     app[operator_api.RESENDS] = operator_api.Resends(settings, store, contracts, writer)
+    app[inbox.INBOX_KEY] = inbox.Inbox(settings, store, writer)
     app.router.add_post(LOGIN_CODES, login_code_deliveries)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     operator_api.add_routes(app)
+    inbox.add_routes(app)
 
     async def start(_: web.Application) -> None:
         intake.start()

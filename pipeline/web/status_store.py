@@ -1,4 +1,5 @@
-"""The status view behind the operator API: notification.status projected into SQLite.
+"""The status view behind the operator API: notification.status projected into SQLite
+(and the in-app inbox, notification.inapp.inbox, which the inbox API serves).
 
 Decision (docs/operations.md): every API process keeps its own embedded SQLite file
 and follows the whole status topic into it (no consumer group; the next offset per
@@ -29,6 +30,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from pipeline.contracts import Contracts
+from pipeline.contracts.inbox import InboxEntry, decode_entry
 from pipeline.contracts.records import StatusEvent
 from pipeline.errors import DecodeError, ValidationError
 from pipeline.settings import Settings
@@ -101,6 +103,15 @@ CREATE TABLE IF NOT EXISTS rejections (
   detail TEXT
 );
 CREATE INDEX IF NOT EXISTS rejections_by_request ON rejections (request_id, at_ms);
+CREATE TABLE IF NOT EXISTS inbox (
+  user_id TEXT NOT NULL,
+  notification_id TEXT NOT NULL,
+  entry TEXT NOT NULL,
+  created_at_ms INTEGER NOT NULL,
+  read INTEGER NOT NULL,
+  PRIMARY KEY (user_id, notification_id)
+);
+CREATE INDEX IF NOT EXISTS inbox_by_user ON inbox (user_id, created_at_ms, notification_id);
 CREATE TABLE IF NOT EXISTS offsets (
   topic TEXT NOT NULL,
   partition INTEGER NOT NULL,
@@ -109,6 +120,8 @@ CREATE TABLE IF NOT EXISTS offsets (
 );
 """
 
+#: The in-app inbox topic the view keeps (logical name).
+INBOX = "notification.inapp.inbox"
 #: The reason on a clone's first event; its detail is the route it was cloned from.
 RESEND_REASON = "resend"
 #: Intake's verdicts: the notification's own status.
@@ -188,6 +201,86 @@ class StatusStore:
                 new += self._apply_one(event)
             self._save_offsets(topic, offsets)
         return new
+
+    def apply_inbox(
+        self, records: Iterable[tuple[bytes, bytes | None]], topic: str, offsets: dict[int, int]
+    ) -> None:
+        """Apply inbox records (key, JSON entry or None for a tombstone) and record
+        ``offsets``, in one transaction; undecodable ones are skipped."""
+        with self._transaction():
+            for key, value in records:
+                self.put_inbox(key, value)
+            self._save_offsets(topic, offsets)
+
+    def put_inbox(self, key: bytes, value: bytes | None) -> None:
+        """Apply one inbox record (also a write this process made, before it comes back)."""
+        user_id, _, notification_id = key.decode("utf-8", "replace").rpartition(":")
+        if value is None:
+            self._db.execute(
+                "DELETE FROM inbox WHERE user_id = ? AND notification_id = ?",
+                (user_id, notification_id),
+            )
+            return
+        try:
+            entry = decode_entry(value)
+        except DecodeError as exc:
+            log.warning("inbox view: record %r skipped: %s", key, exc)
+            return
+        self._db.execute(
+            "INSERT OR REPLACE INTO inbox (user_id, notification_id, entry, created_at_ms, read)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                entry.user_id,
+                entry.notification_id,
+                value.decode("utf-8"),
+                entry.created_at_ms,
+                int(entry.read_at_ms is not None),
+            ),
+        )
+
+    def inbox(
+        self, user_id: str, *, unread_only: bool, cursor: str | None, limit: int
+    ) -> tuple[list[InboxEntry], str | None]:
+        """One page of a user's inbox, newest first, and the cursor of the next page."""
+        sql = "SELECT entry FROM inbox WHERE user_id = ?"
+        args: list[Any] = [user_id]
+        if unread_only:
+            sql += " AND read = 0"
+        if cursor is not None:
+            created_at_ms, notification_id = decode_cursor(cursor)
+            sql += " AND (created_at_ms, notification_id) < (?, ?)"
+            args += [created_at_ms, notification_id]
+        sql += " ORDER BY created_at_ms DESC, notification_id DESC LIMIT ?"
+        rows = self._db.execute(sql, [*args, limit + 1]).fetchall()
+        entries = [decode_entry(r["entry"].encode()) for r in rows[:limit]]
+        more = len(rows) > limit
+        last = entries[-1] if entries else None
+        next_cursor = (
+            encode_cursor(last.created_at_ms, last.notification_id) if more and last else None
+        )
+        return entries, next_cursor
+
+    def inbox_entry(self, user_id: str, notification_id: str) -> InboxEntry | None:
+        """One entry of a user's inbox."""
+        row = self._db.execute(
+            "SELECT entry FROM inbox WHERE user_id = ? AND notification_id = ?",
+            (user_id, notification_id),
+        ).fetchone()
+        return None if row is None else decode_entry(row["entry"].encode())
+
+    def unread(self, user_id: str) -> list[InboxEntry]:
+        """Every unread entry of a user."""
+        rows = self._db.execute(
+            "SELECT entry FROM inbox WHERE user_id = ? AND read = 0", (user_id,)
+        ).fetchall()
+        return [decode_entry(r["entry"].encode()) for r in rows]
+
+    def unread_count(self, user_id: str) -> int:
+        """How many entries of a user's inbox are unread."""
+        row = self._db.execute(
+            "SELECT count(*) FROM inbox WHERE user_id = ? AND read = 0", (user_id,)
+        ).fetchone()
+        return int(row[0])
 
     def keep_requests(
         self,
@@ -437,8 +530,9 @@ class StatusFollower(Follower):
         self._partitions = {
             settings.topic(name): topology.spec(name).partitions
             # Every channel's lanes: a route is read from the one it was routed to.
-            for name in ("notification.status", *topology.lanes(), *KEPT_ROUTES)
+            for name in ("notification.status", *topology.lanes(), *KEPT_ROUTES, INBOX)
         }
+        self.inbox_topic = settings.topic(INBOX)
         self._lanes = {
             settings.topic(kept): settings.topic(lane) for kept, lane in KEPT_ROUTES.items()
         }
@@ -480,6 +574,11 @@ class StatusFollower(Follower):
                 except DecodeError as exc:  # not ours to fix here; the view skips it
                     log.warning("status view: undecodable status at %d: %s", record.offset, exc)
             self._store.apply(events, tp.topic, offsets)
+            return
+        if tp.topic == self.inbox_topic:
+            self._store.apply_inbox(
+                [(r.key, r.value) for r in records if r.key is not None], tp.topic, offsets
+            )
             return
         requests = []
         for record in records:
