@@ -42,6 +42,12 @@ OUTCOMES = Counter(
     "Deliveries that reached a final state, by channel and state.",
     ["channel", "status"],
 )
+IN_DOUBT = Counter(
+    "herald_in_doubt_total",
+    "Routes sent again because an earlier owner started their delivery without recording "
+    "its outcome (each a possible duplicate), by channel.",
+    ["channel"],
+)
 RETRIES = Counter("herald_retries_total", "Retries scheduled, by channel.", ["channel"])
 DEAD_LETTERS = Counter(
     "herald_dead_letters_total",
@@ -170,6 +176,8 @@ def count(notes: Iterable[Note | None]) -> None:
             _child(ATTEMPTS, channel, note.error_class or "permanent").inc()
         elif status == "retry_scheduled":
             _child(RETRIES, channel).inc()
+        elif status == "in_doubt":
+            _child(IN_DOUBT, channel).inc()
         if status == "dead_lettered":
             _child(DEAD_LETTERS, channel, note.reason).inc()
         if status in _FINAL and channel:

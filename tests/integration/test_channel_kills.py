@@ -22,7 +22,10 @@ from tests.support import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
-COUNT, KILLS = 600, 10
+COUNT = 600
+#: SIGKILLs per channel: ten for the webhook (as issue 18 asks of email), five for each
+#: of the others, which share its delivery path (pipeline.stages.channel).
+KILLS = {"webhook": 10, "slack": 5, "sms": 5}
 
 
 def channel_settings(
@@ -51,9 +54,9 @@ def channel_settings(
 def test_a_worker_killed_again_and_again_delivers_each_message_once(
     channel: str, isolated: Settings, tmp_path: Path
 ) -> None:
-    """One worker, SIGKILLed ten times while 600 routes are being sent (each request
-    takes 250 ms, a few at once), each time 0.2-1.5 s after its first delivery, and
-    restarted at once. Every route is delivered. The provider gets each message once,
+    """One worker, SIGKILLed again and again (KILLS) while 600 routes are being sent
+    (each request takes 250 ms, a few at once), each time 0.2-1.5 s after its first
+    delivery, and restarted at once. Every route is delivered. The provider gets each message once,
     except routes the worker reported ``in_doubt``: it had them when the sender died,
     before their outcome was recorded (a webhook receiver drops such a copy by its
     webhook-id; Slack and SMS have no such id: docs/channels.md)."""
@@ -64,7 +67,7 @@ def test_a_worker_killed_again_and_again_delivers_each_message_once(
         contracts = Contracts(settings)
         publish(settings, users)
         progress = []
-        for life in range(KILLS):
+        for life in range(KILLS[channel]):
             worker = WorkerProcess(settings, tmp_path / f"worker{life}.log")
             before = len(server.received)
             worker.start()
