@@ -31,6 +31,7 @@ from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
 from pipeline.errors import HeraldError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers.breaker import CircuitBreaker
+from pipeline.rendering import variables_of
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.stages.context import StageContext
 from pipeline.stages.deliveries import Deliveries, registry_entry
@@ -119,6 +120,40 @@ class Transport(Protocol[M]):
         """Records a failure calls for besides the retry or dead letter (a hard
         bounce's suppression, a gone endpoint's disabling)."""
         ...
+
+
+class PlainTransport:
+    """What most transports share: a template rendering of the route, and nothing to
+    wait for, block, probe or add after a failure (override what differs)."""
+
+    breaker: CircuitBreaker | None = None
+
+    def __init__(self, ctx: StageContext) -> None:
+        self._catalog = ctx.catalog
+        self._templates = ctx.templates
+
+    async def ready(self) -> None:
+        return None
+
+    def blocked(self, request: ChannelRequest) -> str | None:
+        return None
+
+    async def probe(self) -> None:
+        return None
+
+    def after_failure(self, request: ChannelRequest, exc: HeraldError, now_ms: int) -> list[Out]:
+        return []
+
+    def render(self, request: ChannelRequest, part: str) -> tuple[str, str]:
+        """(text, locale) of the route's ``part`` template (slack, sms)."""
+        return self._templates.render_text(
+            request.template_id, part, request.locale, *self.variables(request)
+        )
+
+    def variables(self, request: ChannelRequest) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The route's template variables, and the ones its type requires."""
+        spec = self._catalog.get(request.template_id)
+        return variables_of(request.variables_json), spec.required if spec else ()
 
 
 class DirectChannel(Generic[M]):

@@ -15,11 +15,8 @@ from typing import Any
 
 from pipeline.contracts.inbox import InboxEntry, inbox_record
 from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
-from pipeline.errors import HeraldError
-from pipeline.providers.breaker import CircuitBreaker
-from pipeline.rendering import variables_of
-from pipeline.runtime.records import Out, Write
-from pipeline.stages.channel import Address, Prepared, Sent
+from pipeline.runtime.records import Write
+from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
 
@@ -39,32 +36,19 @@ class InappRouting:
         return 0
 
 
-class InappTransport:
+class InappTransport(PlainTransport):
     """Renders the entry and writes it to the inbox topic (acknowledged)."""
 
-    breaker: CircuitBreaker | None = None
-
     def __init__(self, ctx: StageContext, write: Write) -> None:
-        self._catalog = ctx.catalog
-        self._templates = ctx.templates
-        self._clock = ctx.clock
+        super().__init__(ctx)
         self._topic = ctx.settings.topic(INBOX)
         self._partitions = ctx.topology.spec(INBOX).partitions
         self._write = write
 
-    async def ready(self) -> None:
-        return None
-
-    def blocked(self, request: ChannelRequest) -> str | None:
-        return None
-
     def prepare(self, request: ChannelRequest, now_ms: int) -> Prepared[InboxEntry]:
-        spec = self._catalog.get(request.template_id)
+        variables, required = self.variables(request)
         title, body, locale = self._templates.render_inapp(
-            request.template_id,
-            request.locale,
-            variables_of(request.variables_json),
-            spec.required if spec else (),
+            request.template_id, request.locale, variables, required
         )
         entry = InboxEntry(
             user_id=request.user_id or "",
@@ -81,12 +65,6 @@ class InappTransport:
     async def send(self, message: InboxEntry) -> Sent:
         await self._write([inbox_record(self._topic, self._partitions, message)])
         return Sent("in the inbox")
-
-    async def probe(self) -> None:
-        return None
-
-    def after_failure(self, request: ChannelRequest, exc: HeraldError, now_ms: int) -> list[Out]:
-        return []
 
 
 class InappKind:

@@ -126,11 +126,7 @@ class Router:
         try:
             recipient = self._contracts.recipient.decode(raw.value)
         except DecodeError as exc:
-            return [
-                malformed(
-                    self._contracts, self._malformed_topic, raw, exc.reason, exc.detail, now_ms
-                )
-            ]
+            return [self._malformed(raw, exc, now_ms)]
         spec = self._catalog.get(recipient.notification_type)
         if spec is None:  # the catalog lost the type after intake accepted it
             return [self._status(recipient, "failed", now_ms, reason="unknown_notification_type")]
@@ -164,17 +160,18 @@ class Router:
             for channel in spec.channels.get("user", ())
         ]
 
+    def _malformed(self, raw: RawRecord, exc: DecodeError, now_ms: int) -> Out:
+        return malformed(
+            self._contracts, self._malformed_topic, raw, exc.reason, exc.detail, now_ms
+        )
+
     def _fall_back(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
         """The next channel of a fallback type, after a route that ended without reaching
         the user (pipeline.stages.deliveries.Deliveries.fallback): ``raw`` holds it."""
         try:
             failed = self._contracts.channel_request.decode(raw.value)
         except DecodeError as exc:
-            return [
-                malformed(
-                    self._contracts, self._malformed_topic, raw, exc.reason, exc.detail, now_ms
-                )
-            ]
+            return [self._malformed(raw, exc, now_ms)]
         spec = self._catalog.get(failed.notification_type)
         profile_bytes = users.get((failed.user_id or "").encode("utf-8"))
         if spec is None or not spec.fallback_when or profile_bytes is None:

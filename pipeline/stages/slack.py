@@ -21,13 +21,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
-from pipeline.errors import ConfigurationError, HeraldError, RenderError
-from pipeline.providers.breaker import CircuitBreaker
+from pipeline.errors import ConfigurationError, RenderError
 from pipeline.providers.http import HttpPoster
-from pipeline.rendering import variables_of
-from pipeline.runtime.records import Out, Write
+from pipeline.runtime.records import Write
 from pipeline.settings import Settings
-from pipeline.stages.channel import Address, Prepared, Sent
+from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
 from pipeline.values import value_class
@@ -95,33 +93,17 @@ def slack_body(text: str) -> bytes:
     return json.dumps({"text": text, "blocks": blocks}, ensure_ascii=False).encode()
 
 
-class SlackTransport:
+class SlackTransport(PlainTransport):
     """Renders a route's slack.j2 and posts it to its incoming webhook."""
 
-    breaker: CircuitBreaker | None = None
-
     def __init__(self, ctx: StageContext, poster: HttpPoster) -> None:
-        self._catalog = ctx.catalog
-        self._templates = ctx.templates
+        super().__init__(ctx)
         self._base = ctx.settings.slack_base_url.rstrip("/")
         self._named = ctx.settings.slack_webhooks
         self._poster = poster
 
-    async def ready(self) -> None:
-        return None
-
-    def blocked(self, request: ChannelRequest) -> str | None:
-        return None
-
     def prepare(self, request: ChannelRequest, now_ms: int) -> Prepared[SlackMessage]:
-        spec = self._catalog.get(request.template_id)
-        text, locale = self._templates.render_text(
-            request.template_id,
-            NAME,
-            request.locale,
-            variables_of(request.variables_json),
-            spec.required if spec else (),
-        )
+        text, locale = self.render(request, NAME)
         return Prepared(SlackMessage(self._url(request.address or ""), slack_body(text)), locale)
 
     def _url(self, address: str) -> str:
@@ -139,12 +121,6 @@ class SlackTransport:
         headers = {"content-type": "application/json; charset=utf-8"}
         receipt = await self._poster.post(message.url, message.body, headers)
         return Sent(f"{receipt.status} {receipt.body}")
-
-    async def probe(self) -> None:
-        return None
-
-    def after_failure(self, request: ChannelRequest, exc: HeraldError, now_ms: int) -> list[Out]:
-        return []
 
 
 class SlackKind:

@@ -17,12 +17,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
-from pipeline.errors import ConfigurationError, HeraldError, InvalidAddressError, RenderError
+from pipeline.errors import ConfigurationError, InvalidAddressError, RenderError
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.sms import SmsProvider, Unconfigured, e164, sms_provider, sms_size
-from pipeline.rendering import DEFAULT_LOCALE, variables_of
-from pipeline.runtime.records import Out, Write
-from pipeline.stages.channel import Address, Prepared, Sent
+from pipeline.rendering import DEFAULT_LOCALE
+from pipeline.runtime.records import Write
+from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
 from pipeline.values import value_class
@@ -60,30 +60,17 @@ class Text:
     """Herald's id of it (the route_id)."""
 
 
-class SmsTransport:
+class SmsTransport(PlainTransport):
     """Renders a route's sms.j2, checks its length, hands it to the provider."""
 
     def __init__(self, ctx: StageContext, provider: SmsProvider, breaker: CircuitBreaker) -> None:
-        self._catalog = ctx.catalog
-        self._templates = ctx.templates
+        super().__init__(ctx)
         self._provider = provider
-        self.breaker: CircuitBreaker | None = breaker
-
-    async def ready(self) -> None:
-        return None
-
-    def blocked(self, request: ChannelRequest) -> str | None:
-        return None
+        self.breaker = breaker
 
     def prepare(self, request: ChannelRequest, now_ms: int) -> Prepared[Text]:
         spec = self._catalog.get(request.template_id)
-        text, locale = self._templates.render_text(
-            request.template_id,
-            NAME,
-            request.locale,
-            variables_of(request.variables_json),
-            spec.required if spec else (),
-        )
+        text, locale = self.render(request, NAME)
         if not text:
             raise RenderError("the sms template rendered nothing")
         size = sms_size(text)
@@ -101,11 +88,7 @@ class SmsTransport:
             f"{receipt.status} {receipt.provider_id}", (("provider_id", receipt.provider_id),)
         )
 
-    async def probe(self) -> None:
-        return None  # an HTTP API has no connection to test: the next route is the probe
-
-    def after_failure(self, request: ChannelRequest, exc: HeraldError, now_ms: int) -> list[Out]:
-        return []
+    # probe: an HTTP API has no connection to test; the next route is the probe.
 
 
 class SmsKind:

@@ -28,12 +28,11 @@ from urllib.parse import urlsplit
 
 from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
 from pipeline.errors import ConfigurationError, HeraldError
-from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.http import HttpPoster
 from pipeline.providers.webhook import parse_secret, signed_headers
 from pipeline.runtime.records import Out, Write
 from pipeline.settings import Settings
-from pipeline.stages.channel import Address, Prepared, Sent
+from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
 from pipeline.values import value_class
@@ -118,12 +117,18 @@ def webhook_body(request: ChannelRequest) -> bytes:
     return f'{head}, "data": {rest}, "payload": {request.variables_json}}}}}'.encode()
 
 
-class WebhookTransport:
-    """Signs and POSTs one route's body; a 410 disables the endpoint."""
+class WebhookTransport(PlainTransport):
+    """Signs and POSTs one route's body; a 410 disables the endpoint. (No circuit:
+    every endpoint is its own server.)"""
 
-    breaker: CircuitBreaker | None = None  # every endpoint is its own server
-
-    def __init__(self, keys: list[bytes], disabled: DisabledEndpoints, poster: HttpPoster) -> None:
+    def __init__(
+        self,
+        ctx: StageContext,
+        keys: list[bytes],
+        disabled: DisabledEndpoints,
+        poster: HttpPoster,
+    ) -> None:
+        super().__init__(ctx)
         self._keys = keys
         self._disabled = disabled
         self._poster = poster
@@ -146,9 +151,6 @@ class WebhookTransport:
         receipt = await self._poster.post(message.url, message.body, headers)
         return Sent(f"{receipt.status} {receipt.body}")
 
-    async def probe(self) -> None:
-        return None
-
     def after_failure(self, request: ChannelRequest, exc: HeraldError, now_ms: int) -> list[Out]:
         if exc.reason == "endpoint_gone" and request.address:
             return [self._disabled.entry(request.address, "gone", exc.detail, now_ms)]
@@ -160,6 +162,7 @@ class WebhookKind:
 
     def __init__(self, ctx: StageContext) -> None:
         settings = ctx.settings
+        self._ctx = ctx
         self._settings = settings
         users = [t for t in ctx.catalog.types.values() if NAME in t.channels.get("user", ())]
         for spec in users:
@@ -184,7 +187,7 @@ class WebhookKind:
         self.window = settings.webhook_connections
 
     def transport(self, write: Write) -> WebhookTransport:
-        return WebhookTransport(self._keys, self.disabled, HttpPoster(self._settings))
+        return WebhookTransport(self._ctx, self._keys, self.disabled, HttpPoster(self._settings))
 
     def tasks(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         return [self.disabled.run]
