@@ -43,7 +43,11 @@ class Worker:
         self.feedback = DeviceFeedbackLog(ctx)
         self.invalid_tokens = self.runtime.table("push-tokens", "herald.push.tokens.changelog")
         self.router = Router(ctx, routings(ctx, self.invalid_tokens.store))
-        self.direct = {name: DIRECT[name](ctx) for name in ctx.topology.channels if name != PUSH}
+        # A worker runs the channels its catalog uses: each other one would add its
+        # lanes, tiers and registry to every fetch (docs/channels.md). Email is always
+        # on (the API's login codes), and push (the route stage's hand-off).
+        self.channels = [c for c in ctx.topology.channels if c in ctx.catalog.channels()]
+        self.direct = {name: DIRECT[name](ctx) for name in self.channels if name != PUSH}
         # One push channel for the push stage and the route stage's hand-off: its
         # in-flight set keeps the two from publishing one route at once.
         self.push = PushChannel(ctx, GatewayPublisher(settings), self.runtime.sink.deliver)
@@ -125,7 +129,7 @@ class Worker:
         The channel writes each entry's changelog record itself and waits for it
         (pipeline.stages.deliveries), so views write the table's store directly,
         without Faust's own (unawaited) changelog send."""
-        changelog = f"herald.{channel}.deliveries.changelog"
+        changelog = self.ctx.topology.channel(channel).registry
         registry = self.runtime.table(f"{channel}-deliveries", changelog, write_changelog=False)
         data = registry.store
         registry_topic = self.settings.topic(changelog)
@@ -191,6 +195,8 @@ class Worker:
 
     def _wire_delays(self) -> None:
         for stage, policy in self.ctx.topology.retry.items():
+            if stage in self.ctx.topology.channels and stage not in self.channels:
+                continue
             tiers = DelayTiers.of(policy, self.settings)
             for index, topic in enumerate(tiers.topics):
                 release = DelayRelease(self.ctx, tiers, index)
@@ -209,7 +215,11 @@ class Worker:
                 # its provider's timeout setting), so a lane that
                 # commits nothing for the stall timeout is stuck. Delay tiers hold
                 # records on purpose: not watched.
-                *(self.settings.topic(lane) for lane in self.ctx.topology.lanes()),
+                *(
+                    self.settings.topic(lane)
+                    for lane, channel in self.ctx.topology.lanes().items()
+                    if channel in self.channels
+                ),
                 self.feedback.feedback_topic,
                 self.feedback.keyed_topic,
             ]

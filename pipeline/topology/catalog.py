@@ -81,6 +81,13 @@ class Catalog:
     def __init__(self, types: dict[str, TypeSpec]) -> None:
         self.types = types
 
+    def channels(self) -> frozenset[str]:
+        """Every channel a worker must run for this catalog: those its types use, and
+        email and push, which Herald itself writes routes to (login codes, the route
+        stage's push hand-off)."""
+        used = {c for spec in self.types.values() for cs in spec.channels.values() for c in cs}
+        return frozenset(used | {"email", "push"})
+
     def get(self, notification_type: str) -> TypeSpec | None:
         """The type, or None when the catalog does not know it."""
         return self.types.get(notification_type)

@@ -28,6 +28,7 @@ from pipeline.stages.channels import DIRECT, routings
 from pipeline.stages.slack import slack_body, webhook_path
 from pipeline.stages.users import check_profile
 from pipeline.stages.webhook import WebhookKind, url_problem, webhook_body
+from pipeline.topology import Catalog
 from pipeline.topology.partitioning import partition_for
 from tests.unit.helpers import stage_context
 
@@ -168,6 +169,13 @@ def test_each_channel_addresses_a_user_or_says_why_not(settings: Settings) -> No
     assert routes["sms"].address(odd, spec) == "invalid_phone_number"
     fine = UserProfile(user_id="u1", contacts={"sms": "+49 (151) 2345-6789"})
     assert routes["sms"].address(fine, spec).address == "+4915123456789"  # type: ignore[union-attr]
+
+
+def test_a_worker_runs_the_channels_its_catalog_uses(settings: Settings) -> None:
+    catalog = stage_context(settings).catalog
+    assert catalog.channels() == {"email", "push"}
+    doc = {"types": {"t.x": {"channels": {"user": ["sms", "inapp"]}}}}
+    assert Catalog.from_dict(doc, DIRECT).channels() == {"email", "push", "sms", "inapp"}
 
 
 def test_a_channel_without_a_module_stops_the_start_up(settings: Settings, tmp_path: Path) -> None:
