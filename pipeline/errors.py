@@ -119,6 +119,13 @@ class InvalidAddressError(PermanentError):
     reason = "invalid_address"
 
 
+class InDoubtError(PermanentError):
+    """A route's earlier delivery began but its outcome was never recorded, and its type
+    holds such routes for an operator (``in_doubt: hold``) rather than risk a copy."""
+
+    reason = "in_doubt"
+
+
 class HttpDeferredError(TransientError):
     """An HTTP endpoint answered 429 or 5xx: try again, no sooner than ``retry_after_s``."""
 

@@ -21,15 +21,19 @@ SLACK_TEXT = "*Order {{ order_id }}* has shipped. <https://shop.example/orders|Y
 SMS_TEXT = "Order {{ order_id }} has shipped.{% if note is defined %} {{ note }}{% endif %}"
 
 
-def shop(settings: Settings, folder: Path, channel: str, **updates: object) -> Settings:
-    """Settings with a shop type on ``channel`` (and, for Slack, a type posting to the
-    named webhook ``ops``), ``channel`` retries of 1 s then 2 s for 3 attempts."""
+def shop(
+    settings: Settings, folder: Path, channel: str, in_doubt: str = "resend", **updates: Any
+) -> Settings:
+    """Settings with a shop type on ``channel`` (routes in doubt: ``in_doubt``) and a
+    type posting to the named Slack webhook or webhook endpoint ``ops``, ``channel``
+    retries of 1 s then 2 s for 3 attempts, a 2 s HTTP timeout."""
     fast = fast_retries(settings, folder / "topologies", channel, http_timeout_s=2.0)
     types: dict[str, dict[str, object]] = {
         SHIPPED: {
             "category": "shop",
             "channels": {"user": [channel]},
             "required": {"order_id": "string"},
+            "in_doubt": in_doubt,
         }
     }
     templates = {SHIPPED: {"slack": SLACK_TEXT, "sms": SMS_TEXT}}

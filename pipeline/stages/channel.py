@@ -16,8 +16,10 @@ budgets, dead letters, the never-twice registry, metrics, the operator API and
 registry says it is not done), ask the transport whether it is blocked (a suppressed
 address, a disabled endpoint), render it, write ``sending`` ahead (and wait for it),
 call the provider, then record ``sent``, or the failure (a retry in the delay tiers or
-a dead letter). A route its previous owner left ``sending`` is in doubt: it goes again
-and an ``in_doubt`` event says so, so an operator can see every possible duplicate.
+a dead letter). A route its previous owner left ``sending`` is in doubt: an
+``in_doubt`` event says so, so an operator can see every possible duplicate, and it
+goes again, or, when its type says ``in_doubt: hold``, to the DLQ (reason
+``in_doubt``) for an operator to replay or not.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline import metrics
 from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
-from pipeline.errors import HeraldError, TransientError
+from pipeline.errors import HeraldError, InDoubtError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.rendering import variables_of
@@ -170,6 +172,7 @@ class DirectChannel(Generic[M]):
         self._transport = transport
         self._write = write
         self._clock = ctx.clock
+        self._catalog = ctx.catalog
         self._deliveries = Deliveries(ctx, channel)
         self._timing = (channel,)
         #: Routes being sent right now (a second copy in the same batch waits for none).
@@ -194,7 +197,15 @@ class DirectChannel(Generic[M]):
         in_doubt = entry is not None and entry.get("state") == "sending"
         self._in_flight.add(request.route_id)
         try:
-            outputs = await self._deliver(raw, registry, request, now)
+            spec = self._catalog.get(request.notification_type)
+            if in_doubt and spec is not None and spec.in_doubt == "hold":
+                held = InDoubtError(
+                    f"an earlier owner started its {self.channel} delivery; outcome unknown: "
+                    "held for an operator (in_doubt: hold)"
+                )
+                outputs = self._failed(raw, registry, request, request.attempt + 1, held)
+            else:
+                outputs = await self._deliver(raw, registry, request, now)
             if in_doubt:
                 # Its provider call began (the write-ahead below) but no outcome was
                 # recorded: a worker died mid-send. It goes again (the same Message-ID

@@ -15,6 +15,10 @@ from pipeline.topology.model import Topology
 
 AUDIENCES = ("user", "admin_email")
 PRIORITIES = ("critical", "high", "normal", "low")
+#: What becomes of a route whose delivery began without a recorded outcome (a worker
+#: died mid-send): sent again (the same Message-ID / webhook-id), or held in the DLQ
+#: for an operator (no copy, ever; the operator replays it or not).
+IN_DOUBT_POLICIES = ("resend", "hold")
 #: How a route may end that makes a fallback type try its next channel.
 FALLBACK_WHEN = ("skipped", "suppressed", "dead_lettered", "expired")
 #: How a type treats a user's opt-outs: always honoured; honoured except at critical
@@ -55,6 +59,8 @@ class TypeSpec:
     type goes to; None: each user's own (``contacts["slack"]``)."""
     sms_max_segments: int = 3
     """The longest SMS text of the type, in segments; a longer one is not sent."""
+    in_doubt: str = "resend"
+    """resend or hold (IN_DOUBT_POLICIES): a route in doubt after a crash."""
     fallback_when: frozenset[str] = frozenset()
     """Empty: every user channel gets a route. Else the user channels are a fallback
     chain, tried in order: the next gets a route only when the previous one's ended in
@@ -138,6 +144,9 @@ class Catalog:
             opt_out = str(entry.get("opt_out", "honoured"))
             if opt_out not in OPT_OUT_POLICIES:
                 raise ConfigurationError(f"{where}: opt_out must be one of {OPT_OUT_POLICIES}")
+            in_doubt = str(entry.get("in_doubt", "resend"))
+            if in_doubt not in IN_DOUBT_POLICIES:
+                raise ConfigurationError(f"{where}: in_doubt must be one of {IN_DOUBT_POLICIES}")
             fallback = entry.get("fallback")
             when: frozenset[str] = frozenset()
             if fallback is not None:
@@ -164,6 +173,7 @@ class Catalog:
                 slack_webhook=entry.get("slack_webhook"),
                 sms_max_segments=int(entry.get("sms_max_segments", 3)),
                 fallback_when=when,
+                in_doubt=in_doubt,
             )
         return cls(types)
 

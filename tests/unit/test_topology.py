@@ -205,6 +205,7 @@ def test_catalog_is_extended_without_code(tmp_path: Path, settings: Settings) ->
         ({"channels": {"robots": ["email"]}}, "unknown audience"),
         ({"channels": {"admin_email": ["email"]}, "admin_list": "nobody"}, "admin_list"),
         ({"channels": {"user": ["email"]}, "fallback": {}}, "two user channels"),
+        ({"channels": {"user": ["email"]}, "in_doubt": "maybe"}, "in_doubt must be one of"),
         (
             {"channels": {"user": ["push", "email"]}, "fallback": {"when": ["bounced"]}},
             r"fallback when \['bounced'\]",
