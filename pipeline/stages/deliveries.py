@@ -217,7 +217,8 @@ class Deliveries:
             Out(self._dlq_topic, request.route_id.encode("utf-8"), self._fit(letter, final)),
             self.status(request, "dead_lettered", now, attempt, reason=letter.reason),
             self.record(registry, raw, request, "dead_lettered", attempt, now),
-            *self.fallback(raw, request, "dead_lettered"),
+            # A route held in doubt may have reached the user: no fallback for it.
+            *(self.fallback(raw, request, "dead_lettered") if exc.reason != "in_doubt" else []),
         ]
 
     def fallback(self, raw: RawRecord, request: ChannelRequest, status: str) -> list[Out]:

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import PushDevice, QuietHours, Recipient, UserProfile
+from pipeline.errors import InDoubtError, PermanentError
 from pipeline.rendering import TemplateCatalog
 from pipeline.runtime.records import Out
 from pipeline.runtime.tables import WriteBehind
@@ -346,3 +347,22 @@ def test_a_dead_lettered_route_of_a_fallback_type_gets_the_next_channel(
     )
     # The last channel of the chain has nothing after it.
     assert deliveries.fallback(lane, email, "dead_lettered") == []
+
+
+def test_a_route_held_in_doubt_does_not_fall_back(
+    fallback_router: tuple[Router, StageContext], contracts: Contracts
+) -> None:
+    """It may have reached the user: the operator decides, not the fallback."""
+    router, ctx = fallback_router
+    (push_out,) = [
+        o for o in route(router, contracts, recipient(), profile()) if o.topic.endswith("requested")
+    ]
+    push = contracts.channel_request.decode(push_out.value)
+    lane = raw(push_out.value, topic=push_out.topic, key=b"u1")
+    deliveries = Deliveries(ctx, "push")
+    rejoin = "notification.recipients.rejoin"
+    held = deliveries.failed(lane, {}, push, 1, InDoubtError("outcome unknown"))
+    assert "notification.push.dlq" in {o.topic for o in held}
+    assert rejoin not in {o.topic for o in held}
+    refused = deliveries.failed(lane, {}, push, 1, PermanentError("refused"))
+    assert rejoin in {o.topic for o in refused}
