@@ -1,6 +1,7 @@
 """The webhook channel in a real worker, against a real local HTTP server that accepts,
-fails, throttles, stalls and says 410: every route ends sent (signed, once per
-webhook-id), suppressed, skipped or dead-lettered with its history."""
+fails, throttles, stalls and says 410, and a port where nobody listens: every route
+ends sent (signed, once per webhook-id), suppressed, skipped or dead-lettered with its
+history."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.providers.webhook import parse_secret, verify
 from pipeline.settings import Settings
 from tests.channels import NAMED, SHIPPED, new_secret, outcomes, publish, settled, shop
 from tests.endpoints import ScriptedEndpoints, endpoint_server
+from tests.smtp import free_port
 from tests.support import WorkerProcess, read_all, wait_for
 
 pytestmark = pytest.mark.integration
@@ -71,7 +73,10 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
 ) -> None:
     contracts = Contracts(hooks)
     paths = ["/ok", "/flaky", "/later", "/gone", "/bad", "/slow"]
-    users = contacts(**{f"u{p[1:]}": endpoints.url(p) for p in paths}, **{"u-none": None})
+    closed = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    users = contacts(
+        **{f"u{p[1:]}": endpoints.url(p) for p in paths}, **{"u-none": None, "urefused": closed}
+    )
     publish(hooks, users)
     events = wait_for(
         hooks,
@@ -89,6 +94,7 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
         "ubad": ("dead_lettered", "permanent_failure"),
         "uslow": ("sent", None),
         "u-none": ("skipped", "no_webhook_endpoint"),
+        "urefused": ("dead_lettered", "budget_exhausted"),
     }
     # Each accepted delivery is signed, carries its route_id, and the payload as sent.
     keys = [parse_secret(secret)]
@@ -121,6 +127,9 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
     assert isinstance(letters["ugone"], DeadLetter)
     assert letters["ugone"].last_reason == "endpoint_gone"
     assert (letters["ubad"].last_reason, letters["ubad"].last_code) == ("http_rejected", 400)
+    # A refused connection is transient: three attempts, then the budget is spent.
+    refused = letters["urefused"]
+    assert (refused.last_reason, len(refused.attempts)) == ("http_unreachable", 3)
 
     # The 410 disabled the endpoint: the next route to it is never sent.
     publish(hooks, contacts(ugone2=endpoints.url("/gone")))
