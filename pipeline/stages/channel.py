@@ -30,10 +30,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pipeline import metrics
 from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
-from pipeline.errors import HeraldError, InDoubtError, TransientError
+from pipeline.errors import ConfigurationError, HeraldError, InDoubtError, TransientError
 from pipeline.logs import route_fields
 from pipeline.providers.breaker import CircuitBreaker
-from pipeline.rendering import variables_of
+from pipeline.rendering import DEFAULT_LOCALE, variables_of
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.stages.context import StageContext
 from pipeline.stages.deliveries import Deliveries, registry_entry
@@ -124,6 +124,18 @@ class Transport(Protocol[M]):
         ...
 
 
+def templated_types(ctx: StageContext, channel: str) -> list[TypeSpec]:
+    """The types on ``channel`` (whose template part is named like it: slack, sms);
+    ConfigurationError, at start-up, for one without its ``en`` template."""
+    types = ctx.catalog.using(channel)
+    for spec in types:
+        if not ctx.templates.has(spec.name, DEFAULT_LOCALE, channel):
+            raise ConfigurationError(
+                f"type {spec.name!r} uses {channel} but has no {DEFAULT_LOCALE}/{channel}.j2"
+            )
+    return types
+
+
 class PlainTransport:
     """What most transports share: a template rendering of the route, and nothing to
     wait for, block, probe or add after a failure (override what differs)."""
@@ -197,8 +209,7 @@ class DirectChannel(Generic[M]):
         in_doubt = entry is not None and entry.get("state") == "sending"
         self._in_flight.add(request.route_id)
         try:
-            spec = self._catalog.get(request.notification_type)
-            if in_doubt and spec is not None and spec.in_doubt == "hold":
+            if in_doubt and self._holds_doubt(request):
                 held = InDoubtError(
                     f"an earlier owner started its {self.channel} delivery; outcome unknown: "
                     "held for an operator (in_doubt: hold)"
@@ -223,6 +234,11 @@ class DirectChannel(Generic[M]):
         finally:
             self._in_flight.discard(request.route_id)
         return []
+
+    def _holds_doubt(self, request: ChannelRequest) -> bool:
+        """Whether the route's type holds a route in doubt for an operator."""
+        spec = self._catalog.get(request.notification_type)
+        return spec is not None and spec.in_doubt == "hold"
 
     async def _deliver(
         self,

@@ -31,11 +31,12 @@ class StageContext:
     @classmethod
     def load(cls, settings: Settings) -> StageContext:
         """Everything loaded from the folders ``settings`` names."""
+        topology = Topology.load(settings)
         return cls(
             settings=settings,
             contracts=Contracts(settings),
-            catalog=Catalog.load(settings),
-            topology=Topology.load(settings),
+            catalog=Catalog.load(settings, tuple(topology.channels)),
+            topology=topology,
             templates=TemplateCatalog(settings.templates_dir),
             clock=Clock(settings.clock_offset_ms),
         )

@@ -77,9 +77,7 @@ class PushChannel:
         self.registry_topic = self._deliveries.registry_topic
         self.requests_topic = settings.topic(ctx.topology.channel("push").lanes["bulk"])
         unmapped = sorted(
-            spec.name
-            for spec in catalog.types.values()
-            if "push" in spec.channels.get("user", ()) and spec.push_payload not in BODY_TABLES
+            spec.name for spec in catalog.using("push") if spec.push_payload not in BODY_TABLES
         )
         if unmapped:
             log.error(

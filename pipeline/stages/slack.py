@@ -25,7 +25,7 @@ from pipeline.errors import ConfigurationError, RenderError
 from pipeline.providers.http import HttpPoster
 from pipeline.runtime.records import Write
 from pipeline.settings import Settings
-from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent
+from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent, templated_types
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
 from pipeline.values import value_class
@@ -129,17 +129,13 @@ class SlackKind:
     def __init__(self, ctx: StageContext) -> None:
         self._ctx = ctx
         settings: Settings = ctx.settings
-        for spec in ctx.catalog.types.values():
-            if NAME not in spec.channels.get("user", ()):
-                continue
+        for spec in templated_types(ctx, NAME):
             name = spec.slack_webhook
             if name is not None and name not in settings.slack_webhooks:
                 raise ConfigurationError(
                     f"type {spec.name!r} names Slack webhook {name!r}, which "
                     "HERALD_SLACK_WEBHOOKS does not define"
                 )
-            if not ctx.templates.has(spec.name, "en", NAME):
-                raise ConfigurationError(f"type {spec.name!r} uses Slack but has no en/slack.j2")
         for name, url in settings.slack_webhooks.items():
             if webhook_path(url.get_secret_value()) is None:
                 raise ConfigurationError(

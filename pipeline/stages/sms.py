@@ -20,9 +20,8 @@ from pipeline.contracts.records import ChannelRequest, Recipient, UserProfile
 from pipeline.errors import ConfigurationError, InvalidAddressError, RenderError
 from pipeline.providers.breaker import CircuitBreaker
 from pipeline.providers.sms import SmsProvider, Unconfigured, e164, sms_provider, sms_size
-from pipeline.rendering import DEFAULT_LOCALE
 from pipeline.runtime.records import Write
-from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent
+from pipeline.stages.channel import Address, PlainTransport, Prepared, Sent, templated_types
 from pipeline.stages.context import StageContext
 from pipeline.topology import TypeSpec
 from pipeline.values import value_class
@@ -96,10 +95,8 @@ class SmsKind:
 
     def __init__(self, ctx: StageContext) -> None:
         self._ctx = ctx
-        users = [t for t in ctx.catalog.types.values() if NAME in t.channels.get("user", ())]
+        users = templated_types(ctx, NAME)
         for spec in users:
-            if not ctx.templates.has(spec.name, DEFAULT_LOCALE, NAME):
-                raise ConfigurationError(f"type {spec.name!r} uses SMS but has no en/sms.j2")
             if spec.sms_max_segments < 1:
                 raise ConfigurationError(f"type {spec.name!r}: sms_max_segments must be >= 1")
         settings = ctx.settings

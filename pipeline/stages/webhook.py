@@ -164,7 +164,7 @@ class WebhookKind:
         settings = ctx.settings
         self._ctx = ctx
         self._settings = settings
-        users = [t for t in ctx.catalog.types.values() if NAME in t.channels.get("user", ())]
+        users = ctx.catalog.using(NAME)
         for spec in users:
             name = spec.webhook_endpoint
             if name is not None and name not in settings.webhook_endpoints:

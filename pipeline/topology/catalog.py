@@ -87,6 +87,10 @@ class Catalog:
     def __init__(self, types: dict[str, TypeSpec]) -> None:
         self.types = types
 
+    def using(self, channel: str) -> list[TypeSpec]:
+        """The types whose user audience is delivered on ``channel``."""
+        return [spec for spec in self.types.values() if channel in spec.channels.get("user", ())]
+
     def channels(self) -> frozenset[str]:
         """Every channel a worker must run for this catalog: those its types use, and
         email and push, which Herald itself writes routes to (login codes, the route
@@ -99,16 +103,17 @@ class Catalog:
         return self.types.get(notification_type)
 
     @classmethod
-    def load(cls, settings: Settings) -> Catalog:
-        """The catalog of ``settings``' topologies/, its channels checked against the
-        channels topics.yaml declares."""
+    def load(cls, settings: Settings, known_channels: Collection[str] | None = None) -> Catalog:
+        """The catalog of ``settings``' topologies/, its channels checked against
+        ``known_channels`` (default: those topics.yaml declares)."""
         path = settings.topology_dir / "catalog.yaml"
         try:
             doc: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigurationError(f"cannot read catalog {path}: {exc}") from exc
-        channels = Topology.load(settings).channels
-        return cls.from_dict(doc, tuple(channels), source=str(path))
+        if known_channels is None:
+            known_channels = tuple(Topology.load(settings).channels)
+        return cls.from_dict(doc, known_channels, source=str(path))
 
     @classmethod
     def from_dict(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+from aiohttp import web
 
 from pipeline.contracts.records import Intent
 from pipeline.runtime.producer import Acks
@@ -104,3 +107,15 @@ class FakeBroker:
                 self.acked.append(record.value)
                 acks.report(index, None, (0, len(self.acked) - 1))
         return acks
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on a free local port for the block; its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

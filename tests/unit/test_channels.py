@@ -30,7 +30,7 @@ from pipeline.stages.users import check_profile
 from pipeline.stages.webhook import WebhookKind, url_problem, webhook_body
 from pipeline.topology import Catalog
 from pipeline.topology.partitioning import partition_for
-from tests.unit.helpers import stage_context
+from tests.unit.helpers import served, stage_context
 
 
 def templates(tmp_path: Path, parts: dict[str, str]) -> TemplateCatalog:
@@ -286,13 +286,9 @@ async def messages(request: web.Request) -> web.Response:
 async def twilio() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", messages)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     received.clear()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with served(app) as url:
+        yield url
 
 
 async def test_the_twilio_provider_posts_a_form_with_basic_auth(twilio: str) -> None:

@@ -21,6 +21,7 @@ from pipeline.errors import (
 )
 from pipeline.providers.http import MAX_RETRY_AFTER_S, HttpPoster, HttpReceipt, retry_after_s
 from pipeline.settings import Settings
+from tests.unit.helpers import served
 
 received: list[tuple[bytes, dict[str, str]]] = []
 
@@ -44,14 +45,9 @@ async def answer(request: web.Request) -> web.StreamResponse:
 async def endpoint() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/{kind}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     received.clear()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with served(app) as url:
+        yield url
 
 
 @pytest.fixture

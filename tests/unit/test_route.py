@@ -12,10 +12,16 @@ from typing import Any
 import pytest
 
 from pipeline.contracts import Contracts
-from pipeline.contracts.records import PushDevice, QuietHours, Recipient, UserProfile
+from pipeline.contracts.records import (
+    ChannelRequest,
+    PushDevice,
+    QuietHours,
+    Recipient,
+    UserProfile,
+)
 from pipeline.errors import InDoubtError, PermanentError
 from pipeline.rendering import TemplateCatalog
-from pipeline.runtime.records import Out
+from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import Settings
 from pipeline.stages.channels import routings
@@ -304,6 +310,16 @@ def fallback_router(settings: Settings) -> tuple[Router, StageContext]:
     return Router(ctx, routings(ctx, {})), ctx
 
 
+def first_route(router: Router, contracts: Contracts) -> tuple[ChannelRequest, RawRecord]:
+    """The one route a fallback type's recipient gets, and its record as its channel's
+    stage reads it (on the user's partition, 4)."""
+    (out,) = [
+        o for o in route(router, contracts, recipient(), profile()) if o.topic.endswith("requested")
+    ]
+    lane = raw(out.value, topic=out.topic, key=b"u1", partition=4)
+    return contracts.channel_request.decode(out.value), lane
+
+
 def test_a_fallback_type_routes_only_its_first_channel_that_can_take_it(
     fallback_router: tuple[Router, StageContext], contracts: Contracts
 ) -> None:
@@ -321,11 +337,7 @@ def test_a_dead_lettered_route_of_a_fallback_type_gets_the_next_channel(
     fallback_router: tuple[Router, StageContext], contracts: Contracts
 ) -> None:
     router, ctx = fallback_router
-    (push_out,) = [
-        o for o in route(router, contracts, recipient(), profile()) if o.topic.endswith("requested")
-    ]
-    push = contracts.channel_request.decode(push_out.value)
-    lane = raw(push_out.value, topic=push_out.topic, key=b"u1", partition=4)
+    push, lane = first_route(router, contracts)
     deliveries = Deliveries(ctx, "push")
     assert deliveries.fallback(lane, push, "published") == []
     (back,) = deliveries.fallback(lane, push, "dead_lettered")
@@ -354,11 +366,7 @@ def test_a_route_held_in_doubt_does_not_fall_back(
 ) -> None:
     """It may have reached the user: the operator decides, not the fallback."""
     router, ctx = fallback_router
-    (push_out,) = [
-        o for o in route(router, contracts, recipient(), profile()) if o.topic.endswith("requested")
-    ]
-    push = contracts.channel_request.decode(push_out.value)
-    lane = raw(push_out.value, topic=push_out.topic, key=b"u1")
+    push, lane = first_route(router, contracts)
     deliveries = Deliveries(ctx, "push")
     rejoin = "notification.recipients.rejoin"
     held = deliveries.failed(lane, {}, push, 1, InDoubtError("outcome unknown"))
