@@ -196,6 +196,29 @@ class IdempotencyConflictError(PermanentError):
     reason = "idempotency_conflict"
 
 
+class InvalidRequestError(ValidationError):
+    """A request that breaks one or more rules at once; ``problems`` has each."""
+
+    reason = "invalid_request"
+
+    def __init__(self, problems: list[ValidationError]) -> None:
+        super().__init__(
+            "; ".join(f"{p.reason}: {p.detail}" for p in problems), reason=problems[0].reason
+        )
+        #: Every rule broken, in the order checked.
+        self.problems = problems
+
+
+class RateLimitedError(TransientError):
+    """A limit of topologies/limits.yaml is spent; ``retry_after_s`` says when it is not."""
+
+    reason = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after_s: float) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
 class PushPayloadError(PermanentError):
     """A push that cannot be encoded: its type has no FlatBuffers table, a payload field
     has the wrong type, or the payload exceeds the size cap (see ``reason``)."""

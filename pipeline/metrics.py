@@ -74,6 +74,25 @@ PROVIDER_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+HTTP_INTENTS = Counter(
+    "herald_http_intents_total",
+    "Intents posted to the HTTP intake, by answer (accepted, replayed, invalid, too_large, "
+    "conflict, rate_limited, unavailable, unauthorized).",
+    ["outcome"],
+)
+HTTP_INTENT_SECONDS = Histogram(
+    "herald_http_intent_seconds",
+    "Time to answer one POST /api/v1/notifications, by answer.",
+    ["outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+LIMITED = Counter(
+    "herald_limited_total",
+    "Decisions of the limits of topologies/limits.yaml that held something back, by limit "
+    "and decision.",
+    ["limit", "decision"],
+)
+
 CIRCUIT_OPEN = Gauge(
     "herald_circuit_open",
     "1 while a provider's circuit is open or probing (its server is left alone), by provider.",
@@ -93,6 +112,14 @@ def _child(metric: Counter | Histogram, *labels: str) -> Any:
     if child is None:
         child = _CHILDREN[key] = metric.labels(*labels)
     return child
+
+
+def answered(outcome: str, seconds: float) -> None:
+    """Count one answer of the HTTP intake and its time."""
+    _child(HTTP_INTENTS, outcome).inc()
+    _child(HTTP_INTENT_SECONDS, outcome).observe(seconds)
+    if outcome == "rate_limited":
+        _child(LIMITED, "producer", "rejected").inc()
 
 
 def outcome_of(error: BaseException | None) -> str:

@@ -339,6 +339,12 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token the API requires (unset: no token; keep the API internal).",
     )
+    producer_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Bearer tokens of the producers that send intents over HTTP (POST "
+        '/api/v1/notifications), by producer id, as JSON: {"game-master": "..."}. A token '
+        "sends only as its producer. Unset: HERALD_API_TOKEN sends as any producer.",
+    )
     operator_token: SecretStr | None = Field(
         default=None,
         description="Bearer token of the operator endpoints (unset: HERALD_API_TOKEN guards them).",

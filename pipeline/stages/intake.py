@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from pipeline.contracts.ids import deterministic_id
@@ -46,78 +46,118 @@ class ValidIntent:
 
 
 def validate(intent: Intent, catalog: Catalog, settings: Settings) -> ValidIntent:
-    """Check ``intent`` against the contract and the catalog; ValidationError says why."""
+    """Check ``intent`` against the contract and the catalog; ValidationError says why
+    (the first rule it breaks)."""
+    valid, problems = _check(intent, catalog, settings, every=False)
+    if valid is None:
+        raise problems[0]
+    return valid
 
-    def fail(reason: str, detail: str) -> ValidationError:
-        return ValidationError(detail, reason=reason)
 
+def problems(intent: Intent, catalog: Catalog, settings: Settings) -> list[ValidationError]:
+    """Every rule ``intent`` breaks (empty: intake accepts it), for callers that answer
+    at once (the HTTP intake); a rule that needs the type is checked only if it is known."""
+    return _check(intent, catalog, settings, every=True)[1]
+
+
+class _FirstProblemError(Exception):
+    """Stops the checks at the first problem when only the first is wanted."""
+
+
+def _check(
+    intent: Intent, catalog: Catalog, settings: Settings, *, every: bool
+) -> tuple[ValidIntent | None, list[ValidationError]]:
+    found: list[ValidationError] = []
+
+    def fail(reason: str, detail: str) -> None:
+        found.append(ValidationError(detail, reason=reason))
+        if not every:
+            raise _FirstProblemError
+
+    try:
+        spec = _check_envelope(intent, catalog, settings, fail)
+        recipients = _check_recipients(intent, settings, fail)
+        payload = _check_payload(intent, spec, settings, fail)
+    except _FirstProblemError:
+        return None, found
+    if found or spec is None or payload is None:
+        return None, found
+    priority = spec.effective_priority(intent.priority)
+    return ValidIntent(intent, spec, recipients, payload, priority), found
+
+
+def _check_envelope(
+    intent: Intent, catalog: Catalog, settings: Settings, fail: Callable[[str, str], None]
+) -> TypeSpec | None:
     if not _PRODUCER_RE.match(intent.producer):
-        raise fail(
-            "invalid_producer", f"producer {intent.producer!r} must match {_PRODUCER_RE.pattern}"
-        )
+        fail("invalid_producer", f"producer {intent.producer!r} must match {_PRODUCER_RE.pattern}")
     if not intent.idempotency_key or len(intent.idempotency_key) > _MAX_KEY_LEN:
-        raise fail(
-            "invalid_idempotency_key", f"idempotency_key must be 1..{_MAX_KEY_LEN} characters"
-        )
+        fail("invalid_idempotency_key", f"idempotency_key must be 1..{_MAX_KEY_LEN} characters")
     spec = catalog.get(intent.notification_type)
     if spec is None:
-        raise fail(
-            "unknown_notification_type", f"{intent.notification_type!r} is not in the catalog"
-        )
-    if intent.audience_kind not in spec.channels:
-        raise fail(
+        fail("unknown_notification_type", f"{intent.notification_type!r} is not in the catalog")
+    elif intent.audience_kind not in spec.channels:
+        fail(
             "audience_not_allowed",
             f"{spec.name} accepts audience {sorted(spec.channels)}, not {intent.audience_kind!r}",
         )
     if intent.occurred_at_ms <= 0:
-        raise fail(
-            "invalid_occurred_at", "occurred_at_ms must be a positive epoch-millisecond time"
-        )
+        fail("invalid_occurred_at", "occurred_at_ms must be a positive epoch-millisecond time")
+    return spec
 
+
+def _check_recipients(
+    intent: Intent, settings: Settings, fail: Callable[[str, str], None]
+) -> tuple[str, ...]:
     recipients = tuple(dict.fromkeys(intent.recipient_user_ids))
     if intent.audience_kind == "user":
         if not recipients:
-            raise fail("empty_recipients", "audience user needs at least one recipient_user_id")
+            fail("empty_recipients", "audience user needs at least one recipient_user_id")
         if any(not r or len(r) > _MAX_USER_ID_LEN for r in recipients):
-            raise fail(
-                "invalid_recipient", f"recipient ids must be 1..{_MAX_USER_ID_LEN} characters"
-            )
+            fail("invalid_recipient", f"recipient ids must be 1..{_MAX_USER_ID_LEN} characters")
         if len(recipients) > settings.max_recipients:
-            raise fail(
+            fail(
                 "too_many_recipients",
                 f"{len(recipients)} recipients; at most {settings.max_recipients} per intent",
             )
     elif recipients:
-        raise fail("unexpected_recipients", "audience admin_email takes no recipient_user_ids")
+        fail("unexpected_recipients", "audience admin_email takes no recipient_user_ids")
+    return recipients
 
+
+def _check_payload(
+    intent: Intent, spec: TypeSpec | None, settings: Settings, fail: Callable[[str, str], None]
+) -> dict[str, Any] | None:
     size = len(intent.payload_json.encode("utf-8"))
     if size > settings.payload_max_bytes:
-        raise fail(
-            "payload_too_large", f"payload is {size} bytes; cap {settings.payload_max_bytes}"
-        )
+        fail("payload_too_large", f"payload is {size} bytes; cap {settings.payload_max_bytes}")
+        return None
     try:
         payload = json.loads(intent.payload_json)
     except ValueError as exc:
-        raise fail("payload_not_json_object", f"payload_json is not JSON: {exc}") from None
+        fail("payload_not_json_object", f"payload_json is not JSON: {exc}")
+        return None
     if not isinstance(payload, dict):
-        raise fail("payload_not_json_object", "payload_json must be a JSON object")
+        fail("payload_not_json_object", "payload_json must be a JSON object")
+        return None
     if "\\u" in intent.payload_json and _has_lone_surrogate(payload):
         # Valid JSON, but text no channel can send (it is not encodable as UTF-8).
-        raise fail(
-            "payload_not_json_object", "payload_json escapes a lone surrogate (\\ud800-\\udfff)"
-        )
+        fail("payload_not_json_object", "payload_json escapes a lone surrogate (\\ud800-\\udfff)")
+        return None
+    if spec is None:
+        return payload
     missing = [f for f in spec.required if payload.get(f) in (None, "")]
     if missing:
-        raise fail("missing_payload_fields", f"{spec.name} requires {', '.join(missing)}")
+        fail("missing_payload_fields", f"{spec.name} requires {', '.join(missing)}")
     wrong = [
         f"{name} {problem}"
         for name, kind in spec.fields.items()
-        if (problem := payload_type_error(kind, payload[name])) is not None
+        if payload.get(name) not in (None, "")
+        and (problem := payload_type_error(kind, payload[name])) is not None
     ]
     if wrong:
-        raise fail("payload_field_type", f"{spec.name}: {'; '.join(wrong)}")
-
-    return ValidIntent(intent, spec, recipients, payload, spec.effective_priority(intent.priority))
+        fail("payload_field_type", f"{spec.name}: {'; '.join(wrong)}")
+    return payload
 
 
 def _has_lone_surrogate(payload: dict[str, Any]) -> bool:

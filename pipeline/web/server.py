@@ -1,9 +1,11 @@
-"""Herald's HTTP API (aiohttp): the login-code intake, the operator endpoints
-(pipeline.web.operator_api), liveness and readiness.
+"""Herald's HTTP API (aiohttp): the intent intake (pipeline.web.intents), the
+login-code intake, the operator endpoints (pipeline.web.operator_api), the in-app
+inbox, liveness and readiness.
 
 Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with stable codes:
 ``invalid_request`` (400), ``unauthorized`` (401), ``not_found`` (404),
-``idempotency_conflict`` (409), ``service_unavailable`` (503) and ``internal_error`` (500).
+``idempotency_conflict`` (409), ``payload_too_large`` (413), ``rate_limited`` (429),
+``service_unavailable`` (503) and ``internal_error`` (500).
 """
 
 from __future__ import annotations
@@ -11,19 +13,29 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from pydantic import SecretStr
 
 from pipeline import logs
 from pipeline.contracts import Contracts
-from pipeline.errors import BrokerUnavailableError, IdempotencyConflictError, ValidationError
+from pipeline.errors import (
+    BrokerUnavailableError,
+    IdempotencyConflictError,
+    InvalidRequestError,
+    RateLimitedError,
+    ValidationError,
+)
+from pipeline.metrics import answered
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.views import SuppressionList
 from pipeline.web import inbox, operator_api
+from pipeline.web.intents import IntentIntake, parse_intent
 from pipeline.web.lag import ConsumerLagCollector
 from pipeline.web.login_codes import KafkaWriter, LoginCodeIntake, parse_request
 from pipeline.web.status_store import StatusFollower, StatusStore
@@ -31,7 +43,9 @@ from pipeline.web.status_store import StatusFollower, StatusStore
 log = logging.getLogger(__name__)
 
 LOGIN_CODES = "/api/v1/internal/login-code-deliveries"
+NOTIFICATIONS = "/api/v1/notifications"
 INTAKE = web.AppKey("intake", LoginCodeIntake)
+INTENTS = web.AppKey("intents", IntentIntake)
 SETTINGS = web.AppKey("settings", Settings)
 LAG = web.AppKey("lag", ConsumerLagCollector)
 LAG_REGISTRY = web.AppKey("lag_registry", CollectorRegistry)
@@ -48,17 +62,25 @@ def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+def _bearer(request: web.Request, token: SecretStr) -> bool:
+    given = request.headers.get("Authorization", "").encode()
+    return hmac.compare_digest(given, f"Bearer {token.get_secret_value()}".encode())
+
+
+def _producer_intake(request: web.Request) -> bool:
+    # The intent intake authenticates producers itself (HERALD_PRODUCER_TOKENS).
+    return request.method == "POST" and request.path == NOTIFICATIONS
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     token = settings.api_token
     if request.path.startswith(operator_api.PREFIXES) and settings.operator_token is not None:
         token = settings.operator_token
-    if token is not None and request.path not in _OPEN_PATHS:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return error(401, "unauthorized", "a valid bearer token is required")
+    guarded = request.path not in _OPEN_PATHS and not _producer_intake(request)
+    if token is not None and guarded and not _bearer(request, token):
+        return error(401, "unauthorized", "a valid bearer token is required")
     try:
         return await handler(request)
     except web.HTTPException:
@@ -82,6 +104,76 @@ async def login_code_deliveries(request: web.Request) -> web.Response:
         log.warning("login code not accepted: %s", exc)
         return error(503, "service_unavailable", "Kafka is unavailable; nothing was accepted")
     return web.json_response({"outcome": outcome})
+
+
+def _producer(request: web.Request) -> tuple[bool, str | None]:
+    """Whether the caller may send intents, and as which producer (None: any, named by
+    the body): a producer's token; else HERALD_API_TOKEN, or anyone when the API has no
+    token of either kind."""
+    settings = request.app[SETTINGS]
+    for producer, token in settings.producer_tokens.items():
+        if _bearer(request, token):
+            return True, producer
+    if settings.api_token is not None:
+        return _bearer(request, settings.api_token), None
+    return not settings.producer_tokens, None
+
+
+async def post_notification(request: web.Request) -> web.Response:
+    """POST /api/v1/notifications: accept one intent (see pipeline.web.intents)."""
+    started = time.monotonic()
+    outcome, response = await _intent(request)
+    answered(outcome, time.monotonic() - started)
+    return response
+
+
+async def _intent(request: web.Request) -> tuple[str, web.Response]:
+    intake = request.app[INTENTS]
+    allowed, producer = _producer(request)
+    if not allowed:
+        return "unauthorized", error(401, "unauthorized", "a producer's bearer token is required")
+    if not request.app[operator_api.FOLLOWER].ready.is_set():
+        return "unavailable", error(503, "service_unavailable", "the status view is loading")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return "too_large", error(413, "payload_too_large", "the body is over the size limit")
+    try:
+        intent = parse_intent(body, request.headers.get("Idempotency-Key"), producer)
+        intake.limits.spend(intent.producer)
+        accepted = await intake.submit(intake.check(intent))
+    except InvalidRequestError as exc:
+        if any(p.reason == "payload_too_large" for p in exc.problems):
+            return "too_large", error(413, "payload_too_large", exc.detail)
+        if producer is not None:
+            key = request.headers.get("Idempotency-Key")
+            await intake.record_rejection(producer, key, body, exc)
+        return "invalid", _invalid(exc)
+    except RateLimitedError as exc:
+        response = error(429, "rate_limited", exc.detail)
+        response.headers["Retry-After"] = str(int(exc.retry_after_s or 1))
+        return "rate_limited", response
+    except IdempotencyConflictError as exc:
+        return "conflict", error(409, "idempotency_conflict", exc.detail)
+    except BrokerUnavailableError as exc:
+        log.warning("intent not accepted: %s", exc)
+        return "unavailable", error(
+            503, "service_unavailable", "Kafka is unavailable; nothing was accepted"
+        )
+    answer = {
+        "notification_id": accepted.notification_id,
+        "replayed": accepted.replayed,
+        "status_url": f"{NOTIFICATIONS}/{accepted.notification_id}",
+    }
+    return ("replayed" if accepted.replayed else "accepted"), web.json_response(answer, status=202)
+
+
+def _invalid(exc: InvalidRequestError) -> web.Response:
+    problems = [{"reason": p.reason, "detail": p.detail} for p in exc.problems]
+    return web.json_response(
+        {"error": {"code": "invalid_request", "message": exc.detail, "problems": problems}},
+        status=400,
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -115,21 +207,25 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     """The API application; its Kafka views start with it and stop with it."""
-    app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
+    # Room for a payload at its cap even when every character is escaped in JSON.
+    body_cap = max(64 * 1024, 2 * settings.payload_max_bytes + 16 * 1024)
+    app = web.Application(middlewares=[_guard], client_max_size=body_cap)
     contracts = Contracts(settings)
     writer = KafkaWriter(settings)
+    clock = Clock(settings.clock_offset_ms)
     intake = LoginCodeIntake(
         settings,
         contracts,
         TemplateCatalog(settings.templates_dir),
         SuppressionList(settings),
         writer,
-        Clock(settings.clock_offset_ms),
+        clock,
     )
     store = StatusStore(settings.status_db_path)
     follower = StatusFollower(settings, store, contracts)
     app[SETTINGS] = settings
     app[INTAKE] = intake
+    app[INTENTS] = IntentIntake(settings, contracts, store, writer, clock)
     app[operator_api.STORE] = store
     app[operator_api.FOLLOWER] = follower
     lag = ConsumerLagCollector(settings)
@@ -139,6 +235,7 @@ def create_app(settings: Settings) -> web.Application:
     app[operator_api.RESENDS] = operator_api.Resends(settings, store, contracts, writer)
     app[inbox.INBOX_KEY] = inbox.Inbox(settings, store, writer)
     app.router.add_post(LOGIN_CODES, login_code_deliveries)
+    app.router.add_post(NOTIFICATIONS, post_notification)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

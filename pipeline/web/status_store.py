@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS notifications (
   updated_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS notifications_by_request ON notifications (request_id);
+CREATE INDEX IF NOT EXISTS notifications_by_key ON notifications (producer, idempotency_key);
 CREATE TABLE IF NOT EXISTS deliveries (
   route_id TEXT PRIMARY KEY,
   notification_id TEXT NOT NULL,
@@ -442,6 +443,15 @@ class StatusStore:
             )
         ]
         return [n for n in (self.notification(i) for i in ids) if n is not None]
+
+    def accepted(self, producer: str, idempotency_key: str) -> tuple[str, int] | None:
+        """(notification id, first seen at) of what intake accepted under this key."""
+        row = self._db.execute(
+            "SELECT notification_id, first_at_ms FROM notifications"
+            " WHERE producer = ? AND idempotency_key = ? ORDER BY first_at_ms DESC LIMIT 1",
+            (producer, idempotency_key),
+        ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
 
     def rejections_by_request(self, request_id: str) -> list[dict[str, Any]]:
         """Every intent of a caller's request_id that intake refused (``rejected``:
