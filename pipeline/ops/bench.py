@@ -583,21 +583,29 @@ def run_bench(
     baselines: bool,
     echo: Echo,
     workers: int = 1,
+    http_rate: float = 500.0,
+    http_duration_s: float = 10.0,
+    http_only: bool = False,
 ) -> list[Run]:
     """Every run, printed as it finishes; topics deleted at the end. ``workers`` worker
-    processes serve the push runs (the email runs have one)."""
+    processes serve the push runs (the email runs have one). The HTTP runs
+    (pipeline.ops.bench_http) come last, or alone with ``http_only``."""
     run_id = uuid.uuid4().hex[:8]
     state = base.state_dir / "bench" / run_id
     state.mkdir(parents=True, exist_ok=True)
     settings = _settings_for(base, run_id, state)
     topology_admin.apply(settings, Topology.load(settings))
     runs: list[Run] = []
+    http: list[dict[str, Any]] = []
 
     def done(run: Run) -> None:
         runs.append(run)
         echo(_line(run))
 
     try:
+        if http_only:
+            http = _http(settings, http_rate, http_duration_s, state, echo)
+            return runs
         if baselines:
             _make_topics(
                 settings, ["bench.raw.in", "bench.raw.out", "bench.faust.in", "bench.faust.out"]
@@ -621,13 +629,33 @@ def run_bench(
                 topology_admin.delete_prefixed(mail)
             for run in email_runs:
                 done(run)
+        if http_rate:
+            http = _http(settings, http_rate, http_duration_s, state, echo)
     finally:
         topology_admin.delete_prefixed(settings)
-    shares = _ratios(runs, echo)
-    figures = [{**run.as_dict(), **shares.get(run.name, {})} for run in runs]
-    (state / "figures.json").write_text(json.dumps(figures, indent=2))
-    echo(f"figures: {state / 'figures.json'}")
+        shares = _ratios(runs, echo)
+        figures = [{**run.as_dict(), **shares.get(run.name, {})} for run in runs] + http
+        (state / "figures.json").write_text(json.dumps(figures, indent=2))
+        echo(f"figures: {state / 'figures.json'}")
     return runs
+
+
+def _http(
+    settings: Settings, rate: float, duration_s: float, state: Path, echo: Echo
+) -> list[dict[str, Any]]:
+    from pipeline.ops.bench_http import http_runs
+
+    echo(f"HTTP intake, {rate:.0f} requests/s offered for {duration_s:.0f}s")
+    figures = http_runs(settings, rate, duration_s, state)
+    for run in figures:
+        echo(
+            f"  {run['name']:{_NAME_WIDTH}} {run['count']:7d} requests  P50 {run['p50_ms']:.1f} ms"
+            f"  P95 {run['p95_ms']:.1f} ms  P99 {run['p99_ms']:.1f} ms  answers {run['answers']}"
+        )
+    base, intake = figures
+    if base["p99_ms"]:
+        echo(f"  P99 of the POST: {intake['p99_ms'] / base['p99_ms']:.2f}x the baseline's")
+    return figures
 
 
 _NAME_WIDTH = 44

@@ -570,6 +570,21 @@ def malformed_show(origin: str) -> None:
     help="Worker processes (one consumer group) serving the push runs; email runs use one.",
 )
 @click.option("--no-baselines", is_flag=True, help="Skip the passthrough baselines.")
+@click.option(
+    "--http-rate",
+    type=float,
+    default=500.0,
+    show_default=True,
+    help="Requests per second offered to POST /api/v1/notifications (0: no HTTP runs).",
+)
+@click.option(
+    "--http-duration",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Length of each HTTP run in seconds.",
+)
+@click.option("--http-only", is_flag=True, help="Run only the HTTP runs.")
 def bench(
     intents: int,
     rate: float,
@@ -577,6 +592,9 @@ def bench(
     email_intents: int,
     workers: int,
     no_baselines: bool,
+    http_rate: float,
+    http_duration: float,
+    http_only: bool,
 ) -> None:
     """Measure throughput, latency and memory on this broker; print the figures
     (docs/performance.md)."""
@@ -591,6 +609,9 @@ def bench(
         baselines=not no_baselines,
         echo=click.echo,
         workers=workers,
+        http_rate=http_rate,
+        http_duration_s=http_duration,
+        http_only=http_only,
     )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -31,6 +30,7 @@ from pipeline.runtime.faust import (
     table_entries,
 )
 from pipeline.runtime.health import WorkerHealth
+from pipeline.runtime.memory import tune_gc
 from pipeline.runtime.producer import KafkaWriter
 from pipeline.runtime.sink import AckedSink
 from pipeline.runtime.tables import (
@@ -361,24 +361,6 @@ class Runtime:
             logging_config=logs.logging_config(self.settings),
         )
         worker.execute_from_commandline()
-
-
-def tune_gc(young_threshold: int) -> None:
-    """Collect the youngest generation every ``young_threshold`` allocations instead of
-    every 700, and leave what exists at start-up (modules, the app, the catalogs) out
-    of every collection from now on.
-
-    With Python's defaults a push worker at saturation spent ~13 s of a 55 s run in the
-    cyclic collector, each full collection scanning ~200k objects for ~170 ms
-    (docs/performance.md, sixth pass). Records are freed by reference counting; the
-    collector only finds cycles (futures and their callbacks, exceptions), so a larger
-    young generation costs a little memory and rarer, longer young collections.
-    """
-    if not young_threshold:
-        return
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(young_threshold, older, oldest)
 
 
 async def close_when_ended(stream: Any, inbox: Inbox) -> None:

@@ -54,10 +54,13 @@ def validate(intent: Intent, catalog: Catalog, settings: Settings) -> ValidInten
     return valid
 
 
-def problems(intent: Intent, catalog: Catalog, settings: Settings) -> list[ValidationError]:
-    """Every rule ``intent`` breaks (empty: intake accepts it), for callers that answer
-    at once (the HTTP intake); a rule that needs the type is checked only if it is known."""
-    return _check(intent, catalog, settings, every=True)[1]
+def check_all(
+    intent: Intent, catalog: Catalog, settings: Settings
+) -> tuple[ValidIntent | None, list[ValidationError]]:
+    """The valid intent (None if any) and every rule ``intent`` breaks, for callers that
+    answer at once (the HTTP intake); a rule that needs the type is checked only if it
+    is known."""
+    return _check(intent, catalog, settings, every=True)
 
 
 class _FirstProblemError(Exception):

@@ -19,14 +19,14 @@ from pipeline.errors import BrokerUnavailableError, ValidationError
 from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.topology import Topology
-from pipeline.web.login_codes import KafkaWriter
 from pipeline.web.status_store import INBOX, MAX_PAGE, StatusStore
+from pipeline.web.writer import RequestWriter
 
 
 class Inbox:
     """Changes to users' inboxes, written to Kafka and applied to the view."""
 
-    def __init__(self, settings: Settings, store: StatusStore, writer: KafkaWriter) -> None:
+    def __init__(self, settings: Settings, store: StatusStore, writer: RequestWriter) -> None:
         self.store = store
         self._writer = writer
         self._clock = Clock(settings.clock_offset_ms)

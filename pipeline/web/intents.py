@@ -41,7 +41,7 @@ from pipeline.errors import (
 )
 from pipeline.runtime.records import Out
 from pipeline.settings import Settings
-from pipeline.stages.intake import ValidIntent, fingerprint, problems, validate
+from pipeline.stages.intake import ValidIntent, check_all, fingerprint
 from pipeline.stages.outputs import status_out
 from pipeline.throttle import TokenBucket
 from pipeline.times import Clock
@@ -49,8 +49,8 @@ from pipeline.topology import Catalog, Topology
 from pipeline.topology.catalog import PRIORITIES
 from pipeline.topology.limits import Limits
 from pipeline.topology.partitioning import partition_for
-from pipeline.web.login_codes import KafkaWriter
 from pipeline.web.status_store import StatusStore
+from pipeline.web.writer import RequestWriter
 
 #: Body fields and the JSON types each takes (schemas/intent.avsc; None: may be null).
 _FIELDS: dict[str, tuple[type | None, ...]] = {
@@ -197,7 +197,7 @@ class IntentIntake:
         settings: Settings,
         contracts: Contracts,
         store: StatusStore,
-        writer: KafkaWriter,
+        writer: RequestWriter,
         clock: Clock,
     ) -> None:
         self._settings = settings
@@ -216,9 +216,10 @@ class IntentIntake:
 
     def check(self, intent: Intent) -> ValidIntent:
         """The intent validated as intake will; InvalidRequestError with every problem."""
-        if found := problems(intent, self._catalog, self._settings):
+        valid, found = check_all(intent, self._catalog, self._settings)
+        if valid is None:
             raise InvalidRequestError(found)
-        return validate(intent, self._catalog, self._settings)
+        return valid
 
     async def submit(self, valid: ValidIntent) -> Accepted:
         """Write ``valid`` once Kafka acknowledges it; IdempotencyConflictError when its

@@ -17,14 +17,9 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-
-from pipeline import metrics
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import ChannelRequest, StatusEvent
@@ -43,6 +38,7 @@ from pipeline.times import Clock
 from pipeline.topology import Topology
 from pipeline.topology.partitioning import partition_for
 from pipeline.views import CompactedView, SuppressionList, address_key, json_value
+from pipeline.web.writer import RequestWriter
 
 #: The producer id login-code notifications are accepted under.
 PRODUCER = "authsession"
@@ -104,56 +100,6 @@ def parse_request(idempotency_key: str | None, body: bytes) -> tuple[str, LoginC
     return idempotency_key, LoginCodeRequest(email=email, code=data["code"], locale=data["locale"])
 
 
-class KafkaWriter:
-    """Writes records and waits for their acknowledgement, within a deadline."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._producer: AIOKafkaProducer | None = None
-        self._lock = asyncio.Lock()
-
-    async def deliver(self, records: Sequence[Out]) -> None:
-        """Write ``records``; BrokerUnavailableError unless all are acknowledged in time."""
-        timeout = self._settings.api_kafka_timeout_s
-        try:
-            producer = await asyncio.wait_for(self._started(), timeout)
-            futures = [
-                await producer.send(
-                    r.topic, r.value, key=r.key, partition=r.partition, headers=list(r.headers)
-                )
-                for r in records
-            ]
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailableError(
-                f"Kafka did not acknowledge in {timeout}s: {exc!r}"
-            ) from exc
-        metrics.count(r.note for r in records)
-
-    async def _started(self) -> AIOKafkaProducer:
-        async with self._lock:
-            if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self._settings.kafka_bootstrap_servers,
-                    acks="all",
-                    enable_idempotence=True,
-                    request_timeout_ms=int(self._settings.api_kafka_timeout_s * 1000),
-                )
-                try:
-                    await producer.start()
-                except BaseException:
-                    await producer.stop()
-                    raise
-                self._producer = producer
-            return self._producer
-
-    async def close(self) -> None:
-        """Flush and close the producer."""
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
-
-
 class LoginCodeIntake:
     """Accepts login-code deliveries (see the module docstring)."""
 
@@ -163,7 +109,7 @@ class LoginCodeIntake:
         contracts: Contracts,
         templates: TemplateCatalog,
         suppressions: SuppressionList,
-        writer: KafkaWriter,
+        writer: RequestWriter,
         clock: Clock,
     ) -> None:
         self._contracts = contracts

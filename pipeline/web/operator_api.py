@@ -24,7 +24,6 @@ from pipeline.errors import BrokerUnavailableError, ConfigurationError, Validati
 from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.times import Clock, parse_time
-from pipeline.web.login_codes import KafkaWriter
 from pipeline.web.status_store import (
     MAX_PAGE,
     RESEND_REASON,
@@ -33,6 +32,7 @@ from pipeline.web.status_store import (
     StatusStore,
     decode_cursor,
 )
+from pipeline.web.writer import RequestWriter
 
 STORE = web.AppKey("status_store", StatusStore)
 FOLLOWER = web.AppKey("status_follower", StatusFollower)
@@ -47,7 +47,7 @@ class Resends:
     """Clones a finished delivery as a new route on its lane (see :meth:`resend`)."""
 
     def __init__(
-        self, settings: Settings, store: StatusStore, contracts: Contracts, writer: KafkaWriter
+        self, settings: Settings, store: StatusStore, contracts: Contracts, writer: RequestWriter
     ) -> None:
         self._store = store
         self._contracts = contracts

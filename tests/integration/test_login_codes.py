@@ -128,9 +128,9 @@ class KafkaWrite:
 
     async def suppress(self, address: str) -> None:
         from pipeline.views import SuppressionList
-        from pipeline.web.login_codes import KafkaWriter
+        from pipeline.web.writer import RequestWriter
 
-        writer = KafkaWriter(self.settings)
+        writer = RequestWriter(self.settings)
         try:
             await writer.deliver([SuppressionList(self.settings).entry(address, "test", "test")])
         finally:

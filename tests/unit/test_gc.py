@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.runtime.app import tune_gc
+from pipeline.runtime.memory import tune_gc
 from pipeline.settings import Settings
 
 

@@ -15,7 +15,7 @@ from pipeline.errors import (
     ValidationError,
 )
 from pipeline.settings import Settings
-from pipeline.stages.intake import problems, validate
+from pipeline.stages.intake import check_all, validate
 from pipeline.throttle import TokenBucket
 from pipeline.topology import Catalog
 from pipeline.topology.limits import Limits, Rate
@@ -83,7 +83,7 @@ def test_every_problem_of_the_envelope_is_listed() -> None:
     assert reasons({**BODY, "recipient_user_ids": ["u1", 2]}) == ["field_type"]
 
 
-def test_problems_lists_every_rule_validate_stops_at_the_first(settings: Settings) -> None:
+def test_check_all_lists_every_rule_validate_stops_at_the_first(settings: Settings) -> None:
     catalog = Catalog.load(settings)
     intent = make_intent(
         producer="Game Master",
@@ -91,7 +91,7 @@ def test_problems_lists_every_rule_validate_stops_at_the_first(settings: Setting
         occurred_at_ms=0,
         payload={"game_id": "g", "turn_number": "x"},
     )
-    assert [p.reason for p in problems(intent, catalog, settings)] == [
+    assert [p.reason for p in check_all(intent, catalog, settings)[1]] == [
         "invalid_producer",
         "invalid_occurred_at",
         "empty_recipients",
@@ -102,11 +102,13 @@ def test_problems_lists_every_rule_validate_stops_at_the_first(settings: Setting
         validate(intent, catalog, settings)
     assert info.value.reason == "invalid_producer"
     unknown = make_intent(notification_type="no.such.type", recipient_user_ids=[])
-    assert [p.reason for p in problems(unknown, catalog, settings)] == [
+    assert [p.reason for p in check_all(unknown, catalog, settings)[1]] == [
         "unknown_notification_type",
         "empty_recipients",
     ]
-    assert problems(make_intent(), catalog, settings) == []
+    valid, found = check_all(make_intent(), catalog, settings)
+    assert valid is not None
+    assert found == []
 
 
 def test_a_token_bucket_spends_its_burst_then_its_rate() -> None:
