@@ -29,6 +29,10 @@ def test_the_benchmark_prints_every_figure(isolated: Settings, tmp_path: Path) -
             "1",
             "--email-intents",
             "40",
+            "--http-rate",
+            "100",
+            "--http-duration",
+            "1",
         ],
         env=settings_env(settings),
         capture_output=True,
@@ -51,3 +55,7 @@ def test_the_benchmark_prints_every_figure(isolated: Settings, tmp_path: Path) -
     for name in pipeline:  # every pipeline figure as a share of both baselines
         assert runs[name]["of_faust"] > 0, name
         assert runs[name]["of_raw"] > 0, name
+    # The HTTP intake beside its baseline: every request answered, as it should be.
+    assert "P99 of the POST:" in shown.stdout
+    assert runs["POST /api/v1/notifications"]["answers"] == {"202": 100}
+    assert runs["GET /healthz (the same server, baseline)"]["answers"] == {"200": 100}
