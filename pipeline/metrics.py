@@ -158,7 +158,7 @@ async def timed(histogram: Histogram, call: Awaitable[T], labels: tuple[str, ...
 _INTAKE = frozenset({"accepted", "duplicate", "rejected", "rejected_conflict", "ignored"})
 _ROUTING = frozenset({"routed", "skipped", "deferred", "recipient_unknown"})
 _DELIVERED = frozenset({"sent", "published"})
-_FINAL = frozenset({"sent", "published", "suppressed", "expired", "dead_lettered"})
+_FINAL = frozenset({"sent", "published", "suppressed", "expired", "dead_lettered", "cancelled"})
 
 
 @value_class

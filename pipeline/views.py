@@ -1,5 +1,6 @@
 """Small compacted topics read whole into memory and followed: the suppression list,
-the disabled webhook endpoints and the login-code intake's idempotency records.
+the disabled webhook endpoints, the cancelled notifications and the login-code
+intake's idempotency records.
 
 Every process that needs one reads every partition from the beginning (no consumer
 group, nothing committed) and is ``ready`` once it has reached the end offsets it
@@ -14,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -206,3 +207,28 @@ class DisabledEndpoints(CompactedView[dict[str, Any]]):
     def lift(self, url: str) -> Out:
         """The tombstone that enables ``url`` again."""
         return Out(self.topic, url.encode("utf-8"), None)
+
+
+class Cancellations(CompactedView[dict[str, Any]]):
+    """Notifications whose routes must not be sent any more (notification.cancellations),
+    keyed by notification_id; followed by every worker (docs/http-intake.md)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "notification.cancellations", json_value, name="cancellations")
+        # Unfollowed (a tool, a unit test), the view knows no cancel and is complete.
+        self.ready.set()
+
+    def followed(self) -> Callable[[], Coroutine[Any, Any, None]]:
+        """The task that follows the topic; ``ready`` is clear until it has caught up."""
+        self.ready.clear()
+        return self.run
+
+    def reason(self, notification_id: str) -> str | None:
+        """Who cancelled ``notification_id`` (and why), or None when it is not cancelled."""
+        entry = self.items.get(notification_id.encode("utf-8"))
+        return None if entry is None else str(entry.get("by", "cancelled"))
+
+    def entry(self, notification_id: str, by: str, now_ms: int) -> Out:
+        """The record that cancels ``notification_id``."""
+        value = {"notification_id": notification_id, "by": by, "at_ms": now_ms}
+        return Out(self.topic, notification_id.encode("utf-8"), json.dumps(value).encode())

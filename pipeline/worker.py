@@ -59,6 +59,7 @@ class Worker:
         self._wire_push()
         self._wire_delays()
         self._wire_watchdog()
+        self.runtime.task(ctx.cancellations.followed())
         self.runtime.serve_health()
 
     def _wire_intake(self) -> None:

@@ -186,6 +186,7 @@ class DirectChannel(Generic[M]):
         self._clock = ctx.clock
         self._catalog = ctx.catalog
         self._deliveries = Deliveries(ctx, channel)
+        self._cancellations_ready = ctx.cancellations.ready
         self._timing = (channel,)
         #: Routes being sent right now (a second copy in the same batch waits for none).
         self._in_flight: set[str] = set()
@@ -198,6 +199,8 @@ class DirectChannel(Generic[M]):
         is done), and each route's outputs (status events, the registry entry) are
         written as soon as it is done, not with its batch: the window in which a crash
         could send it twice stays one route's, not a batch's."""
+        # A cancel that reached the topic before this worker started holds here.
+        await self._cancellations_ready.wait()
         now = self._clock.now_ms()
         request = self._deliveries.accept(raw, registry, now)
         if not isinstance(request, ChannelRequest):

@@ -9,6 +9,7 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.topology import Catalog, Topology
+from pipeline.views import Cancellations
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,8 @@ class StageContext:
     """Mail and push templates."""
     clock: Clock
     """Herald's notion of now (shiftable for drills)."""
+    cancellations: Cancellations
+    """Cancelled notifications (the worker follows the topic; unfollowed, it is empty)."""
 
     @classmethod
     def load(cls, settings: Settings) -> StageContext:
@@ -39,4 +42,5 @@ class StageContext:
             topology=topology,
             templates=TemplateCatalog(settings.templates_dir),
             clock=Clock(settings.clock_offset_ms),
+            cancellations=Cancellations(settings),
         )

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: without reaching its user: the route stage tries the type's next channel.
 FALLBACK = "herald-fallback"
 #: Registry states after which a route is never attempted again.
-DONE = frozenset({"sent", "suppressed", "published", "expired"})
+DONE = frozenset({"sent", "suppressed", "published", "expired", "cancelled"})
 
 
 def registry_entry(value: bytes | None) -> dict[str, Any] | None:
@@ -94,13 +94,14 @@ class Deliveries:
         self._malformed_topic = settings.topic("notification.malformed")
         self._rejoin_topic = settings.topic("notification.recipients.rejoin")
         self._catalog = ctx.catalog
+        self._cancellations = ctx.cancellations
         self.registry_topic = settings.topic(spec.registry)
 
     def accept(
         self, raw: RawRecord, registry: MutableMapping[bytes, Any], now_ms: int
     ) -> ChannelRequest | list[Out]:
         """The route in ``raw`` if it is due for an attempt; else the outputs that
-        settle it (malformed record) or none (already handled)."""
+        settle it (malformed record, ``cancelled``) or none (already handled)."""
         try:
             request = self._contracts.channel_request.decode(raw.value)
         except DecodeError as exc:
@@ -115,6 +116,11 @@ class Deliveries:
                 extra=route_fields(request),
             )
             return []
+        if (by := self._cancellations.reason(request.notification_id)) is not None:
+            return [
+                self.status(request, "cancelled", now_ms, request.attempt, detail=f"by {by}"),
+                self.record(registry, raw, request, "cancelled", request.attempt, now_ms),
+            ]
         return request
 
     def failed(

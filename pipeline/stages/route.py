@@ -3,7 +3,8 @@
 For every recipient and every channel of its type, exactly one outcome: ``routed``
 (a ChannelRequest on the channel's topic), ``deferred`` (the same request, waiting
 out the user's quiet hours in the channel's delay tiers), ``skipped`` (with the
-reason) or ``recipient_unknown`` (the user never appeared within the wait budget).
+reason), ``recipient_unknown`` (the user never appeared within the wait budget) or
+``cancelled`` (its notification was cancelled first).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class Router:
         self._profile = functools.lru_cache(maxsize=8192)(ctx.contracts.user.decode)
         self._catalog = ctx.catalog
         self._templates = ctx.templates
+        self._cancellations = ctx.cancellations
         self._channels = dict(channels)
         self.recipients_topic = settings.topic("notification.recipients")
         # Waiting recipients come back here, so notification.recipients keeps exactly
@@ -130,6 +132,8 @@ class Router:
         spec = self._catalog.get(recipient.notification_type)
         if spec is None:  # the catalog lost the type after intake accepted it
             return [self._status(recipient, "failed", now_ms, reason="unknown_notification_type")]
+        if (by := self._cancellations.reason(recipient.notification_id)) is not None:
+            return self._cancelled(recipient, spec, by, now_ms)
         if recipient.audience_kind == "admin_email":
             return self._admin_routes(recipient, spec, now_ms)
         user_id = recipient.user_id or ""
@@ -138,6 +142,19 @@ class Router:
             return self._wait_for_user(raw, recipient, spec, now_ms)
         profile = self._profile(profile_bytes)
         return self._user_routes(recipient, spec, profile, now_ms)
+
+    def _cancelled(self, recipient: Recipient, spec: TypeSpec, by: str, now_ms: int) -> list[Out]:
+        """Every route the recipient would have had, ``cancelled``."""
+        if recipient.audience_kind == "admin_email":
+            routes = [
+                ("email", self.route_id(recipient, "email", a)) for a in spec.admin_recipients
+            ]
+        else:
+            routes = [(c, self.route_id(recipient, c)) for c in spec.channels.get("user", ())]
+        return [
+            self._status(recipient, "cancelled", now_ms, channel=c, route_id=r, detail=f"by {by}")
+            for c, r in routes
+        ]
 
     def _wait_for_user(
         self, raw: RawRecord, recipient: Recipient, spec: TypeSpec, now_ms: int
@@ -176,6 +193,8 @@ class Router:
         profile_bytes = users.get((failed.user_id or "").encode("utf-8"))
         if spec is None or not spec.fallback_when or profile_bytes is None:
             return []  # the type or the user is gone since: nothing left to try
+        if self._cancellations.reason(failed.notification_id) is not None:
+            return []  # cancelled since: no further channel
         recipient = Recipient(
             notification_id=failed.notification_id,
             notification_type=failed.notification_type,

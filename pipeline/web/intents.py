@@ -1,4 +1,5 @@
-"""The HTTP intake behind ``POST /api/v1/notifications`` (docs/http-intake.md).
+"""The HTTP intake behind ``POST /api/v1/notifications``, and its cancel
+(docs/http-intake.md).
 
 A producer that cannot speak Kafka posts the intent as JSON: the fields of
 schemas/intent.avsc, the key in the ``Idempotency-Key`` header. The API checks it with
@@ -49,6 +50,7 @@ from pipeline.topology import Catalog, Topology
 from pipeline.topology.catalog import PRIORITIES
 from pipeline.topology.limits import Limits
 from pipeline.topology.partitioning import partition_for
+from pipeline.views import Cancellations
 from pipeline.web.status_store import StatusStore
 from pipeline.web.writer import RequestWriter
 
@@ -310,3 +312,63 @@ def _loose_fields(body: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+#: Delivery states after which a cancel changes nothing.
+_FINISHED = frozenset(
+    {"sent", "published", "dead_lettered", "expired", "suppressed", "cancelled", "skipped"}
+)
+
+
+class Cancels:
+    """Cancels notifications: a record on notification.cancellations, which every
+    worker follows; each route not yet handed to its provider then ends ``cancelled``
+    (the route stage, and every channel before it sends)."""
+
+    def __init__(
+        self, settings: Settings, contracts: Contracts, store: StatusStore, writer: RequestWriter
+    ) -> None:
+        self._contracts = contracts
+        self._store = store
+        self._writer = writer
+        self._cancellations = Cancellations(settings)
+        self._status_topic = settings.topic("notification.status")
+        self._clock = Clock(settings.clock_offset_ms)
+
+    def producer_of(self, notification_id: str) -> str | None:
+        """The producer of a notification the status view knows; LookupError if none."""
+        found = self._store.notification(notification_id)
+        if found is None:
+            raise LookupError(notification_id)
+        return found.get("producer")
+
+    async def cancel(self, notification_id: str, by: str) -> dict[str, Any]:
+        """Cancel ``notification_id`` once Kafka has the cancel (LookupError when the
+        status view does not know it); the answer lists its routes still under way."""
+        found = self._store.notification(notification_id)
+        if found is None:
+            raise LookupError(notification_id)
+        now = self._clock.now_ms()
+        event = StatusEvent(
+            event_id=deterministic_id(notification_id, "cancel_requested"),
+            status="cancel_requested",
+            at_ms=now,
+            notification_id=notification_id,
+            notification_type=found.get("notification_type"),
+            producer=found.get("producer"),
+            idempotency_key=found.get("idempotency_key"),
+            detail=f"by {by}",
+            request_id=found.get("request_id"),
+        )
+        await self._writer.deliver(
+            [
+                self._cancellations.entry(notification_id, by, now),
+                status_out(self._contracts, self._status_topic, event),
+            ]
+        )
+        pending = [d["route_id"] for d in found["deliveries"] if d["status"] not in _FINISHED]
+        return {
+            "notification_id": notification_id,
+            "status": "cancel_requested",
+            "pending_routes": pending,
+        }

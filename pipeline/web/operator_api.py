@@ -40,7 +40,7 @@ OPENAPI = Path(__file__).with_name("openapi.yaml")
 #: Path prefixes of the operator endpoints (guarded by HERALD_OPERATOR_TOKEN).
 PREFIXES = ("/api/v1/notifications", "/api/v1/deliveries")
 #: States after which a delivery may be resent.
-TERMINAL = frozenset({"sent", "published", "dead_lettered", "expired", "suppressed"})
+TERMINAL = frozenset({"sent", "published", "dead_lettered", "expired", "suppressed", "cancelled"})
 
 
 class Resends:

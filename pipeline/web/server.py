@@ -36,7 +36,7 @@ from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.views import SuppressionList
 from pipeline.web import inbox, operator_api
-from pipeline.web.intents import IntentIntake, parse_intent
+from pipeline.web.intents import Cancels, IntentIntake, parse_intent
 from pipeline.web.lag import ConsumerLagCollector
 from pipeline.web.login_codes import LoginCodeIntake, parse_request
 from pipeline.web.status_store import StatusFollower, StatusStore
@@ -48,6 +48,7 @@ LOGIN_CODES = "/api/v1/internal/login-code-deliveries"
 NOTIFICATIONS = "/api/v1/notifications"
 INTAKE = web.AppKey("intake", LoginCodeIntake)
 INTENTS = web.AppKey("intents", IntentIntake)
+CANCELS = web.AppKey("cancels", Cancels)
 SETTINGS = web.AppKey("settings", Settings)
 LAG = web.AppKey("lag", ConsumerLagCollector)
 LAG_REGISTRY = web.AppKey("lag_registry", CollectorRegistry)
@@ -70,8 +71,12 @@ def _bearer(request: web.Request, token: SecretStr) -> bool:
 
 
 def _producer_intake(request: web.Request) -> bool:
-    # The intent intake authenticates producers itself (HERALD_PRODUCER_TOKENS).
-    return request.method == "POST" and request.path == NOTIFICATIONS
+    # The intent intake and its cancel authenticate producers themselves
+    # (HERALD_PRODUCER_TOKENS).
+    return request.method == "POST" and (
+        request.path == NOTIFICATIONS
+        or (request.path.startswith(NOTIFICATIONS + "/") and request.path.endswith("/cancel"))
+    )
 
 
 @web.middleware
@@ -170,6 +175,32 @@ async def _intent(request: web.Request) -> tuple[str, web.Response]:
     return ("replayed" if accepted.replayed else "accepted"), web.json_response(answer, status=202)
 
 
+async def cancel_notification(request: web.Request) -> web.Response:
+    """POST /api/v1/notifications/{notification_id}/cancel: by an operator, or by the
+    notification's own producer (see pipeline.web.intents.Cancels)."""
+    settings, cancels = request.app[SETTINGS], request.app[CANCELS]
+    notification_id = request.match_info["notification_id"]
+    if not request.app[operator_api.FOLLOWER].ready.is_set():
+        return error(503, "service_unavailable", "the status view is loading")
+    operator = settings.operator_token or settings.api_token
+    try:
+        if operator is None or _bearer(request, operator):
+            by = "operator"
+        else:
+            allowed, producer = _producer(request)
+            if not allowed or producer is None:
+                return error(401, "unauthorized", "an operator's or a producer's token is required")
+            if cancels.producer_of(notification_id) != producer:
+                return error(403, "forbidden", "a producer cancels only its own notifications")
+            by = f"producer {producer}"
+        answer = await cancels.cancel(notification_id, by)
+    except LookupError:
+        return error(404, "not_found", "no such notification")
+    except BrokerUnavailableError:
+        return error(503, "service_unavailable", "Kafka is unavailable; nothing was cancelled")
+    return web.json_response(answer, status=202)
+
+
 def _invalid(exc: InvalidRequestError) -> web.Response:
     problems = [{"reason": p.reason, "detail": p.detail} for p in exc.problems]
     return web.json_response(
@@ -228,6 +259,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[INTAKE] = intake
     app[INTENTS] = IntentIntake(settings, contracts, store, writer, clock)
+    app[CANCELS] = Cancels(settings, contracts, store, writer)
     app[operator_api.STORE] = store
     app[operator_api.FOLLOWER] = follower
     lag = ConsumerLagCollector(settings)
@@ -238,6 +270,7 @@ def create_app(settings: Settings) -> web.Application:
     app[inbox.INBOX_KEY] = inbox.Inbox(settings, store, writer)
     app.router.add_post(LOGIN_CODES, login_code_deliveries)
     app.router.add_post(NOTIFICATIONS, post_notification)
+    app.router.add_post(NOTIFICATIONS + "/{notification_id}/cancel", cancel_notification)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
