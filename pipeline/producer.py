@@ -38,6 +38,7 @@ from pipeline.logs import librdkafka_logger
 from pipeline.providers.mime import checked_address
 from pipeline.settings import Settings
 from pipeline.stages.users import check_profile
+from pipeline.topology import Topology
 from pipeline.topology.partitioning import CONFLUENT_PARTITIONER
 
 #: notification_type of mails sent with :meth:`HeraldProducer.send_email`.
@@ -199,11 +200,7 @@ class HeraldProducer:
             request_id=request_id,
             trace_id=trace_id,
         )
-        lane = (
-            "notification.email.priority"
-            if priority == "critical"
-            else "notification.email.requested"
-        )
+        lane = Topology.load(self._settings).channel("email").lane_for(priority)
         self._produce(
             self._settings.topic(lane),
             request.record_key(),

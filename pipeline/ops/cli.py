@@ -269,7 +269,8 @@ def render_record(codec: RecordCodec[Any] | None, value: bytes | None) -> dict[s
 
 def _tail_of(settings: Settings, what: str) -> tuple[str, str]:
     """The logical topic and codec of a ``herald tail`` WHAT: a name of _TAILS, or
-    <channel>-requests, <channel>-priority or <channel>-dlq for a declared channel."""
+    <channel>-requests, <channel>-<lane> (priority, high, low) or <channel>-dlq for a
+    declared channel."""
     if what in _TAILS:
         return _TAILS[what]
     channels = Topology.load(settings).channels
@@ -278,7 +279,7 @@ def _tail_of(settings: Settings, what: str) -> tuple[str, str]:
     if channel is not None:
         if kind == "dlq":
             return channel.dlq, "dead_letter"
-        lane = {"requests": "bulk", "priority": "priority"}.get(kind)
+        lane = "bulk" if kind == "requests" else kind
         if lane in channel.lanes:
             return channel.lanes[lane], "channel_request"
     lanes = [

@@ -33,7 +33,7 @@ from pipeline.stages.delay import DelayTiers, attempt_of
 from pipeline.stages.deliveries import FALLBACK
 from pipeline.stages.outputs import malformed, status_out
 from pipeline.topology import TypeSpec
-from pipeline.topology.catalog import PRIORITIES
+from pipeline.topology.model import PRIORITIES
 
 
 def quiet_until_ms(quiet: QuietHours | None, timezone: str | None, now_ms: int) -> int | None:

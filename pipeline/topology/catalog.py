@@ -11,10 +11,9 @@ import yaml
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
-from pipeline.topology.model import Topology
+from pipeline.topology.model import PRIORITIES, Topology
 
 AUDIENCES = ("user", "admin_email")
-PRIORITIES = ("critical", "high", "normal", "low")
 #: What becomes of a route whose delivery began without a recorded outcome (a worker
 #: died mid-send): sent again (the same Message-ID / webhook-id), or held in the DLQ
 #: for an operator (no copy, ever; the operator replays it or not).

@@ -16,6 +16,8 @@ import yaml
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
 
+#: Route priorities, most urgent first.
+PRIORITIES = ("critical", "high", "normal", "low")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -72,23 +74,19 @@ class ChannelSpec:
     name: str
     """The channel (email, push, webhook, ...), as the catalog and status events name it."""
     lanes: dict[str, str]
-    """Lane name -> logical topic of its routes: ``bulk`` always, ``priority`` for
-    channels whose critical routes never queue behind bulk ones."""
+    """Lane name -> logical topic of its routes: ``bulk`` (``.requested``) always, and
+    one per lane the channel declares (``priority`` for critical, ``high``, ``low``)."""
     dlq: str
     """Logical topic of its dead letters."""
     registry: str
     """Logical changelog topic of its delivery registry."""
-
-    @property
-    def priority_lane(self) -> str | None:
-        """The lane critical routes take, when the channel has one."""
-        return self.lanes.get("priority")
+    by_priority: dict[str, str] = field(default_factory=dict)
+    """Priority -> lane name, for the priorities with a lane of their own (the others
+    take ``bulk``)."""
 
     def lane_for(self, priority: str) -> str:
         """The logical topic a route of ``priority`` is routed to."""
-        if priority == "critical" and "priority" in self.lanes:
-            return self.lanes["priority"]
-        return self.lanes["bulk"]
+        return self.lanes[self.by_priority.get(priority, "bulk")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,14 +214,25 @@ def _channels(
         entry = entry or {}
         if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
             raise ConfigurationError(f"{source}: channel name {name!r} is not [a-z][a-z0-9_]*")
+        if unknown := set(entry) - {"lanes"}:
+            raise ConfigurationError(f"{source}: channel {name!r}: unknown keys {sorted(unknown)}")
+        by_priority = {str(p): str(lane) for p, lane in (entry.get("lanes") or {}).items()}
+        for priority, lane in by_priority.items():
+            if priority not in PRIORITIES:
+                raise ConfigurationError(
+                    f"{source}: channel {name!r}: lanes are declared per priority "
+                    f"({', '.join(PRIORITIES)}), not {priority!r}"
+                )
+            if lane in ("bulk", "requested", "dlq") or not re.fullmatch(r"[a-z][a-z0-9_]*", lane):
+                raise ConfigurationError(f"{source}: channel {name!r}: bad lane name {lane!r}")
         lanes = {"bulk": f"notification.{name}.requested"}
-        if entry.get("priority_lane", False):
-            lanes["priority"] = f"notification.{name}.priority"
+        lanes.update({lane: f"notification.{name}.{lane}" for lane in by_priority.values()})
         spec = ChannelSpec(
             name=name,
             lanes=lanes,
             dlq=f"notification.{name}.dlq",
             registry=f"herald.{name}.deliveries.changelog",
+            by_priority=by_priority,
         )
         for topic in (*lanes.values(), spec.dlq, spec.registry):
             if topic not in topics:

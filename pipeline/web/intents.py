@@ -47,8 +47,8 @@ from pipeline.stages.outputs import status_out
 from pipeline.throttle import TokenBucket
 from pipeline.times import Clock
 from pipeline.topology import Catalog, Topology
-from pipeline.topology.catalog import PRIORITIES
 from pipeline.topology.limits import Limits
+from pipeline.topology.model import PRIORITIES
 from pipeline.topology.partitioning import partition_for
 from pipeline.views import Cancellations
 from pipeline.web.status_store import StatusStore

@@ -374,3 +374,18 @@ def test_a_route_held_in_doubt_does_not_fall_back(
     assert rejoin not in {o.topic for o in held}
     refused = deliveries.failed(lane, {}, push, 1, PermanentError("refused"))
     assert rejoin in {o.topic for o in refused}
+
+
+def test_each_priority_takes_its_lane(router: Router, contracts: Contracts) -> None:
+    """Email has a lane per priority but normal (issue 16): a backlog on one never
+    delays another. Push has one lane (its routes are published at routing)."""
+    lanes = {}
+    for priority in ("critical", "high", "normal", "low"):
+        outputs = route(router, contracts, recipient(priority=priority), profile())
+        lanes[priority] = sorted(o.topic for o in outputs if o.topic != "notification.status")
+    assert lanes == {
+        "critical": ["notification.email.priority", "notification.push.requested"],
+        "high": ["notification.email.high", "notification.push.requested"],
+        "normal": ["notification.email.requested", "notification.push.requested"],
+        "low": ["notification.email.low", "notification.push.requested"],
+    }

@@ -95,9 +95,15 @@ def test_each_channel_names_its_lanes_dlq_registry_and_retry_policy(doc: dict[st
     assert email.lanes == {
         "bulk": "notification.email.requested",
         "priority": "notification.email.priority",
+        "high": "notification.email.high",
+        "low": "notification.email.low",
     }
-    assert email.lane_for("critical") == "notification.email.priority"
-    assert email.lane_for("high") == "notification.email.requested"
+    assert [email.lane_for(p) for p in ("critical", "high", "normal", "low")] == [
+        "notification.email.priority",
+        "notification.email.high",
+        "notification.email.requested",
+        "notification.email.low",
+    ]
     webhook = topology.channel("webhook")
     assert webhook.lane_for("critical") == "notification.webhook.requested"
     assert (webhook.dlq, webhook.registry) == (
@@ -107,6 +113,22 @@ def test_each_channel_names_its_lanes_dlq_registry_and_retry_policy(doc: dict[st
     assert topology.lanes()["notification.push.requested"] == "push"
     with pytest.raises(ConfigurationError, match="channel 'fax' is not declared"):
         topology.channel("fax")
+
+
+@pytest.mark.parametrize(
+    ("lanes", "message"),
+    [
+        ({"urgent": "fast"}, "declared per priority"),
+        ({"high": "requested"}, "bad lane name"),
+        ({"high": "Fast Lane"}, "bad lane name"),
+        ({"high": "fast"}, "needs topic 'notification.webhook.fast'"),
+    ],
+)
+def test_a_bad_lane_is_refused(doc: dict[str, Any], lanes: dict[str, str], message: str) -> None:
+    broken = copy.deepcopy(doc)
+    broken["channels"]["webhook"] = {"lanes": lanes}
+    with pytest.raises(ConfigurationError, match=message):
+        Topology.from_dict(broken, "local")
 
 
 @pytest.mark.parametrize(
