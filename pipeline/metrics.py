@@ -114,12 +114,17 @@ def _child(metric: Counter | Histogram, *labels: str) -> Any:
     return child
 
 
+def limited(limit: str, decision: str) -> None:
+    """Count one decision of a limit that held something back."""
+    _child(LIMITED, limit, decision).inc()
+
+
 def answered(outcome: str, seconds: float) -> None:
     """Count one answer of the HTTP intake and its time."""
     _child(HTTP_INTENTS, outcome).inc()
     _child(HTTP_INTENT_SECONDS, outcome).observe(seconds)
     if outcome == "rate_limited":
-        _child(LIMITED, "producer", "rejected").inc()
+        limited("producer", "rejected")
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -205,6 +210,8 @@ def count(notes: Iterable[Note | None]) -> None:
             _child(RETRIES, channel).inc()
         elif status == "in_doubt":
             _child(IN_DOUBT, channel).inc()
+        if status == "deferred" and note.reason == "rate_limited":
+            limited("user", "deferred")
         if status == "dead_lettered":
             _child(DEAD_LETTERS, channel, note.reason).inc()
         if status in _FINAL and channel:

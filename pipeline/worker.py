@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.errors import ConfigurationError
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.runtime.app import Runtime
 from pipeline.runtime.batches import Handle
@@ -20,12 +21,13 @@ from pipeline.stages.channels import DIRECT, PUSH, DirectKind, routings
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayRelease, DelayTiers
 from pipeline.stages.deliveries import expired_entries
-from pipeline.stages.handoff import PUSH_REGISTRY, RouteAndPush
+from pipeline.stages.handoff import LIMITS, PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.intake import Intake
 from pipeline.stages.outputs import malformed
 from pipeline.stages.push import DeviceFeedbackLog, PushChannel
 from pipeline.stages.route import Router
 from pipeline.stages.users import UserDirectory
+from pipeline.throttle import SharedRate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ class Worker:
         # lanes, tiers and registry to every fetch (docs/channels.md). Email is always
         # on (the API's login codes), and push (the route stage's hand-off).
         self.channels = [c for c in ctx.topology.channels if c in ctx.catalog.channels()]
+        if paced := set(ctx.limits.channels) - set(DIRECT):
+            raise ConfigurationError(
+                f"limits.yaml paces {sorted(paced)}: only a channel that calls a provider "
+                f"({', '.join(DIRECT)}) can be paced; push publishes to a Kafka topic"
+            )
         self.direct = {name: DIRECT[name](ctx) for name in self.channels if name != PUSH}
         # One push channel for the push stage and the route stage's hand-off: its
         # in-flight set keeps the two from publishing one route at once.
@@ -97,14 +104,15 @@ class Worker:
             return directory.handle(raw, view, clock.now_ms())
 
         def route(raw: RawRecord, view: WriteBehind) -> list[Out]:
-            return router.handle(raw, view, clock.now_ms())
+            return router.handle(raw, view, clock.now_ms(), view.attached(LIMITS))
 
         handle: Handle = route
-        attached = None
+        # Each user's limit state, on the user's partition (docs/limits.md).
+        attached = {LIMITS: runtime.table(LIMITS, "herald.limits.changelog", "json")}
         on_flush = None
         if self.settings.push_handoff:
             handle = RouteAndPush(self.ctx, router, self.push).handle
-            attached = {PUSH_REGISTRY: self.push_registry}
+            attached[PUSH_REGISTRY] = self.push_registry
             on_flush = self.push.flush
 
         runtime.stage(
@@ -149,11 +157,25 @@ class Worker:
 
     def _wire_direct(self, name: str, kind: DirectKind) -> None:
         registry = self._registry(name)
-        for lane, logical_topic in self.ctx.topology.channel(name).lanes.items():
+        spec = self.ctx.topology.channel(name)
+        pace = None
+        if (rate := self.ctx.limits.channels.get(name)) is not None:
+            # The lanes of a channel are copartitioned: the bulk lane's share is the
+            # worker's share of the channel (docs/limits.md).
+            bulk, runtime = self.settings.topic(spec.lanes["bulk"]), self.runtime
+            partitions = self.ctx.topology.spec(spec.lanes["bulk"]).partitions
+            pace = SharedRate(
+                rate.per_second, rate.burst, lambda: runtime.owned_share(bulk, partitions)
+            )
+        for lane, logical_topic in spec.lanes.items():
             # Each lane has its own transport (its own connections): critical routes
             # never wait behind bulk ones.
             channel = DirectChannel(
-                self.ctx, name, kind.transport(self.runtime.sink.deliver), self.runtime.sink.deliver
+                self.ctx,
+                name,
+                kind.transport(self.runtime.sink.deliver),
+                self.runtime.sink.deliver,
+                pace,
             )
             self.runtime.stage(
                 f"herald.{name}.{lane}",

@@ -46,6 +46,8 @@ class ScriptedSmtp:
         self.stall_s = stall_s
         self.port = port or free_port()
         self.received: list[tuple[str, EmailMessage]] = []
+        #: When each of ``received`` was accepted (time.monotonic()).
+        self.accepted_at: list[float] = []
         self.attempts: Counter[str] = Counter()
         self.hold_at: int | None = None
         """Block the n-th RCPT (1-based, all recipients) until ``release`` is set."""
@@ -100,6 +102,7 @@ class ScriptedSmtp:
         with self._lock:
             for rcpt in envelope.rcpt_tos:
                 self.received.append((rcpt, message))
+                self.accepted_at.append(time.monotonic())
         return "250 2.0.0 Ok: queued"
 
     # --- for assertions -------------------------------------------------------------

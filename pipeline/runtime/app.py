@@ -192,6 +192,15 @@ class Runtime:
                     await self.continuity.rewind(*tp, await self.continuity.start(*tp))
             raise
 
+    def owned_share(self, topic: str, partitions: int) -> float:
+        """The share of ``topic``'s partitions this worker owns now (0.0 before its
+        first assignment)."""
+        try:
+            owned = sum(1 for name, _ in self.seam.assignment() if name == topic)
+        except Exception:  # no consumer yet
+            return 0.0
+        return owned / partitions
+
     def timer(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
         """Run ``action`` every ``interval_s`` while the worker runs."""
 

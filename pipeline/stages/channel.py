@@ -37,7 +37,9 @@ from pipeline.rendering import DEFAULT_LOCALE, variables_of
 from pipeline.runtime.records import Out, RawRecord, Write
 from pipeline.stages.context import StageContext
 from pipeline.stages.deliveries import Deliveries, registry_entry
+from pipeline.throttle import SharedRate
 from pipeline.topology import TypeSpec
+from pipeline.topology.model import PRIORITIES
 from pipeline.values import value_class
 
 log = logging.getLogger(__name__)
@@ -179,9 +181,12 @@ class DirectChannel(Generic[M]):
         channel: str,
         transport: Transport[M],
         write: Write,
+        pace: SharedRate | None = None,
     ) -> None:
         self.channel = channel
         self._transport = transport
+        #: The channel's provider rate (topologies/limits.yaml ``channels``), if any.
+        self._pace = pace
         self._write = write
         self._clock = ctx.clock
         self._catalog = ctx.catalog
@@ -265,6 +270,10 @@ class DirectChannel(Generic[M]):
             gate = breaker.gate()
             if gate == "wait" or (gate == "probe" and not await self._probe(breaker)):
                 return deliveries.deferred(raw, request, now, breaker.wait_s(), "circuit_open")
+        if self._pace is not None:
+            waited = await self._pace.take(PRIORITIES.index(request.priority))
+            if waited > 0:
+                metrics.limited("channel", "paced")
         outputs: list[Out] = []
         try:
             prepared = transport.prepare(request, now)

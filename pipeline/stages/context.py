@@ -9,6 +9,7 @@ from pipeline.rendering import TemplateCatalog
 from pipeline.settings import Settings
 from pipeline.times import Clock
 from pipeline.topology import Catalog, Topology
+from pipeline.topology.limits import Limits
 from pipeline.views import Cancellations
 
 
@@ -28,6 +29,8 @@ class StageContext:
     """Mail and push templates."""
     clock: Clock
     """Herald's notion of now (shiftable for drills)."""
+    limits: Limits
+    """Rate limits (topologies/limits.yaml)."""
     cancellations: Cancellations
     """Cancelled notifications (the worker follows the topic; unfollowed, it is empty)."""
 
@@ -35,6 +38,8 @@ class StageContext:
     def load(cls, settings: Settings) -> StageContext:
         """Everything loaded from the folders ``settings`` names."""
         topology = Topology.load(settings)
+        limits = Limits.load(settings)
+        limits.check(tuple(topology.channels))
         return cls(
             settings=settings,
             contracts=Contracts(settings),
@@ -42,5 +47,6 @@ class StageContext:
             topology=topology,
             templates=TemplateCatalog(settings.templates_dir),
             clock=Clock(settings.clock_offset_ms),
+            limits=limits,
             cancellations=Cancellations(settings),
         )

@@ -29,6 +29,8 @@ from pipeline.stages.route import Router
 
 #: Name of the push registry among the route stage's tables.
 PUSH_REGISTRY = "push-deliveries"
+#: Name of the user limits table among the route stage's tables.
+LIMITS = "user-limits"
 
 
 class RouteAndPush:
@@ -45,7 +47,8 @@ class RouteAndPush:
         """The router's outputs, with each push route published rather than written."""
         outputs: list[Out] = []
         publishing: list[Awaitable[Sequence[Out]]] = []
-        for out in self._router.handle(raw, view, self._clock.now_ms()):
+        routed = self._router.handle(raw, view, self._clock.now_ms(), view.attached(LIMITS))
+        for out in routed:
             if out.topic != self._push_requests:
                 outputs.append(out)
                 continue

@@ -2,8 +2,9 @@
 
 For every recipient and every channel of its type, exactly one outcome: ``routed``
 (a ChannelRequest on the channel's topic), ``deferred`` (the same request, waiting
-out the user's quiet hours in the channel's delay tiers), ``skipped`` (with the
-reason), ``recipient_unknown`` (the user never appeared within the wait budget) or
+in the channel's delay tiers for the end of the user's quiet hours, or for a window
+of a user limit with room: topologies/limits.yaml), ``skipped`` (with the reason),
+``recipient_unknown`` (the user never appeared within the wait budget) or
 ``cancelled`` (its notification was cancelled first).
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline import metrics
@@ -76,6 +78,10 @@ def _hhmm(text: str) -> time | None:
         return None
 
 
+#: Why a route waits before its lane: (until, reason, detail).
+Wait = tuple[int, str, str]
+
+
 def opted_out(profile: UserProfile, spec: TypeSpec, channel: str, priority: str) -> str | None:
     """Why ``profile`` does not want ``channel`` for this type, or None."""
     if spec.opt_out == "ignored":
@@ -102,6 +108,7 @@ class Router:
         self._catalog = ctx.catalog
         self._templates = ctx.templates
         self._cancellations = ctx.cancellations
+        self._limits = ctx.limits
         self._channels = dict(channels)
         self.recipients_topic = settings.topic("notification.recipients")
         # Waiting recipients come back here, so notification.recipients keeps exactly
@@ -121,10 +128,17 @@ class Router:
             name: DelayTiers.of(topology.retry[name], settings) for name in self._channels
         }
 
-    def handle(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
-        """Every output for one recipient record; ``users`` maps user_id to profile bytes."""
+    def handle(
+        self,
+        raw: RawRecord,
+        users: Mapping[bytes, bytes],
+        now_ms: int,
+        limits: MutableMapping[bytes, Any] | None = None,
+    ) -> list[Out]:
+        """Every output for one recipient record; ``users`` maps user_id to profile
+        bytes, ``limits`` user_id to the user's limit state (None: no user limits)."""
         if header(raw.headers, FALLBACK) is not None:
-            return self._fall_back(raw, users, now_ms)
+            return self._fall_back(raw, users, now_ms, limits)
         try:
             recipient = self._contracts.recipient.decode(raw.value)
         except DecodeError as exc:
@@ -141,7 +155,7 @@ class Router:
         if profile_bytes is None:
             return self._wait_for_user(raw, recipient, spec, now_ms)
         profile = self._profile(profile_bytes)
-        return self._user_routes(recipient, spec, profile, now_ms)
+        return self._user_routes(recipient, spec, profile, now_ms, limits)
 
     def _cancelled(self, recipient: Recipient, spec: TypeSpec, by: str, now_ms: int) -> list[Out]:
         """Every route the recipient would have had, ``cancelled``."""
@@ -182,7 +196,13 @@ class Router:
             self._contracts, self._malformed_topic, raw, exc.reason, exc.detail, now_ms
         )
 
-    def _fall_back(self, raw: RawRecord, users: Mapping[bytes, bytes], now_ms: int) -> list[Out]:
+    def _fall_back(
+        self,
+        raw: RawRecord,
+        users: Mapping[bytes, bytes],
+        now_ms: int,
+        limits: MutableMapping[bytes, Any] | None,
+    ) -> list[Out]:
         """The next channel of a fallback type, after a route that ended without reaching
         the user (pipeline.stages.deliveries.Deliveries.fallback): ``raw`` holds it."""
         try:
@@ -213,7 +233,7 @@ class Router:
             payload_json=failed.variables_json,
         )
         profile = self._profile(profile_bytes)
-        return self._user_routes(recipient, spec, profile, now_ms, after=failed)
+        return self._user_routes(recipient, spec, profile, now_ms, limits, after=failed)
 
     def _user_routes(
         self,
@@ -221,6 +241,7 @@ class Router:
         spec: TypeSpec,
         profile: UserProfile,
         now_ms: int,
+        limits: MutableMapping[bytes, Any] | None,
         after: ChannelRequest | None = None,
     ) -> list[Out]:
         """A route (or skip) per user channel; for a fallback type, only the first
@@ -245,6 +266,9 @@ class Router:
                 if chain and "skipped" not in chain:
                     break
                 continue
+            wait = None if quiet_end is None else (quiet_end, "quiet_hours", f"until {quiet_end}")
+            if limits is not None and self._limits.users and recipient.priority != "critical":
+                wait = self._limit(limits, recipient, name, spec.category, now_ms, wait)
             request = self._request(
                 recipient,
                 name,
@@ -253,13 +277,13 @@ class Router:
                 fell_back,
                 address=found,
                 deadline_ms=channel.deadline_ms(recipient, spec),
-                due_at_ms=quiet_end or 0,
+                due_at_ms=0 if wait is None else wait[0],
             )
             outputs.extend(
                 self._emit(
                     recipient,
                     request,
-                    quiet_end,
+                    wait,
                     now_ms,
                     key=(recipient.user_id or "").encode("utf-8"),
                     after=after,
@@ -268,6 +292,50 @@ class Router:
             if chain:
                 break
         return outputs
+
+    def _limit(
+        self,
+        limits: MutableMapping[bytes, Any],
+        recipient: Recipient,
+        channel: str,
+        category: str,
+        now_ms: int,
+        wait: Wait | None,
+    ) -> Wait | None:
+        """Take the route's slot in every user limit it counts against: the first
+        window with room in each, from when it could go (now, or the end of the quiet
+        hours). The route waits until then when that is later than it could go."""
+        applicable = self._limits.for_user(channel, category)
+        if not applicable or recipient.user_id is None:
+            return wait
+        key = recipient.user_id.encode("utf-8")
+        # Copies: the table's own value must change only through the write below.
+        state = {name: dict(counts) for name, counts in (limits.get(key) or {}).items()}
+        start = at = now_ms if wait is None else wait[0]
+        moved = True
+        while moved:  # a later window of one limit may be full in another: again
+            moved = False
+            for limit in applicable:
+                counts = state.get(limit.key, {})
+                window = at // limit.window_ms * limit.window_ms
+                while counts.get(str(window), 0) >= limit.most:
+                    window += limit.window_ms
+                if window > at:
+                    at, moved = window, True
+        for limit in applicable:
+            window = at // limit.window_ms * limit.window_ms
+            counts = {
+                w: n
+                for w, n in state.get(limit.key, {}).items()
+                if int(w) + limit.window_ms > now_ms
+            }
+            counts[str(window)] = counts.get(str(window), 0) + 1
+            state[limit.key] = counts
+        limits[key] = state
+        if at == start:
+            return wait
+        full = ", ".join(f"{u.key} {u.most} per {u.window_ms // 1000}s" for u in applicable)
+        return (at, "rate_limited", f"until {at} ({full})")
 
     def _admin_routes(self, recipient: Recipient, spec: TypeSpec, now_ms: int) -> list[Out]:
         outputs: list[Out] = []
@@ -290,7 +358,7 @@ class Router:
         self,
         recipient: Recipient,
         request: ChannelRequest,
-        quiet_end: int | None,
+        wait: Wait | None,
         now_ms: int,
         key: bytes,
         after: ChannelRequest | None = None,
@@ -298,17 +366,18 @@ class Router:
         value = self._contracts.channel_request.encode(request)
         target = self._lanes[request.channel, request.priority]
         channel, route_id = request.channel, request.route_id
-        if quiet_end is not None:
+        if wait is not None:
+            until, reason, detail = wait
             return [
-                self._deferral[channel].schedule(key, value, target, quiet_end, 0, now_ms),
+                self._deferral[channel].schedule(key, value, target, until, 0, now_ms),
                 self._status(
                     recipient,
                     "deferred",
                     now_ms,
                     channel=channel,
                     route_id=route_id,
-                    reason="quiet_hours",
-                    detail=f"until {quiet_end}",
+                    reason=reason,
+                    detail=detail,
                 ),
             ]
         # A fallback route names the route it stands in for.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,7 @@ import yaml
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
+from pipeline.topology.model import parse_duration
 
 #: The producers entry every producer without its own entry gets.
 ANY_PRODUCER = "*"
@@ -41,16 +42,53 @@ class Rate:
 
 
 @dataclass(frozen=True, slots=True)
+class UserLimit:
+    """At most ``most`` routes per user on ``channel`` (of ``category``, or of every
+    category) in each clock-aligned window of ``window_ms``."""
+
+    channel: str
+    """The channel counted."""
+    category: str | None
+    """The catalog category counted; None: all of the channel's routes together."""
+    most: int
+    """Routes a window takes."""
+    window_ms: int
+    """Window length; windows start at multiples of it (1h: on the hour, UTC)."""
+
+    @property
+    def key(self) -> str:
+        """Its name in a user's limit state."""
+        return f"{self.channel}|{self.category or '*'}"
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Every limit of topologies/limits.yaml."""
 
     producers: dict[str, Rate] = field(default_factory=dict)
     """Intents a producer may send through the HTTP intake, by producer id
     (``*``: every producer without its own entry)."""
+    users: tuple[UserLimit, ...] = ()
+    """Routes per user, channel and category."""
+    channels: dict[str, Rate] = field(default_factory=dict)
+    """Provider calls per second of a channel, across every worker."""
 
     def producer(self, name: str) -> Rate | None:
         """The limit of producer ``name``, or None when it has none."""
         return self.producers.get(name) or self.producers.get(ANY_PRODUCER)
+
+    def check(self, channels: Collection[str]) -> None:
+        """ConfigurationError when a limit names a channel topics.yaml does not declare."""
+        named = {u.channel for u in self.users} | set(self.channels)
+        if unknown := named - set(channels):
+            raise ConfigurationError(
+                f"limits.yaml names channels {sorted(unknown)}, which topics.yaml does not "
+                f"declare ({', '.join(channels)})"
+            )
+
+    def for_user(self, channel: str, category: str) -> list[UserLimit]:
+        """The user limits a route of ``channel`` and ``category`` counts against."""
+        return [u for u in self.users if u.channel == channel and u.category in (None, category)]
 
     @classmethod
     def load(cls, settings: Settings) -> Limits:
@@ -69,10 +107,34 @@ class Limits:
         """The limits in ``doc``."""
         if not isinstance(doc, Mapping):
             raise ConfigurationError(f"{source}: expected a mapping of sections")
-        if unknown := set(doc) - {"producers"}:
+        if unknown := set(doc) - {"producers", "users", "channels"}:
             raise ConfigurationError(f"{source}: unknown sections {sorted(unknown)}")
         producers = {
             str(name): Rate.parse(entry, f"{source}: producers.{name}")
             for name, entry in (doc.get("producers") or {}).items()
         }
-        return cls(producers=producers)
+        channels = {
+            str(name): Rate.parse(entry, f"{source}: channels.{name}")
+            for name, entry in (doc.get("channels") or {}).items()
+        }
+        users = tuple(
+            _user_limit(entry, f"{source}: users[{index}]")
+            for index, entry in enumerate(doc.get("users") or [])
+        )
+        return cls(producers=producers, users=users, channels=channels)
+
+
+def _user_limit(entry: Any, where: str) -> UserLimit:
+    if not isinstance(entry, Mapping) or set(entry) - {"channel", "category", "max", "per"}:
+        raise ConfigurationError(f"{where}: expected {{channel, category (optional), max, per}}")
+    try:
+        most, window_s = int(entry["max"]), parse_duration(str(entry["per"]))
+        channel = str(entry["channel"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+    if most < 1 or window_s < 1:
+        raise ConfigurationError(f"{where}: max must be >= 1 and per at least 1s")
+    category = entry.get("category")
+    return UserLimit(
+        channel, None if category is None else str(category), most, int(window_s * 1000)
+    )

@@ -149,7 +149,7 @@ def test_producer_limits_use_the_named_entry_or_the_default() -> None:
         {"producers": {"a": {"per_second": 1, "burst": 0}}},
         {"producers": {"a": {"per_second": 1, "rate": 2}}},
         {"producers": {"a": 5}},
-        {"users": {}},
+        {"senders": {}},
         ["producers"],
     ],
 )

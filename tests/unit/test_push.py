@@ -34,7 +34,7 @@ from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.stages.channels import routings
 from pipeline.stages.delay import TARGET
-from pipeline.stages.handoff import PUSH_REGISTRY, RouteAndPush
+from pipeline.stages.handoff import LIMITS, PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.push import (
     DOUBT_MARGIN_MS,
     DeviceFeedbackLog,
@@ -649,7 +649,9 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
     registry: dict[bytes, Any] = {}
     user = profile(channels_disabled=["email"])
     view = WriteBehind(
-        {b"u1": contracts.user.encode(user)}, None, {PUSH_REGISTRY: WriteBehind(registry)}
+        {b"u1": contracts.user.encode(user)},
+        None,
+        {PUSH_REGISTRY: WriteBehind(registry), LIMITS: WriteBehind({})},
     )
     record = raw(
         contracts.recipient.encode(recipient()), topic="notification.recipients", key=b"u1"
@@ -671,7 +673,9 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
 
     quiet = profile(quiet_hours=QuietHours(start="11:00", end="13:00"), timezone="UTC")
     view = WriteBehind(
-        {b"u1": contracts.user.encode(quiet)}, None, {PUSH_REGISTRY: WriteBehind({})}
+        {b"u1": contracts.user.encode(quiet)},
+        None,
+        {PUSH_REGISTRY: WriteBehind({}), LIMITS: WriteBehind({})},
     )
     waiting = list(await settle(push, handoff.handle(record, view)))
     assert len(gateway.published) == 1  # not again, not yet

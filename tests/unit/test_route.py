@@ -32,6 +32,7 @@ from pipeline.stages.route import Router, quiet_until_ms
 from pipeline.stages.users import UserDirectory
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.catalog import FALLBACK_WHEN
+from pipeline.topology.limits import Limits
 from tests.unit.helpers import profile_record, raw, stage_context, users_home
 
 NOON_UTC = int(datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -389,3 +390,58 @@ def test_each_priority_takes_its_lane(router: Router, contracts: Contracts) -> N
         "normal": ["notification.email.requested", "notification.push.requested"],
         "low": ["notification.email.low", "notification.push.requested"],
     }
+
+
+def limited_router(settings: Settings, users: list[dict[str, Any]]) -> Router:
+    ctx = dataclasses.replace(stage_context(settings), limits=Limits.from_dict({"users": users}))
+    return Router(ctx, routings(ctx, {}))
+
+
+def test_a_user_limit_defers_a_route_to_the_first_window_with_room(
+    settings: Settings, contracts: Contracts
+) -> None:
+    router = limited_router(
+        settings,
+        [
+            {"channel": "email", "category": "game", "max": 2, "per": "1h"},
+            {"channel": "email", "max": 3, "per": "1d"},  # every category
+        ],
+    )
+    limits: dict[bytes, Any] = {}
+    hour = 3600 * 1000
+    now = NOON_UTC + 60_000  # 12:01
+
+    def email(n: int, priority: str = "normal", at: int = now) -> tuple[str, str | None, int]:
+        rec = recipient(notification_id=f"n-{n}", priority=priority)
+        record = raw(contracts.recipient.encode(rec), topic="notification.recipients", key=b"u1")
+        outputs = router.handle(record, {b"u1": contracts.user.encode(profile())}, at, limits)
+        (event,) = [
+            e
+            for e in (contracts.status.decode(o.value) for o in outputs if "status" in o.topic)
+            if e.channel == "email"
+        ]
+        routes = [
+            contracts.channel_request.decode(o.value)
+            for o in outputs
+            if o.topic != "notification.status"
+        ]
+        (due,) = [r.due_at_ms for r in routes if r.channel == "email"]
+        return event.status, event.reason, due
+
+    assert email(1)[:2] == ("routed", None)
+    assert email(2)[:2] == ("routed", None)
+    # The hour's two are spent: the third waits for 13:00, in the channel's tiers.
+    assert email(3) == ("deferred", "rate_limited", NOON_UTC + hour)
+    # 13:00's window has room for one more, then the day's three are spent.
+    assert email(4) == ("deferred", "rate_limited", NOON_UTC + 12 * hour)  # next day, 00:00
+    # Critical routes are neither held nor counted; push is not limited at all.
+    assert email(5, priority="critical")[:2] == ("routed", None)
+    state = limits[b"u1"]
+    assert state["email|game"] == {
+        str(NOON_UTC): 2,
+        str(NOON_UTC + hour): 1,
+        str(NOON_UTC + 12 * hour): 1,
+    }
+    # Windows that have closed are dropped from the state as it is written.
+    email(6, at=NOON_UTC + 13 * hour)
+    assert str(NOON_UTC) not in limits[b"u1"]["email|game"]
