@@ -163,7 +163,9 @@ async def timed(histogram: Histogram, call: Awaitable[T], labels: tuple[str, ...
 _INTAKE = frozenset({"accepted", "duplicate", "rejected", "rejected_conflict", "ignored"})
 _ROUTING = frozenset({"routed", "skipped", "deferred", "recipient_unknown"})
 _DELIVERED = frozenset({"sent", "published"})
-_FINAL = frozenset({"sent", "published", "suppressed", "expired", "dead_lettered", "cancelled"})
+_FINAL = frozenset(
+    {"sent", "published", "suppressed", "expired", "dead_lettered", "cancelled", "digested"}
+)
 
 
 @value_class

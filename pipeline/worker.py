@@ -21,7 +21,14 @@ from pipeline.stages.channels import DIRECT, PUSH, DirectKind, routings
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayRelease, DelayTiers
 from pipeline.stages.deliveries import expired_entries
-from pipeline.stages.handoff import LIMITS, PUSH_REGISTRY, RouteAndPush
+from pipeline.stages.digest import check_templates
+from pipeline.stages.handoff import (
+    DIGESTS,
+    LIMITS,
+    PUSH_REGISTRY,
+    RouteAndPush,
+    route_tables,
+)
 from pipeline.stages.intake import Intake
 from pipeline.stages.outputs import malformed
 from pipeline.stages.push import DeviceFeedbackLog, PushChannel
@@ -54,6 +61,7 @@ class Worker:
                 f"limits.yaml paces {sorted(paced)}: only a channel that calls a provider "
                 f"({', '.join(DIRECT)}) can be paced; push publishes to a Kafka topic"
             )
+        check_templates(ctx.catalog, ctx.templates)
         self.direct = {name: DIRECT[name](ctx) for name in self.channels if name != PUSH}
         # One push channel for the push stage and the route stage's hand-off: its
         # in-flight set keeps the two from publishing one route at once.
@@ -104,11 +112,15 @@ class Worker:
             return directory.handle(raw, view, clock.now_ms())
 
         def route(raw: RawRecord, view: WriteBehind) -> list[Out]:
-            return router.handle(raw, view, clock.now_ms(), view.attached(LIMITS))
+            return router.handle(raw, view, clock.now_ms(), route_tables(view))
 
         handle: Handle = route
-        # Each user's limit state, on the user's partition (docs/limits.md).
-        attached = {LIMITS: runtime.table(LIMITS, "herald.limits.changelog", "json")}
+        # Each user's limit counts and open digests, on the user's partition
+        # (docs/limits.md, docs/digests.md).
+        attached = {
+            LIMITS: runtime.table(LIMITS, "herald.limits.changelog", "json"),
+            DIGESTS: runtime.table(DIGESTS, "herald.digests.changelog", "json"),
+        }
         on_flush = None
         if self.settings.push_handoff:
             handle = RouteAndPush(self.ctx, router, self.push).handle

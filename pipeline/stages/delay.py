@@ -72,13 +72,16 @@ class DelayTiers:
         due_at_ms: int,
         attempt: int,
         now_ms: int,
+        extra: tuple[tuple[str, bytes], ...] = (),
     ) -> Out:
-        """The record that makes ``value`` reach ``target`` at ``due_at_ms``."""
+        """The record that makes ``value`` reach ``target`` at ``due_at_ms``, with the
+        ``extra`` headers (kept through every hop)."""
         index = self.tier_for(max(due_at_ms - now_ms, 0) / 1000)
         headers = (
             (TARGET, target.encode()),
             (DUE_AT, str(due_at_ms).encode()),
             (ATTEMPT, str(attempt).encode()),
+            *extra,
         )
         return Out(self.topics[index], key, value, headers=headers)
 
@@ -122,8 +125,9 @@ class DelayRelease:
             await asyncio.sleep(wait_s)
         now = self._clock.now_ms()
         if due_at_ms > now + _EARLY_MS:  # due beyond this tier's reach: wait in a tier again
+            extra = tuple((k, v) for k, v in raw.headers if k not in (TARGET, DUE_AT, ATTEMPT))
             return self._tiers.schedule(
-                raw.key, raw.value, target.decode(), due_at_ms, attempt_of(raw.headers), now
+                raw.key, raw.value, target.decode(), due_at_ms, attempt_of(raw.headers), now, extra
             )
         headers = tuple((k, v) for k, v in raw.headers if k not in (TARGET, DUE_AT))
         return Out(target.decode(), raw.key, raw.value, headers=headers)

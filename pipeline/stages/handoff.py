@@ -25,12 +25,18 @@ from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.tables import WriteBehind
 from pipeline.stages.context import StageContext
 from pipeline.stages.push import PushChannel
-from pipeline.stages.route import Router
+from pipeline.stages.route import Router, RouteTables
 
 #: Name of the push registry among the route stage's tables.
 PUSH_REGISTRY = "push-deliveries"
-#: Name of the user limits table among the route stage's tables.
+#: Names of the user limits and the digests tables among the route stage's tables.
 LIMITS = "user-limits"
+DIGESTS = "digests"
+
+
+def route_tables(view: WriteBehind) -> RouteTables:
+    """The route stage's further tables, from its view."""
+    return RouteTables(limits=view.attached(LIMITS), digests=view.attached(DIGESTS))
 
 
 class RouteAndPush:
@@ -47,7 +53,7 @@ class RouteAndPush:
         """The router's outputs, with each push route published rather than written."""
         outputs: list[Out] = []
         publishing: list[Awaitable[Sequence[Out]]] = []
-        routed = self._router.handle(raw, view, self._clock.now_ms(), view.attached(LIMITS))
+        routed = self._router.handle(raw, view, self._clock.now_ms(), route_tables(view))
         for out in routed:
             if out.topic != self._push_requests:
                 outputs.append(out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,6 +34,7 @@ from pipeline.stages.channel import Address, ChannelRouting
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import DelayTiers, attempt_of
 from pipeline.stages.deliveries import FALLBACK
+from pipeline.stages.digest import DIGEST_CLOSE, Digests, Wait, folds
 from pipeline.stages.outputs import malformed, status_out
 from pipeline.topology import TypeSpec
 from pipeline.topology.model import PRIORITIES
@@ -78,8 +80,18 @@ def _hhmm(text: str) -> time | None:
         return None
 
 
-#: Why a route waits before its lane: (until, reason, detail).
-Wait = tuple[int, str, str]
+@dataclass(frozen=True, slots=True)
+class RouteTables:
+    """The route stage's tables besides the users table, keyed by user_id (None: not
+    kept, as in a unit test of other decisions)."""
+
+    limits: MutableMapping[bytes, Any] | None = None
+    """Each user's counts per user limit and window (pipeline.topology.limits)."""
+    digests: MutableMapping[bytes, Any] | None = None
+    """Each user's open digests (pipeline.stages.digest)."""
+
+
+NO_TABLES = RouteTables()
 
 
 def opted_out(profile: UserProfile, spec: TypeSpec, channel: str, priority: str) -> str | None:
@@ -127,18 +139,32 @@ class Router:
         self._deferral = {
             name: DelayTiers.of(topology.retry[name], settings) for name in self._channels
         }
+        self._digests = Digests(
+            ctx.contracts,
+            self._status_topic,
+            self.rejoin_topic,
+            self._lanes,
+            self._deferral,
+            ctx.cancellations.reason,
+        )
 
     def handle(
         self,
         raw: RawRecord,
         users: Mapping[bytes, bytes],
         now_ms: int,
-        limits: MutableMapping[bytes, Any] | None = None,
+        tables: RouteTables = NO_TABLES,
     ) -> list[Out]:
-        """Every output for one recipient record; ``users`` maps user_id to profile
-        bytes, ``limits`` user_id to the user's limit state (None: no user limits)."""
+        """Every output for one recipient record (or digest close marker); ``users``
+        maps user_id to profile bytes."""
+        if header(raw.headers, DIGEST_CLOSE) is not None:
+            if tables.digests is None:
+                return []
+            return self._digests.close(
+                raw, tables.digests, lambda user: self._quiet_end(users, user, now_ms), now_ms
+            )
         if header(raw.headers, FALLBACK) is not None:
-            return self._fall_back(raw, users, now_ms, limits)
+            return self._fall_back(raw, users, now_ms, tables)
         try:
             recipient = self._contracts.recipient.decode(raw.value)
         except DecodeError as exc:
@@ -155,7 +181,7 @@ class Router:
         if profile_bytes is None:
             return self._wait_for_user(raw, recipient, spec, now_ms)
         profile = self._profile(profile_bytes)
-        return self._user_routes(recipient, spec, profile, now_ms, limits)
+        return self._user_routes(recipient, spec, profile, now_ms, tables)
 
     def _cancelled(self, recipient: Recipient, spec: TypeSpec, by: str, now_ms: int) -> list[Out]:
         """Every route the recipient would have had, ``cancelled``."""
@@ -201,7 +227,7 @@ class Router:
         raw: RawRecord,
         users: Mapping[bytes, bytes],
         now_ms: int,
-        limits: MutableMapping[bytes, Any] | None,
+        tables: RouteTables,
     ) -> list[Out]:
         """The next channel of a fallback type, after a route that ended without reaching
         the user (pipeline.stages.deliveries.Deliveries.fallback): ``raw`` holds it."""
@@ -233,7 +259,7 @@ class Router:
             payload_json=failed.variables_json,
         )
         profile = self._profile(profile_bytes)
-        return self._user_routes(recipient, spec, profile, now_ms, limits, after=failed)
+        return self._user_routes(recipient, spec, profile, now_ms, tables, after=failed)
 
     def _user_routes(
         self,
@@ -241,7 +267,7 @@ class Router:
         spec: TypeSpec,
         profile: UserProfile,
         now_ms: int,
-        limits: MutableMapping[bytes, Any] | None,
+        tables: RouteTables,
         after: ChannelRequest | None = None,
     ) -> list[Out]:
         """A route (or skip) per user channel; for a fallback type, only the first
@@ -267,8 +293,9 @@ class Router:
                     break
                 continue
             wait = None if quiet_end is None else (quiet_end, "quiet_hours", f"until {quiet_end}")
-            if limits is not None and self._limits.users and recipient.priority != "critical":
-                wait = self._limit(limits, recipient, name, spec.category, now_ms, wait)
+            limits = tables.limits
+            if not self._limits.users or recipient.priority == "critical":
+                limits = None
             request = self._request(
                 recipient,
                 name,
@@ -277,21 +304,55 @@ class Router:
                 fell_back,
                 address=found,
                 deadline_ms=channel.deadline_ms(recipient, spec),
-                due_at_ms=0 if wait is None else wait[0],
+                due_at_ms=0,
             )
-            outputs.extend(
-                self._emit(
-                    recipient,
-                    request,
-                    wait,
-                    now_ms,
-                    key=(recipient.user_id or "").encode("utf-8"),
-                    after=after,
+            held = wait
+            if limits is not None:
+                held = self._limit(limits, recipient, name, spec.category, now_ms, wait, take=False)
+            if (
+                tables.digests is not None
+                and spec.digest
+                and folds(spec, name, recipient.priority, held)
+            ):
+                digest_id, sent = self._digests.fold(tables.digests, request, spec.digest, now_ms)
+                outputs.append(
+                    self._status(
+                        recipient,
+                        "digested",
+                        now_ms,
+                        channel=name,
+                        route_id=route_id,
+                        reason="digest",
+                        detail=digest_id,
+                    )
                 )
-            )
+                outputs.extend(sent)
+            else:
+                if limits is not None:
+                    wait = self._limit(limits, recipient, name, spec.category, now_ms, wait)
+                if wait is not None:
+                    request = dataclasses.replace(request, due_at_ms=wait[0])
+                outputs.extend(
+                    self._emit(
+                        recipient,
+                        request,
+                        wait,
+                        now_ms,
+                        key=(recipient.user_id or "").encode("utf-8"),
+                        after=after,
+                    )
+                )
             if chain:
                 break
         return outputs
+
+    def _quiet_end(self, users: Mapping[bytes, bytes], user_id: str, now_ms: int) -> int | None:
+        """When the user's quiet hours end, if they are in them now."""
+        profile_bytes = users.get(user_id.encode("utf-8"))
+        if profile_bytes is None:
+            return None
+        profile = self._profile(profile_bytes)
+        return quiet_until_ms(profile.quiet_hours, profile.timezone, now_ms)
 
     def _limit(
         self,
@@ -301,10 +362,13 @@ class Router:
         category: str,
         now_ms: int,
         wait: Wait | None,
+        *,
+        take: bool = True,
     ) -> Wait | None:
-        """Take the route's slot in every user limit it counts against: the first
-        window with room in each, from when it could go (now, or the end of the quiet
-        hours). The route waits until then when that is later than it could go."""
+        """Take the route's slot in every user limit it counts against (unless not
+        ``take``: only say where it would be): the first window with room in each, from
+        when it could go (now, or the end of the quiet hours). The route waits until
+        then when that is later than it could go."""
         applicable = self._limits.for_user(channel, category)
         if not applicable or recipient.user_id is None:
             return wait
@@ -322,7 +386,7 @@ class Router:
                     window += limit.window_ms
                 if window > at:
                     at, moved = window, True
-        for limit in applicable:
+        for limit in applicable if take else ():
             window = at // limit.window_ms * limit.window_ms
             counts = {
                 w: n
@@ -331,7 +395,8 @@ class Router:
             }
             counts[str(window)] = counts.get(str(window), 0) + 1
             state[limit.key] = counts
-        limits[key] = state
+        if take:
+            limits[key] = state
         if at == start:
             return wait
         full = ", ".join(f"{u.key} {u.most} per {u.window_ms // 1000}s" for u in applicable)

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
-from pipeline.topology.model import PRIORITIES, Topology
+from pipeline.topology.model import PRIORITIES, Topology, parse_duration
 
 AUDIENCES = ("user", "admin_email")
 #: What becomes of a route whose delivery began without a recorded outcome (a worker
@@ -23,6 +23,29 @@ FALLBACK_WHEN = ("skipped", "suppressed", "dead_lettered", "expired")
 #: How a type treats a user's opt-outs: always honoured; honoured except at critical
 #: priority; or ignored (transactional mail such as login codes).
 OPT_OUT_POLICIES = ("honoured", "optional", "ignored")
+
+
+#: When a digest type folds a route: every route, or only one over a user limit.
+DIGEST_WHEN = ("always", "limited")
+
+
+@dataclass(frozen=True, slots=True)
+class DigestSpec:
+    """How a type's routes are combined into digests (``digest:`` in the catalog)."""
+
+    window_ms: int
+    """How long a digest collects, from its first route."""
+    max_items: int
+    """A digest with this many routes goes at once."""
+    when: str = "always"
+    """always, or limited: only routes a user limit would hold (DIGEST_WHEN)."""
+    channels: tuple[str, ...] = ()
+    """The channels whose routes are folded (the others are sent one by one)."""
+
+    @staticmethod
+    def template_id(notification_type: str) -> str:
+        """The templates of a type's digests (its items in ``items``)."""
+        return f"{notification_type}.digest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +87,9 @@ class TypeSpec:
     """Empty: every user channel gets a route. Else the user channels are a fallback
     chain, tried in order: the next gets a route only when the previous one's ended in
     one of these states (FALLBACK_WHEN)."""
+    digest: DigestSpec | None = None
+    """None: each route is sent on its own. Else its routes (but critical ones) on the
+    digest's channels are combined per user and channel into one message."""
 
     def next_channels(self, after: str | None) -> tuple[str, ...]:
         """The user channels to try after ``after`` (None: from the first)."""
@@ -162,6 +188,7 @@ class Catalog:
                     )
                 if len(channels.get("user", ())) < 2:
                     raise ConfigurationError(f"{where}: a fallback needs two user channels")
+            digest = _digest(entry.get("digest"), channels.get("user", ()), where)
             types[name] = TypeSpec(
                 name=name,
                 category=str(entry.get("category", name.split(".")[0])),
@@ -178,8 +205,32 @@ class Catalog:
                 sms_max_segments=int(entry.get("sms_max_segments", 3)),
                 fallback_when=when,
                 in_doubt=in_doubt,
+                digest=digest,
             )
         return cls(types)
+
+
+def _digest(entry: Any, user_channels: tuple[str, ...], where: str) -> DigestSpec | None:
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or set(entry) - {"window", "max_items", "when", "channels"}:
+        raise ConfigurationError(f"{where}: digest is {{window, max_items, when, channels}}")
+    try:
+        window_s = parse_duration(str(entry.get("window", "15m")))
+        max_items = int(entry.get("max_items", 50))
+    except (TypeError, ValueError, ConfigurationError) as exc:
+        raise ConfigurationError(f"{where}: digest: {exc}") from exc
+    when = str(entry.get("when", "always"))
+    if when not in DIGEST_WHEN or max_items < 2 or window_s < 1:
+        raise ConfigurationError(
+            f"{where}: digest needs when in {DIGEST_WHEN}, max_items >= 2, a window >= 1s"
+        )
+    # A push is a nudge with a typed body (no list of items): never folded.
+    default = tuple(c for c in user_channels if c != "push")
+    channels = tuple(entry.get("channels") or default)
+    if strange := [c for c in channels if c not in default]:
+        raise ConfigurationError(f"{where}: digest channels {strange} (one of {default})")
+    return DigestSpec(int(window_s * 1000), max_items, when, channels)
 
 
 #: The payload field types the catalog declares, as JSON values (``required`` maps each

@@ -316,7 +316,16 @@ def _loose_fields(body: bytes) -> dict[str, Any]:
 
 #: Delivery states after which a cancel changes nothing.
 _FINISHED = frozenset(
-    {"sent", "published", "dead_lettered", "expired", "suppressed", "cancelled", "skipped"}
+    {
+        "sent",
+        "published",
+        "dead_lettered",
+        "expired",
+        "suppressed",
+        "cancelled",
+        "skipped",
+        "digested",
+    }
 )
 
 

@@ -34,7 +34,7 @@ from pipeline.runtime.tables import WriteBehind
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.stages.channels import routings
 from pipeline.stages.delay import TARGET
-from pipeline.stages.handoff import LIMITS, PUSH_REGISTRY, RouteAndPush
+from pipeline.stages.handoff import DIGESTS, LIMITS, PUSH_REGISTRY, RouteAndPush
 from pipeline.stages.push import (
     DOUBT_MARGIN_MS,
     DeviceFeedbackLog,
@@ -651,7 +651,7 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
     view = WriteBehind(
         {b"u1": contracts.user.encode(user)},
         None,
-        {PUSH_REGISTRY: WriteBehind(registry), LIMITS: WriteBehind({})},
+        {PUSH_REGISTRY: WriteBehind(registry), LIMITS: WriteBehind({}), DIGESTS: WriteBehind({})},
     )
     record = raw(
         contracts.recipient.encode(recipient()), topic="notification.recipients", key=b"u1"
@@ -675,7 +675,7 @@ async def test_the_route_stage_hands_a_push_it_routes_now_to_the_push_channel(
     view = WriteBehind(
         {b"u1": contracts.user.encode(quiet)},
         None,
-        {PUSH_REGISTRY: WriteBehind({}), LIMITS: WriteBehind({})},
+        {PUSH_REGISTRY: WriteBehind({}), LIMITS: WriteBehind({}), DIGESTS: WriteBehind({})},
     )
     waiting = list(await settle(push, handoff.handle(record, view)))
     assert len(gateway.published) == 1  # not again, not yet

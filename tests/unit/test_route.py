@@ -28,7 +28,7 @@ from pipeline.stages.channels import routings
 from pipeline.stages.context import StageContext
 from pipeline.stages.delay import ATTEMPT, DUE_AT, TARGET, DelayTiers, attempt_of
 from pipeline.stages.deliveries import FALLBACK, Deliveries
-from pipeline.stages.route import Router, quiet_until_ms
+from pipeline.stages.route import Router, RouteTables, quiet_until_ms
 from pipeline.stages.users import UserDirectory
 from pipeline.topology import Catalog, Topology
 from pipeline.topology.catalog import FALLBACK_WHEN
@@ -414,7 +414,8 @@ def test_a_user_limit_defers_a_route_to_the_first_window_with_room(
     def email(n: int, priority: str = "normal", at: int = now) -> tuple[str, str | None, int]:
         rec = recipient(notification_id=f"n-{n}", priority=priority)
         record = raw(contracts.recipient.encode(rec), topic="notification.recipients", key=b"u1")
-        outputs = router.handle(record, {b"u1": contracts.user.encode(profile())}, at, limits)
+        users = {b"u1": contracts.user.encode(profile())}
+        outputs = router.handle(record, users, at, RouteTables(limits=limits))
         (event,) = [
             e
             for e in (contracts.status.decode(o.value) for o in outputs if "status" in o.topic)
