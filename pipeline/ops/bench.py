@@ -117,13 +117,13 @@ class Run:
 
 
 class WorkerProcess:
-    """A `herald worker` subprocess for the bench settings."""
+    """A `herald worker` (or another ``command``) subprocess for the bench settings."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(self, settings: Settings, log: Path, command: str = "worker") -> None:
         self._log = log.open("ab")
         env = {**os.environ, **settings.as_env()}
         self.proc = subprocess.Popen(
-            [_HERALD, "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+            [_HERALD, command], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def peak_rss_mb(self) -> float | None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import subprocess
-import sys
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,9 @@ import aiohttp
 from pydantic import SecretStr
 
 from pipeline.errors import HeraldError
+from pipeline.ops.bench import WorkerProcess
 from pipeline.settings import Settings
 
-_HERALD = str(Path(sys.executable).with_name("herald"))
 BASELINE = "GET /healthz (the same server, baseline)"
 INTAKE = "POST /api/v1/notifications"
 _PRODUCER = "bench-http"
@@ -37,14 +35,12 @@ _CONNECTIONS = 64
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-class ApiProcess:
+class ApiProcess(WorkerProcess):
     """A `herald api` subprocess serving ``settings``; ``url`` once it is ready."""
 
     def __init__(self, settings: Settings, log: Path) -> None:
@@ -58,11 +54,7 @@ class ApiProcess:
             }
         )
         self.url = f"http://127.0.0.1:{port}"
-        self._log = log.open("ab")
-        env = {**os.environ, **self.settings.as_env()}
-        self.proc = subprocess.Popen(
-            [_HERALD, "api"], env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        super().__init__(self.settings, log, "api")
 
     async def ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -78,15 +70,6 @@ class ApiProcess:
                     pass
                 await asyncio.sleep(0.25)
         raise HeraldError("herald api never became ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 def _intent(seq: int, run: str) -> bytes:

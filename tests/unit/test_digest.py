@@ -20,6 +20,7 @@ from pipeline.stages.delay import DUE_AT, TARGET
 from pipeline.stages.digest import DIGEST_CLOSE, check_templates
 from pipeline.stages.route import Router, RouteTables
 from pipeline.topology import Catalog
+from pipeline.topology.limits import Limits
 from tests.unit.helpers import raw, stage_context
 
 NEWS = {
@@ -162,3 +163,21 @@ def test_a_digest_type_needs_its_digest_template(settings: Settings) -> None:
     with pytest.raises(ConfigurationError, match=r"news\.item\.digest"):
         check_templates(catalog, ctx.templates)
     check_templates(ctx.catalog, ctx.templates)  # the shipped catalog has no digests
+
+
+def test_when_limited_only_what_a_user_limit_would_hold_is_folded(settings: Settings) -> None:
+    ctx = stage_context(settings)
+    news = {**NEWS, "digest": {"window": "1h", "max_items": 10, "when": "limited"}}
+    ctx = dataclasses.replace(
+        ctx,
+        catalog=catalog_with(settings, **{"news.item": news}),
+        limits=Limits.from_dict({"users": [{"channel": "email", "max": 2, "per": "1h"}]}),
+    )
+    stage = Stage(Router(ctx, routings(ctx, {})), ctx.contracts)
+    outcomes = []
+    for n in range(1, 5):
+        events = stage.events(stage.route(item(n)))
+        outcomes += [status for channel, status, _ in events if channel == "email"]
+    # Two fit the hour and go one by one; the rest, which the limit would hold, fold.
+    assert outcomes == ["routed", "routed", "digested", "digested"]
+    assert list(stage.tables.limits[b"u1"]["email|*"].values()) == [2]  # type: ignore[index]
