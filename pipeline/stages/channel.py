@@ -270,10 +270,12 @@ class DirectChannel(Generic[M]):
             gate = breaker.gate()
             if gate == "wait" or (gate == "probe" and not await self._probe(breaker)):
                 return deliveries.deferred(raw, request, now, breaker.wait_s(), "circuit_open")
+        paced = None
         if self._pace is not None:
-            waited = await self._pace.take(PRIORITIES.index(request.priority))
-            if waited > 0:
+            waited_s = await self._pace.take(PRIORITIES.index(request.priority))
+            if waited_s > 0:
                 metrics.limited("channel", "paced")
+                paced = f" (paced {waited_s * 1000:.0f} ms: the channel's provider rate)"
         outputs: list[Out] = []
         try:
             prepared = transport.prepare(request, now)
@@ -306,7 +308,16 @@ class DirectChannel(Generic[M]):
         if breaker is not None:
             breaker.succeeded()
         now = self._clock.now_ms()
-        outputs.append(deliveries.status(request, "sent", now, attempt, detail=sent.detail[:500]))
+        outputs.append(
+            deliveries.status(
+                request,
+                "sent",
+                now,
+                attempt,
+                reason=None if paced is None else "paced",
+                detail=sent.detail[:500] + (paced or ""),
+            )
+        )
         outputs.append(
             deliveries.record(registry, raw, request, "sent", attempt, now, **dict(sent.entry))
         )

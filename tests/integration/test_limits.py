@@ -100,3 +100,62 @@ def test_a_channel_rate_holds_across_two_workers(isolated: Settings, tmp_path: P
     assert times[-1] - times[0] >= (mails - 2 * 2) / per_second * 0.8
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert busiest <= per_second + 2 * 2, f"{busiest} mails in one second"
+    events = read_all(settings, "notification.status", contracts.status)
+    paced = [e for e in events if e.status == "sent" and e.reason == "paced"]
+    assert len(paced) > mails / 2  # most waited for the rate, and say so
+
+
+def test_a_user_limit_holds_across_a_worker_restart(isolated: Settings, tmp_path: Path) -> None:
+    """The counts are in the route stage's changelogged table: a new worker (after a
+    SIGKILL) goes on counting where the first stopped."""
+    hour_s = 3600
+    limited = with_limits(
+        isolated,
+        tmp_path / "topologies",
+        {"users": [{"channel": "email", "max": 2, "per": "1h"}]},
+    )
+    contracts = Contracts(limited)
+    if hour_s - time.time() % hour_s < 90:  # all of it within one clock hour
+        time.sleep(hour_s - time.time() % hour_s + 1)
+    with ScriptedSmtp() as smtp:
+        settings = limited.model_copy(update={"smtp_port": smtp.port})
+        first = WorkerProcess(settings, tmp_path / "first.log")
+        first.start()
+        with HeraldProducer(settings, contracts) as herald:
+            herald.put_user(UserProfile(user_id="fan", email="fan@example.org"))
+            time.sleep(1.0)
+            for n in range(2):
+                herald.publish_intent(
+                    notification_type="game.turn.ready",
+                    producer="game-master",
+                    idempotency_key=f"turn-{n}",
+                    recipient_user_ids=["fan"],
+                    payload=TURN,
+                )
+        smtp.wait_for(2, 60, "fan@example.org")
+        first.kill()
+        second = WorkerProcess(settings, tmp_path / "second.log")
+        second.start()
+        try:
+            with HeraldProducer(settings, contracts) as herald:
+                herald.publish_intent(
+                    notification_type="game.turn.ready",
+                    producer="game-master",
+                    idempotency_key="turn-2",
+                    recipient_user_ids=["fan"],
+                    payload=TURN,
+                )
+            deadline = time.monotonic() + 60
+            while True:
+                events = read_all(settings, "notification.status", contracts.status)
+                third = [
+                    e for e in events if e.idempotency_key == "turn-2" and e.channel == "email"
+                ]
+                if third:
+                    break
+                assert time.monotonic() < deadline, "the third route was never decided"
+                time.sleep(0.3)
+        finally:
+            second.stop()
+    assert [(e.status, e.reason) for e in third] == [("deferred", "rate_limited")]
+    assert len(smtp.mails_to("fan@example.org")) == 2
