@@ -307,7 +307,8 @@ class Router:
                 due_at_ms=0,
             )
             held = wait
-            if limits is not None:
+            if limits is not None and spec.digest is not None and spec.digest.when == "limited":
+                # Only such a type asks where a limit would put the route before deciding.
                 held = self._limit(limits, recipient, name, spec.category, now_ms, wait, take=False)
             if (
                 tables.digests is not None

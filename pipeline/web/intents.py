@@ -335,14 +335,19 @@ class Cancels:
     (the route stage, and every channel before it sends)."""
 
     def __init__(
-        self, settings: Settings, contracts: Contracts, store: StatusStore, writer: RequestWriter
+        self,
+        settings: Settings,
+        contracts: Contracts,
+        store: StatusStore,
+        writer: RequestWriter,
+        clock: Clock,
     ) -> None:
         self._contracts = contracts
         self._store = store
         self._writer = writer
         self._cancellations = Cancellations(settings)
         self._status_topic = settings.topic("notification.status")
-        self._clock = Clock(settings.clock_offset_ms)
+        self._clock = clock
 
     def producer_of(self, notification_id: str) -> str | None:
         """The producer of a notification the status view knows; LookupError if none."""

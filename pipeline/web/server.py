@@ -259,7 +259,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[INTAKE] = intake
     app[INTENTS] = IntentIntake(settings, contracts, store, writer, clock)
-    app[CANCELS] = Cancels(settings, contracts, store, writer)
+    app[CANCELS] = Cancels(settings, contracts, store, writer, clock)
     app[operator_api.STORE] = store
     app[operator_api.FOLLOWER] = follower
     lag = ConsumerLagCollector(settings)
