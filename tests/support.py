@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import yaml
+from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.contracts import Contracts, RecordCodec
 from pipeline.contracts.ids import deterministic_id
@@ -308,10 +309,39 @@ def wait_for_deliveries(
         )
     except AssertionError as timeout:
         events = read_all(settings, "notification.status", contracts.status)
-        raise AssertionError(f"{timeout}\n{unfinished(events)}") from None
+        raise AssertionError(f"{timeout}\n{unfinished(events)}\n{behind(settings)}") from None
     time.sleep(3)
     mails = Counter(game_of(m) for _, m in smtp.received)
     return mails, gateway_games(settings)
+
+
+def behind(settings: Settings) -> str:
+    """What a timed-out wait also explains itself with: the partitions of the run's topics
+    whose group commit is short of their end (records not handled yet: a stall), or
+    "none" (every record was committed: one that left no trace was lost)."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.app_id}
+    )
+    try:
+        topics = [
+            t for t in consumer.list_topics(timeout=10).topics if t.startswith(settings.topic(""))
+        ]
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ]
+        commits = consumer.committed(partitions, timeout=10)
+        # A topic with no commit at all is one the group does not read (status, gateway).
+        read = {c.topic for c in commits if c.offset >= 0}
+        short = []
+        for committed in commits:
+            end = consumer.get_watermark_offsets(committed, timeout=10)[1]
+            if committed.topic in read and end and committed.offset < end:
+                short.append(f"{committed.topic}[{committed.partition}] {committed.offset}/{end}")
+        return f"group commits short of the end: {sorted(short) or 'none'}"
+    finally:
+        consumer.close()
 
 
 def unfinished(events: list[StatusEvent]) -> str:

@@ -172,8 +172,6 @@ class Runtime:
             async with self._reread_on_crash([topic]):
                 await HoldRun(release, self.sink, self.continuity).run(stream)
 
-        self.continuity.held.add(topic)
-
         self.app.agent(self._source([topic]), name=name, concurrency=1)(agent)
 
     @contextlib.asynccontextmanager

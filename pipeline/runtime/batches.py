@@ -291,7 +291,14 @@ class HoldRun:
                 continue  # past a hole the stream left (see Continuity)
             seen = handled.setdefault(tp, OffsetSet())
             if seen.add(message.offset):
-                await self._sink.deliver([await self._release(raw_record_of(message))])
+                if continuity:
+                    continuity.holding.add(message.topic)
+                try:
+                    released = await self._release(raw_record_of(message))
+                finally:
+                    if continuity:
+                        continuity.holding.discard(message.topic)
+                await self._sink.deliver([released])
             if continuity:
                 continuity.allow(*tp, message.offset)
             await unacked.ack(event)

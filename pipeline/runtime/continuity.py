@@ -131,8 +131,9 @@ class Continuity:
         #: (see :meth:`seek_unreached_floors`).
         self._floored_at: dict[tuple[str, int], float] = {}
         self._reseeks: dict[tuple[str, int], int] = {}
-        #: Delay tier topics: their runs hold a record for its delay, by design.
-        self.held: set[str] = set()
+        #: Delay tier topics whose run holds a record now (for its delay, by design):
+        #: their floors wait, as their runs cannot get there meanwhile.
+        self.holding: set[str] = set()
         #: Bumped per partition at each assignment: an expectation from an older
         #: ownership does not hold (someone else may have moved the partition on).
         self.epochs: dict[tuple[str, int], int] = {}
@@ -232,14 +233,20 @@ class Continuity:
         partition has records from there (``ends``: the partitions' end offsets). A
         seek can be lost (one made while the group settles: the records read again
         were dropped before any run saw them, and nothing after them revealed it: a
-        kill test stalled 20 s on one partition until the watchdog)."""
+        kill test stalled 20 s on one partition until the watchdog). Delay tiers too,
+        counting only the time their run holds no record: the watchdog does not watch
+        them (they commit nothing while they hold one), so a tier partition whose seek
+        was lost held its records for good (a recipient waiting for its user was never
+        routed after a worker was killed)."""
         owned = set(owned)
         now = time.monotonic()
+        for tp in self._floored_at:
+            if tp[0] in self.holding:
+                self._floored_at[tp] = now  # the time a run had counts from the hold's end
         due = [
             tp
             for tp, since in self._floored_at.items()
             if tp in owned
-            and tp[0] not in self.held
             # Backing off: a busy run (a slow SMTP lane) may simply not have got there.
             and now - since >= min(REWIND_AGAIN_S * 2 ** self._reseeks.get(tp, 0), 60.0)
         ]

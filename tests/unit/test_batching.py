@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.runtime.batches import BatchRun, Handle, OnError, then
+from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, then
 from pipeline.runtime.continuity import Continuity, OffsetSet
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.sink import AckedSink
@@ -505,3 +505,46 @@ async def test_then_chains_results_failures_and_cancellation_both_ways() -> None
     source.cancel()
     await asyncio.sleep(0)
     assert chained.cancelled()
+
+
+class FakeTierStream:
+    """The slice of a Faust stream a delay tier's run uses: noack().events(), ack()."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self.acked: list[int] = []
+
+    def noack(self) -> FakeTierStream:
+        return self
+
+    async def events(self) -> AsyncIterator[Any]:
+        for message in self.messages:
+            yield type("Event", (), {"message": message})()
+
+    async def ack(self, event: Any) -> None:
+        self.acked.append(event.message.offset)
+
+
+async def test_a_tier_run_says_while_it_holds_a_record() -> None:
+    """While a delay tier's run holds a record, the floors of its topic wait for it
+    (Continuity.seek_unreached_floors); once released, they count again."""
+    broker, seen = FakeBroker(), []
+
+    async def start(topic: str, partition: int) -> int:
+        return 0
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        raise AssertionError("nothing is sought here")
+
+    continuity = Continuity(lambda topic: True, start, seek)
+
+    async def release(raw: RawRecord) -> Out:
+        seen.append((raw.offset, set(continuity.holding)))
+        await asyncio.sleep(0.01)
+        return Out("target", None, raw.value)
+
+    stream = FakeTierStream([Message("tier", 0, 0), Message("tier", 0, 1)])
+    await HoldRun(release, AckedSink(broker.write), continuity).run(stream)
+    assert seen == [(0, {"tier"}), (1, {"tier"})]
+    assert continuity.holding == set()
+    assert (stream.acked, len(broker.acked)) == ([0, 1], 2)
