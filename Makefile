@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run worker demo test lint typecheck unit integration broker-start broker-stop broker-status topics fbs clean
+.PHONY: install run worker demo test lint typecheck schemas unit integration broker-start broker-stop broker-status topics fbs clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ run: install broker-start topics
 
 ## The whole test suite: lint, strict typing, unit, integration and end-to-end tests
 ## against the real broker.
-test: install broker-start lint typecheck
+test: install broker-start lint typecheck schemas
 	$(BIN)/pytest
 
 lint: install
@@ -42,6 +42,10 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+## The contracts' compatibility gate (docs/contracts.md).
+schemas: install
+	$(BIN)/herald schemas check
 
 unit: install
 	$(BIN)/pytest tests/unit

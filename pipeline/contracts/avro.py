@@ -71,6 +71,8 @@ class EmbeddedRegistry:
         self._by_id: dict[int, AvroSchema] = {}
         self._ids: dict[tuple[str, str], int] = {}
         for entry in index["schemas"]:
+            if "id" not in entry:
+                continue  # a version kept for the compatibility gate only
             schema = load_schema(schemas_dir, entry["file"])
             schema_id = int(entry["id"])
             if schema_id in self._by_id:

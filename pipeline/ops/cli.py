@@ -19,7 +19,7 @@ from typing import Any
 import click
 from pydantic import ValidationError as SettingsError
 
-from pipeline.contracts import Contracts, RecordCodec
+from pipeline.contracts import Contracts, RecordCodec, evolution
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.records import DeadLetter, PushDevice, QuietHours, UserProfile
 from pipeline.errors import HeraldError
@@ -99,6 +99,55 @@ def topics_list() -> None:
         click.echo(
             f"{settings.topic(spec.name):48} {spec.partitions:3}p rf{spec.replication_factor} "
             f"{spec.group:7} {spec.doc}"
+        )
+
+
+# --- schemas -----------------------------------------------------------------------
+
+
+@cli.group()
+def schemas() -> None:
+    """The compatibility gate of the contracts in schemas/ (docs/contracts.md)."""
+
+
+@schemas.command("check")
+def schemas_check() -> None:
+    """Exit non-zero when a current schema breaks its subject's compatibility with a
+    published version, is not published, or a published version changed."""
+    settings = _settings()
+    problems = evolution.check(settings.schemas_dir)
+    for problem in problems:
+        click.echo(f"BREAKS   {problem}")
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) with the contracts")
+    history = evolution.History.load(settings.schemas_dir)
+    click.echo(
+        f"{len(history.subjects())} Avro subjects ({len(history.avro)} versions) and "
+        f"{len(history.flatbuffers)} FlatBuffers version(s): every current schema conforms"
+    )
+
+
+@schemas.command("pin")
+def schemas_pin() -> None:
+    """Publish each changed (compatible) schema as a new version in schemas/history/,
+    with the next id in schemas/registry.json; commit the result."""
+    for version in evolution.pin(_settings().schemas_dir):
+        pinned = "" if version.schema_id is None else f" as id {version.schema_id}"
+        click.echo(f"pinned   {version.subject} v{version.version}{pinned}: {version.file}")
+
+
+@schemas.command("register")
+def schemas_register() -> None:
+    """Set each subject's compatibility in the registry at SCHEMA_REGISTRY_URL, then
+    register its published versions in order."""
+    settings = _settings()
+    if not settings.schema_registry_url:
+        raise click.ClickException("SCHEMA_REGISTRY_URL is not set")
+    history = evolution.History.load(settings.schemas_dir)
+    for done in evolution.register(settings.schemas_dir, settings.schema_registry_url):
+        click.echo(
+            f"{done.subject:24} v{done.version}  id {done.schema_id:<5} "
+            f"compatibility {history.level(done.subject)}"
         )
 
 

@@ -271,7 +271,8 @@ def test_registry_rules() -> None:
 
 def test_version_1_routes_still_decode(settings: Settings) -> None:
     contracts = Contracts(settings)
-    v1 = AvroCodec(contracts.registry, load_schema(settings.schemas_dir, "channel_request.v1.avsc"))
+    v1_schema = load_schema(settings.schemas_dir, "history/herald.ChannelRequest/v1.avsc")
+    v1 = AvroCodec(contracts.registry, v1_schema)
     data = request().to_avro()
     for name in ("payload_mode", "content", "attachments", "attempts", "replay_of"):
         data.pop(name)
