@@ -23,6 +23,7 @@ from pipeline.contracts import Contracts, RecordCodec, evolution
 from pipeline.contracts import push as push_payloads
 from pipeline.contracts.records import DeadLetter, PushDevice, QuietHours, UserProfile
 from pipeline.errors import HeraldError
+from pipeline.ops import asyncapi as asyncapi_doc
 from pipeline.runtime.records import Out
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topology import Topology
@@ -149,6 +150,27 @@ def schemas_register() -> None:
             f"{done.subject:24} v{done.version}  id {done.schema_id:<5} "
             f"compatibility {history.level(done.subject)}"
         )
+
+
+@cli.command()
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write it there instead of printing it (docs/asyncapi.yaml is the checked-in copy).",
+)
+def asyncapi(output: Path | None) -> None:
+    """The AsyncAPI 3 document of every topic, from topologies/ and schemas/: roles,
+    keys, schemas, partitions (production profile; every profile's count in each
+    description) and retention."""
+    settings = _settings()
+    path = settings.topology_dir / "topics.yaml"
+    profiles = [Topology.from_file(path, p) for p in ("production", "local")]
+    text = asyncapi_doc.render(asyncapi_doc.document(profiles, settings.schemas_dir))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}")
 
 
 # --- producing ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pipeline.settings import Settings
 #: Route priorities, most urgent first.
 PRIORITIES = ("critical", "high", "normal", "low")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_VALUE = re.compile(r"avro:[A-Za-z_][\w.]*|flatbuffers:[\w.\-]+|json|changelog")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -46,6 +47,15 @@ class TopicSpec:
     """Topic-level configs Herald manages (cleanup.policy, retention.ms, ...)."""
     doc: str = ""
     """What the topic carries."""
+    key: str = ""
+    """What its records are keyed by (``user_id``, ``<producer>:<idempotency_key>``)."""
+    values: tuple[str, ...] = ()
+    """What its records are: ``avro:<subject>`` (schemas/), ``flatbuffers:<file>``,
+    ``json``, or ``changelog`` (a Faust table's, internal to the workers)."""
+    writers: tuple[str, ...] = ()
+    """The roles that write it (``roles:`` in topics.yaml)."""
+    readers: tuple[str, ...] = ()
+    """The roles that read it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +108,8 @@ class Topology:
     retry: dict[str, RetryPolicy]
     channels: dict[str, ChannelSpec] = field(default_factory=dict)
     """Delivery channels by name, in declaration order."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Who writes and reads the topics: role -> what it is."""
 
     def channel(self, name: str) -> ChannelSpec:
         """A declared channel; ConfigurationError if there is none of that name."""
@@ -153,6 +165,7 @@ class Topology:
         if not 1 <= int(min_isr) <= rf:
             raise ConfigurationError(f"{source}: min_insync_replicas must be 1..replication_factor")
         group_sizes: dict[str, int] = {g: int(n) for g, n in (prof.get("groups") or {}).items()}
+        roles = {str(r): str(what) for r, what in (doc.get("roles") or {}).items()}
 
         def make(name: str, entry: dict[str, Any]) -> TopicSpec:
             group = entry.get("group")
@@ -168,6 +181,19 @@ class Topology:
                 )
             config = {str(k): str(v) for k, v in (entry.get("config") or {}).items()}
             config.setdefault("min.insync.replicas", min_isr)
+            values = tuple(str(v) for v in entry.get("value") or ())
+            for value in values:
+                if not _VALUE.fullmatch(value):
+                    raise ConfigurationError(
+                        f"{source}: topic {name!r}: value {value!r} is none of avro:<subject>, "
+                        "flatbuffers:<file>, json, changelog"
+                    )
+            writers = tuple(str(r) for r in entry.get("writers") or ())
+            readers = tuple(str(r) for r in entry.get("readers") or ())
+            if unknown := sorted(set(writers + readers) - set(roles)):
+                raise ConfigurationError(
+                    f"{source}: topic {name!r} names roles {unknown} that roles: does not declare"
+                )
             return TopicSpec(
                 name=name,
                 partitions=group_sizes[group],
@@ -175,6 +201,10 @@ class Topology:
                 group=group,
                 config=config,
                 doc=str(entry.get("doc", "")),
+                key=str(entry.get("key", "")),
+                values=values,
+                writers=writers,
+                readers=readers,
             )
 
         topics = {
@@ -192,18 +222,26 @@ class Topology:
             if budget < 1:
                 raise ConfigurationError(f"{source}: {channel} retry budget must be >= 1")
             names = tuple(f"notification.{channel}.retry.{label}" for label in labels)
+            # A tier holds the records of the stage's input while they wait, unchanged.
+            waiting = "Recipient" if channel == "recipients" else "ChannelRequest"
+            worker = ["herald-worker"] if "herald-worker" in roles else []
             for name in names:
                 topics[name] = make(
                     name,
                     {
                         "group": "users",
                         "config": retry_config,
-                        "doc": f"{channel} retry delay tier",
+                        "doc": f"{channel} retry delay tier: records waiting, unchanged, with "
+                        "the headers herald-target, herald-due-at-ms and herald-attempt",
+                        "key": "user_id",
+                        "value": [f"avro:herald.{waiting}"],
+                        "writers": worker,
+                        "readers": worker,
                     },
                 )
             retry[channel] = RetryPolicy(channel, budget, delays, names)
         channels = _channels(doc.get("channels") or {}, topics, retry, source)
-        return cls(profile=profile, topics=topics, retry=retry, channels=channels)
+        return cls(profile=profile, topics=topics, retry=retry, channels=channels, roles=roles)
 
 
 def _channels(
