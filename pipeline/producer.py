@@ -22,6 +22,7 @@ from typing import Any, NotRequired, Self, TypedDict, Unpack
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from pipeline import tracing
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import (
@@ -130,10 +131,23 @@ class HeraldProducer:
             else:
                 self._errors.append(f"{msg.topic()}: {err}")
 
-    def _produce(self, topic: str, key: bytes, value: bytes | None, wait: bool) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        wait: bool,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers) or None,
+                    on_delivery=self._on_delivery,
+                )
                 break
             except BufferError:  # local queue full: let deliveries drain
                 self._producer.poll(0.1)
@@ -156,9 +170,11 @@ class HeraldProducer:
         return intent
 
     def publish(self, intent: Intent, *, wait: bool = True) -> None:
-        """Publish an already-built intent."""
+        """Publish an already-built intent, with the caller's OpenTelemetry span context
+        (W3C traceparent) when it has one: Herald's spans join the caller's trace."""
         value = self._contracts.intent.encode(intent)
-        self._produce(self._intents_topic, intent.idempotency_id.encode("utf-8"), value, wait)
+        key = intent.idempotency_id.encode("utf-8")
+        self._produce(self._intents_topic, key, value, wait, tracing.current_headers())
 
     def send_email(
         self,

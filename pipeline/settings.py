@@ -199,6 +199,19 @@ class Settings(BaseSettings):
     log_addresses: bool = Field(
         default=False, description="Log email addresses in full (default: redacted)."
     )
+    otel_traces_exporter: Literal["none", "otlp", "console"] = Field(
+        default="none",
+        validation_alias=AliasChoices("OTEL_TRACES_EXPORTER", "otel_traces_exporter"),
+        description=(
+            "OpenTelemetry traces: none (off), otlp (the exporter reads the standard "
+            "OTEL_EXPORTER_OTLP_* variables), console."
+        ),
+    )
+    otel_service_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_SERVICE_NAME", "otel_service_name"),
+        description="service.name of the spans (default: herald-worker, herald-api).",
+    )
 
     # --- Email channel -----------------------------------------------------------
     email_provider: Literal["smtp", "stub"] = Field(

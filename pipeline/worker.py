@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from pipeline import tracing
 from pipeline.errors import ConfigurationError
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.runtime.app import Runtime
@@ -44,6 +45,7 @@ class Worker:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        tracing.configure(settings, "herald-worker")
         self.ctx = ctx = StageContext.load(settings)
         self.runtime = Runtime(settings, ctx.topology, ctx.clock)
         self.app = self.runtime.app

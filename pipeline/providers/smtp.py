@@ -9,6 +9,7 @@ from email.utils import parseaddr
 
 import aiosmtplib
 
+from pipeline import tracing
 from pipeline.errors import (
     HeraldError,
     SmtpConnectionError,
@@ -54,7 +55,16 @@ class SmtpProvider:
         async with self._lock:
             try:
                 client = await self._connected()
-                _, reply = await client.sendmail(self._sender, [mail.recipient], mail.data)
+                with tracing.client_span(
+                    "smtp send",
+                    {
+                        "server.address": self._settings.smtp_host,
+                        "server.port": self._settings.smtp_port,
+                        "herald.message_id": mail.message_id,
+                    },
+                ) as span:
+                    _, reply = await client.sendmail(self._sender, [mail.recipient], mail.data)
+                    span.set_attribute("smtp.reply", reply)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 await self._drop()
                 refused = exc.recipients[0]

@@ -19,7 +19,7 @@ from typing import Any
 import faust
 from confluent_kafka import KafkaException
 
-from pipeline import logs
+from pipeline import logs, tracing
 from pipeline.runtime.batches import BatchRun, Handle, HoldRun, OnError, Release
 from pipeline.runtime.continuity import Continuity
 from pipeline.runtime.faust import (
@@ -134,6 +134,7 @@ class Runtime:
         inbox = self.seam.inbox(topics)
 
         async def agent(stream: Any) -> None:
+            tracer = tracing.tracer()
             run = BatchRun(
                 handle,
                 on_error,
@@ -152,6 +153,7 @@ class Runtime:
                 in_flight=self.settings.batches_in_flight if in_flight is None else in_flight,
                 continuity=self.continuity,
                 on_flush=on_flush,
+                tracing=None if tracer is None else tracing.StageTracing(tracer, name),
             )
             inbox.open()
             stopping = asyncio.ensure_future(close_when_ended(stream, inbox))

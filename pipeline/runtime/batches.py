@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -29,6 +30,7 @@ from pipeline.runtime.records import Out, RawRecord, normalize_headers
 from pipeline.runtime.sink import AckedSink
 from pipeline.runtime.tables import Layer, WriteBehind
 from pipeline.times import Clock
+from pipeline.tracing import StageTracing, end, settle
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,10 @@ class BatchRun:
         in_flight: int = 0,
         continuity: Continuity | None = None,
         on_flush: Callable[[], None] | None = None,
+        tracing: StageTracing | None = None,
     ) -> None:
         self._clock = clock
+        self._tracing = tracing
         self._on_flush = on_flush
         self._handle = handle
         self._on_error = on_error
@@ -200,13 +204,27 @@ class BatchRun:
             return
         raw = raw_record_of(message)
         try:
-            outputs = self._handle(raw, self._view)
+            if self._tracing is None:
+                outputs = self._handle(raw, self._view)
+            else:
+                outputs = self._traced(raw, self._tracing)
             if inspect.isawaitable(outputs):
                 batch.pending.append((raw, asyncio.ensure_future(outputs)))
             else:
                 batch.outputs.extend(outputs)
         except Exception as exc:  # one record must never stop the stream
             batch.outputs.append(self._failed(raw, exc))
+
+    def _traced(
+        self, raw: RawRecord, tracing: StageTracing
+    ) -> Sequence[Out] | asyncio.Future[Sequence[Out]]:
+        """The handle of ``raw`` in a span of its own (pipeline.tracing)."""
+        span = tracing.start(raw)
+        outputs = tracing.run(span, lambda: self._handle(raw, self._view))
+        if isinstance(outputs, asyncio.Future):
+            outputs.add_done_callback(functools.partial(settle, span))
+            return then(outputs, functools.partial(end, span))
+        return end(span, outputs)
 
     def _failed(self, raw: RawRecord, exc: Exception) -> Out:
         log.error(

@@ -17,10 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
-from pipeline import logs
+from pipeline import logs, tracing
 from pipeline.contracts import Contracts
 from pipeline.errors import (
     BrokerUnavailableError,
@@ -77,6 +78,28 @@ def _producer_intake(request: web.Request) -> bool:
         request.path == NOTIFICATIONS
         or (request.path.startswith(NOTIFICATIONS + "/") and request.path.endswith("/cancel"))
     )
+
+
+@web.middleware
+async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A server span per request when tracing is on, continuing the caller's trace
+    (W3C traceparent); the records the request writes carry it (RequestWriter)."""
+    tracer = tracing.tracer()
+    if tracer is None:
+        return await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    with tracer.start_as_current_span(
+        f"{request.method} {route}",
+        context=tracing.context_of_http(request.headers),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "http.route": route},
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        return response
 
 
 @web.middleware
@@ -242,7 +265,7 @@ def create_app(settings: Settings) -> web.Application:
     """The API application; its Kafka views start with it and stop with it."""
     # Room for a payload at its cap even when every character is escaped in JSON.
     body_cap = max(64 * 1024, 2 * settings.payload_max_bytes + 16 * 1024)
-    app = web.Application(middlewares=[_guard], client_max_size=body_cap)
+    app = web.Application(middlewares=[_traced, _guard], client_max_size=body_cap)
     contracts = Contracts(settings)
     writer = RequestWriter(settings)
     clock = Clock(settings.clock_offset_ms)
@@ -295,6 +318,7 @@ def create_app(settings: Settings) -> web.Application:
 def run(settings: Settings) -> None:
     """Serve the API until SIGINT/SIGTERM (blocking)."""
     logs.configure(settings)
+    tracing.configure(settings, "herald-api")
     # No access log: at hundreds of requests a second, a JSON line each cost the API a
     # tenth of its time; herald_http_intent_seconds and the load balancer's log say as
     # much (docs/http-intake.md).

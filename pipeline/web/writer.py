@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from pipeline import logs, metrics
+from pipeline import logs, metrics, tracing
 from pipeline.errors import BrokerUnavailableError
 from pipeline.runtime.producer import KafkaWriter
 from pipeline.runtime.records import Out
@@ -36,7 +36,9 @@ class RequestWriter:
         )
 
     async def deliver(self, records: Sequence[Out]) -> None:
-        """Write ``records``; BrokerUnavailableError unless all are acknowledged in time."""
+        """Write ``records``; BrokerUnavailableError unless all are acknowledged in time.
+        Traced, they carry the request's span context: the trace goes on in the workers."""
+        records = tracing.stamp_current(records)
         try:
             async with asyncio.timeout(self._timeout_s):
                 acks = await self._writer.write(records)
