@@ -112,6 +112,12 @@ class RenderError(PermanentError):
     reason = "render_failed"
 
 
+class TemplateArchiveLoadingError(TransientError):
+    """A route asks for an archived template version while the archive still loads."""
+
+    reason = "template_archive_loading"
+
+
 class InvalidAddressError(PermanentError):
     """A recipient address a channel cannot use: not one plain mailbox (or one that could
     smuggle headers), or not a valid E.164 phone number."""

@@ -16,6 +16,7 @@ one line, so no variable can start a new header.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -98,32 +99,76 @@ def _environment(autoescape: bool, slack: bool = False) -> ImmutableSandboxedEnv
 
 
 class TemplateCatalog:
-    """Every template under ``templates_dir``, compiled once."""
+    """Every template under ``templates_dir``, compiled once.
 
-    def __init__(self, templates_dir: Path) -> None:
+    Each template (all locales and parts of one template id) has a version: the first
+    12 hex digits of the sha256 of its files. Routes record the version they rendered,
+    and the template archive (pipeline.views.TemplateArchive) keeps every version's
+    files, so a resend can render what the original rendered (:meth:`of_files`).
+    """
+
+    def __init__(self, templates_dir: Path | None) -> None:
+        sources: dict[str, dict[str, str]] = {}
+        locales: dict[str, set[str]] = {}
+        if templates_dir is not None and templates_dir.is_dir():
+            for template_dir in sorted(p for p in templates_dir.iterdir() if p.is_dir()):
+                files = sources.setdefault(template_dir.name, {})
+                for locale_dir in sorted(p for p in template_dir.iterdir() if p.is_dir()):
+                    locales.setdefault(template_dir.name, set()).add(locale_dir.name.lower())
+                    for path in sorted(locale_dir.glob(f"*{SUFFIX}")):
+                        name = f"{locale_dir.name.lower()}/{path.name.removesuffix(SUFFIX)}"
+                        try:
+                            files[name] = path.read_text(encoding="utf-8")
+                        except (OSError, UnicodeDecodeError) as exc:
+                            raise ConfigurationError(f"template {path}: {exc}") from exc
+        self._load(sources, locales)
+
+    @classmethod
+    def of_files(cls, template_id: str, files: Mapping[str, str]) -> TemplateCatalog:
+        """A catalog of one template from its files (``<locale>/<part>`` -> text), as the
+        archive keeps them."""
+        catalog = cls.__new__(cls)
+        catalog._load({template_id: dict(files)})
+        return catalog
+
+    def _load(
+        self,
+        sources: Mapping[str, Mapping[str, str]],
+        locales: Mapping[str, set[str]] | None = None,
+    ) -> None:
         self._text_env = _environment(autoescape=False)
         self._html_env = _environment(autoescape=True)
         self._slack_env = _environment(autoescape=False, slack=True)
         self._templates: dict[tuple[str, str, str], jinja2.Template] = {}
         self._locales: dict[str, frozenset[str]] = {}
-        if not templates_dir.is_dir():
-            return
-        for template_dir in sorted(p for p in templates_dir.iterdir() if p.is_dir()):
-            locales = []
-            for locale_dir in sorted(p for p in template_dir.iterdir() if p.is_dir()):
-                locale = locale_dir.name.lower()
-                locales.append(locale)
-                for path in sorted(locale_dir.glob(f"*{SUFFIX}")):
-                    part = path.name.removesuffix(SUFFIX)
-                    self._templates[(template_dir.name, locale, part)] = self._compile(path, part)
-            self._locales[template_dir.name] = frozenset(locales)
+        self._files = {template_id: dict(files) for template_id, files in sources.items()}
+        self._versions: dict[str, str] = {}
+        for template_id, files in self._files.items():
+            found = set((locales or {}).get(template_id, ()))  # a locale folder may be empty
+            for name, text in files.items():
+                locale, _, part = name.partition("/")
+                found.add(locale)
+                self._templates[(template_id, locale, part)] = self._compile(
+                    f"{template_id}/{name}{SUFFIX}", text, part
+                )
+            self._locales[template_id] = frozenset(found)
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode("utf-8"))
+            self._versions[template_id] = digest.hexdigest()[:12]
 
-    def _compile(self, path: Path, part: str) -> jinja2.Template:
+    def version(self, template_id: str) -> str | None:
+        """The version of ``template_id`` this catalog renders (None: no such template)."""
+        return self._versions.get(template_id)
+
+    def files(self, template_id: str) -> dict[str, str]:
+        """The files of ``template_id``: ``<locale>/<part>`` -> text."""
+        return dict(self._files.get(template_id, {}))
+
+    def _compile(self, where: str, text: str, part: str) -> jinja2.Template:
         env = {"html": self._html_env, "slack": self._slack_env}.get(part, self._text_env)
         try:
-            template = env.from_string(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as exc:
-            raise ConfigurationError(f"template {path}: {exc}") from exc
+            template = env.from_string(text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigurationError(f"template {where}: {exc}") from exc
         # Jinja keeps a template's globals as a ChainMap over the environment's and
         # copies them into every render's context: iterating a ChainMap was a third of
         # the cost of rendering a push. Neither changes after start-up.

@@ -1,6 +1,6 @@
 """Small compacted topics read whole into memory and followed: the suppression list,
-the disabled webhook endpoints, the cancelled notifications and the login-code
-intake's idempotency records.
+the disabled webhook endpoints, the cancelled notifications, the template archive and
+the login-code intake's idempotency records.
 
 Every process that needs one reads every partition from the beginning (no consumer
 group, nothing committed) and is ``ready`` once it has reached the end offsets it
@@ -21,6 +21,8 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from pipeline.errors import RenderError, TemplateArchiveLoadingError
+from pipeline.rendering import TemplateCatalog
 from pipeline.runtime.records import Out
 from pipeline.settings import Settings
 from pipeline.topology import Topology
@@ -232,3 +234,57 @@ class Cancellations(CompactedView[dict[str, Any]]):
         """The record that cancels ``notification_id``."""
         value = {"notification_id": notification_id, "by": by, "at_ms": now_ms}
         return Out(self.topic, notification_id.encode("utf-8"), json.dumps(value).encode())
+
+
+class TemplateArchive(CompactedView[dict[str, Any]]):
+    """Every template version a worker ever rendered (herald.templates), keyed by
+    ``<template_id>@<version>``, with its files: what a resend of the recorded version
+    renders (docs/channels.md: template versions). Never deleted (compacted only)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "herald.templates", json_value, name="template archive")
+        self._compiled: dict[bytes, TemplateCatalog] = {}
+        # Unfollowed (a tool, a unit test), the view holds what this process put.
+        self.ready.set()
+
+    def followed(self) -> Callable[[], Coroutine[Any, Any, None]]:
+        """The task that follows the topic; ``ready`` is clear until it has caught up."""
+        self.ready.clear()
+        return self.run
+
+    def entries(self, templates: TemplateCatalog, now_ms: int) -> list[Out]:
+        """The records archiving every version of ``templates`` not archived yet
+        (applied to this view at once)."""
+        records = []
+        for template_id in templates.template_ids():
+            version = templates.version(template_id)
+            key = f"{template_id}@{version}".encode()
+            if key in self.items:
+                continue
+            value = {
+                "template_id": template_id,
+                "version": version,
+                "files": templates.files(template_id),
+                "archived_at_ms": now_ms,
+            }
+            self.put(key, value)
+            records.append(Out(self.topic, key, json.dumps(value, sort_keys=True).encode()))
+        return records
+
+    def catalog(self, template_id: str, version: str) -> TemplateCatalog:
+        """``template_id`` at ``version``, compiled once: a TemplateArchiveLoadingError
+        (transient) while the view is loading, a RenderError when it never was archived."""
+        key = f"{template_id}@{version}".encode()
+        if (compiled := self._compiled.get(key)) is not None:
+            return compiled
+        entry = self.items.get(key)
+        if entry is None:
+            if not self.ready.is_set():
+                raise TemplateArchiveLoadingError(f"cannot render {template_id} {version} yet")
+            raise RenderError(
+                f"template {template_id} version {version} is not in the template archive",
+                reason="template_version_unknown",
+            )
+        compiled = TemplateCatalog.of_files(template_id, entry.get("files") or {})
+        self._compiled[key] = compiled
+        return compiled

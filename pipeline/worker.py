@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from pipeline import tracing
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, HeraldError
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.runtime.app import Runtime
 from pipeline.runtime.batches import Handle
@@ -77,7 +77,24 @@ class Worker:
         self._wire_delays()
         self._wire_watchdog()
         self.runtime.task(ctx.cancellations.followed())
+        self.runtime.task(ctx.template_archive.followed())
+        self.runtime.task(self._archive_templates)
         self.runtime.serve_health()
+
+    async def _archive_templates(self) -> None:
+        """Archive the versions of this worker's templates the archive lacks, so that a
+        resend can render them after a deploy changed them (docs/channels.md)."""
+        archive = self.ctx.template_archive
+        await archive.ready.wait()
+        records = archive.entries(self.ctx.templates, self.ctx.clock.now_ms())
+        if not records:
+            return
+        try:
+            await self.runtime.sink.deliver(records)
+        except HeraldError as exc:  # only a resend of these versions misses them
+            log.warning("template archive: %d version(s) not archived: %s", len(records), exc)
+            return
+        log.info("template archive: %d new version(s) archived", len(records))
 
     def _wire_intake(self) -> None:
         runtime, intake, clock = self.runtime, self.intake, self.ctx.clock

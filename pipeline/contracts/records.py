@@ -160,6 +160,11 @@ class StatusEvent(AvroRecord):
     """Caller's request id."""
     trace_id: str | None = None
     """Trace id."""
+    tenant_id: str | None = None
+    """The tenant that owns the notification, when Herald is shared."""
+    template_version: str | None = None
+    """The template version (content hash) a route rendered, on its rendered, sent and
+    published events."""
 
     @classmethod
     def of_route(
@@ -172,6 +177,7 @@ class StatusEvent(AvroRecord):
         attempt: int = 0,
         reason: str | None = None,
         detail: str | None = None,
+        template_version: str | None = None,
     ) -> StatusEvent:
         """An event about one route, carrying the route's ids (detail cut to 2,000)."""
         return cls(
@@ -188,6 +194,8 @@ class StatusEvent(AvroRecord):
             detail=detail[:2000] if detail else None,
             request_id=request.request_id,
             trace_id=request.trace_id,
+            tenant_id=request.tenant_id,
+            template_version=template_version,
         )
 
 
@@ -361,6 +369,9 @@ class ChannelRequest(AvroRecord):
     """Every attempt so far, oldest first."""
     replay_of: str | None = None
     """The dead letter this route was replayed from, if any."""
+    template_version: str | None = None
+    """Render this template version (a resend of what the original rendered, from the
+    template archive); None: the version deployed now."""
 
     def record_key(self) -> bytes:
         """The key of this route's records: its user_id, or (routes without a user) its

@@ -146,7 +146,7 @@ class PlainTransport:
 
     def __init__(self, ctx: StageContext) -> None:
         self._catalog = ctx.catalog
-        self._templates = ctx.templates
+        self._templates_for = ctx.templates_for
 
     async def ready(self) -> None:
         return None
@@ -162,7 +162,7 @@ class PlainTransport:
 
     def render(self, request: ChannelRequest, part: str) -> tuple[str, str]:
         """(text, locale) of the route's ``part`` template (slack, sms)."""
-        return self._templates.render_text(
+        return self._templates_for(request.template_id, request.template_version).render_text(
             request.template_id, part, request.locale, *self.variables(request)
         )
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 FALLBACK = "herald-fallback"
 #: Registry states after which a route is never attempted again.
 DONE = frozenset({"sent", "suppressed", "published", "expired", "cancelled"})
+#: The events that name the template version a route rendered.
+RENDERED = frozenset({"rendered", "sent", "published"})
 
 
 def registry_entry(value: bytes | None) -> dict[str, Any] | None:
@@ -95,6 +97,7 @@ class Deliveries:
         self._rejoin_topic = settings.topic("notification.recipients.rejoin")
         self._catalog = ctx.catalog
         self._cancellations = ctx.cancellations
+        self._template_version = ctx.template_version
         self.registry_topic = settings.topic(spec.registry)
 
     def accept(
@@ -367,6 +370,8 @@ class Deliveries:
             attempt=attempt,
             reason=reason,
             detail=detail,
+            # What reached the user, for a resend of the same (docs/channels.md).
+            template_version=(self._template_version(request) if status in RENDERED else None),
         )
         latency_s = None
         if status in ("sent", "published") and request.produced_at_ms:

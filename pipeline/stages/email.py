@@ -85,7 +85,7 @@ class EmailTransport:
     ) -> None:
         self._settings = ctx.settings
         self._catalog = ctx.catalog
-        self._templates = ctx.templates
+        self._templates_for = ctx.templates_for
         self._mails = MailWriter(ctx.settings)
         self._provider = provider
         self._suppressions = suppressions
@@ -134,7 +134,7 @@ class EmailTransport:
         if request.payload_mode != "template":
             raise RenderError(f"unknown payload_mode {request.payload_mode!r}")
         spec = self._catalog.get(request.template_id)
-        return self._templates.render_mail(
+        return self._templates_for(request.template_id, request.template_version).render_mail(
             request.template_id,
             request.locale,
             variables_of(request.variables_json),

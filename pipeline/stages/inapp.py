@@ -47,9 +47,9 @@ class InappTransport(PlainTransport):
 
     def prepare(self, request: ChannelRequest, now_ms: int) -> Prepared[InboxEntry]:
         variables, required = self.variables(request)
-        title, body, locale = self._templates.render_inapp(
-            request.template_id, request.locale, variables, required
-        )
+        title, body, locale = self._templates_for(
+            request.template_id, request.template_version
+        ).render_inapp(request.template_id, request.locale, variables, required)
         entry = InboxEntry(
             user_id=request.user_id or "",
             notification_id=request.notification_id,

@@ -342,6 +342,7 @@ class Intake:
             detail=detail,
             request_id=intent.request_id,
             trace_id=intent.trace_id,
+            tenant_id=intent.tenant_id,
         )
         key = (nid or intent.idempotency_id).encode("utf-8")
         return status_out(self._contracts, self._status_topic, event, key=key)

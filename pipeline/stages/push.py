@@ -68,7 +68,7 @@ class PushChannel:
         #: Routes whose publication this process started but never saw end (cancelled),
         #: with the wall-clock ms it started.
         self._in_doubt: dict[str, int] = {}
-        self._templates = ctx.templates
+        self._templates_for = ctx.templates_for
         self._gateway = gateway
         self._publications = Publications(write, gateway)
         self._clock = clock
@@ -189,7 +189,7 @@ class PushChannel:
                 reason="push_type_unmapped",
             )
         variables = variables_of(request.variables_json)
-        display = self._templates.render_push(
+        display = self._templates_for(request.template_id, request.template_version).render_push(
             request.template_id, request.locale, variables, spec.required if spec else ()
         )
         value = encode(

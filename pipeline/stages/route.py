@@ -531,5 +531,6 @@ class Router:
             detail=detail,
             request_id=recipient.request_id,
             trace_id=recipient.trace_id,
+            tenant_id=recipient.tenant_id,
         )
         return status_out(self._contracts, self._status_topic, event)

@@ -281,6 +281,7 @@ class IntentIntake:
         best effort (the caller has its 400 either way)."""
         fields = _loose_fields(body)
         request_id, trace_id = fields.get("request_id"), fields.get("trace_id")
+        tenant_id = fields.get("tenant_id")
         if not isinstance(request_id, str) or not request_id:
             return
         idempotency_key = idempotency_key or ""
@@ -298,6 +299,7 @@ class IntentIntake:
             detail=error.detail[:2000],
             request_id=request_id,
             trace_id=trace_id if isinstance(trace_id, str) else None,
+            tenant_id=tenant_id if isinstance(tenant_id, str) else None,
         )
         key = f"{producer}:{idempotency_key}".encode()
         with contextlib.suppress(BrokerUnavailableError):
@@ -373,6 +375,7 @@ class Cancels:
             idempotency_key=found.get("idempotency_key"),
             detail=f"by {by}",
             request_id=found.get("request_id"),
+            tenant_id=found.get("tenant_id"),
         )
         await self._writer.deliver(
             [

@@ -55,15 +55,25 @@ class Resends:
         self._clock = Clock(settings.clock_offset_ms)
         self._status_topic = settings.topic("notification.status")
 
-    async def resend(self, route_id: str, idempotency_key: str | None) -> dict[str, Any]:
+    async def resend(
+        self, route_id: str, idempotency_key: str | None, template: str = "current"
+    ) -> dict[str, Any]:
         """Write a clone of ``route_id`` with a new route id (the same for the same
         Idempotency-Key), a fresh budget and, for push, a fresh TTL window; its first
         status event names the original. The original's history is left as it is.
-        LookupError when there is no such delivery; ValueError ("code: message") when it
-        cannot be resent."""
+        ``template``: ``current`` renders the templates deployed now, ``recorded`` the
+        version the original rendered (from the template archive). LookupError when
+        there is no such delivery; ValueError ("code: message") when it cannot be
+        resent."""
         delivery = self._store.delivery(route_id)
         if delivery is None:
             raise LookupError(route_id)
+        version = delivery.get("template_version") if template == "recorded" else None
+        if template == "recorded" and version is None:
+            raise ValueError(
+                "no_template_version: the delivery recorded no template version (it rendered "
+                "none, or was sent before versions were recorded)"
+            )
         if delivery["status"] not in TERMINAL:
             raise ValueError(
                 f"not_terminal: the delivery is {delivery['status']}; only one that is "
@@ -85,6 +95,7 @@ class Resends:
             due_at_ms=0,
             replay_of=None,
             deadline_ms=now + ttl_ms if ttl_ms else 0,
+            template_version=version,
         )
         event = StatusEvent.of_route(
             clone,
@@ -104,10 +115,18 @@ class Resends:
                 ),
             ]
         )
-        return {"route_id": clone_id, "resend_of": route_id, "status": "routed"}
+        return {
+            "route_id": clone_id,
+            "resend_of": route_id,
+            "status": "routed",
+            "template": template,
+            "template_version": version,
+        }
 
 
 RESENDS = web.AppKey("resends", Resends)
+#: What a resend renders: the templates deployed now, or the version the original did.
+TEMPLATE_CHOICES = ("current", "recorded")
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -169,6 +188,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
             status=q.get("status"),
             channel=q.get("channel"),
             notification_type=q.get("type"),
+            tenant_id=q.get("tenant_id"),
             since_ms=parse_time(q["since"], now) if "since" in q else None,
             until_ms=parse_time(q["until"], now) if "until" in q else None,
         )
@@ -187,8 +207,15 @@ async def resend_delivery(request: web.Request) -> web.Response:
     if busy := _not_ready(request):
         return busy
     route_id = request.match_info["route_id"]
+    template = request.query.get("template", "current")
+    if template not in TEMPLATE_CHOICES:
+        return _error(400, "invalid_template", f"template is one of {', '.join(TEMPLATE_CHOICES)}")
     try:
-        clone = await request.app[RESENDS].resend(route_id, request.headers.get("Idempotency-Key"))
+        clone = await request.app[RESENDS].resend(
+            route_id,
+            request.headers.get("Idempotency-Key"),
+            template,
+        )
     except LookupError:
         return _error(404, "not_found", "no such delivery")
     except ValueError as exc:

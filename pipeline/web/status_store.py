@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS notifications (
   trace_id TEXT,
   status TEXT,
   first_at_ms INTEGER NOT NULL,
-  updated_at_ms INTEGER NOT NULL
+  updated_at_ms INTEGER NOT NULL,
+  tenant_id TEXT
 );
 CREATE INDEX IF NOT EXISTS notifications_by_request ON notifications (request_id);
 CREATE INDEX IF NOT EXISTS notifications_by_key ON notifications (producer, idempotency_key);
@@ -81,7 +82,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
   request_id TEXT,
   resend_of TEXT,
   created_at_ms INTEGER NOT NULL,
-  updated_at_ms INTEGER NOT NULL
+  updated_at_ms INTEGER NOT NULL,
+  tenant_id TEXT,
+  template_version TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (created_at_ms, route_id);
 CREATE INDEX IF NOT EXISTS deliveries_by_user ON deliveries (user_id, created_at_ms, route_id);
@@ -121,6 +124,12 @@ CREATE TABLE IF NOT EXISTS offsets (
 );
 """
 
+#: Columns added since a file was first made: added to an older file at open.
+_ADDED_COLUMNS = (
+    ("notifications", "tenant_id"),
+    ("deliveries", "tenant_id"),
+    ("deliveries", "template_version"),
+)
 #: The in-app inbox topic the view keeps (logical name).
 INBOX = "notification.inapp.inbox"
 #: The reason on a clone's first event; its detail is the route it was cloned from.
@@ -149,6 +158,8 @@ class DeliveryQuery:
     """Created at or after."""
     until_ms: int | None = None
     """Created before."""
+    tenant_id: str | None = None
+    """The tenant that owns the notification."""
 
 
 def encode_cursor(created_at_ms: int, route_id: str) -> str:
@@ -180,6 +191,14 @@ class StatusStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column in _ADDED_COLUMNS:
+            present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS deliveries_by_tenant ON deliveries"
+            " (tenant_id, created_at_ms, route_id)"
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -362,13 +381,14 @@ class StatusStore:
             return 0
         self._db.execute(
             "INSERT INTO notifications (notification_id, notification_type, producer,"
-            " idempotency_key, request_id, trace_id, status, first_at_ms, updated_at_ms)"
-            " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (notification_id) DO UPDATE SET"
+            " idempotency_key, request_id, trace_id, status, first_at_ms, updated_at_ms,"
+            " tenant_id) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (notification_id) DO UPDATE SET"
             " notification_type = coalesce(notification_type, excluded.notification_type),"
             " producer = coalesce(producer, excluded.producer),"
             " idempotency_key = coalesce(idempotency_key, excluded.idempotency_key),"
             " request_id = coalesce(request_id, excluded.request_id),"
             " trace_id = coalesce(trace_id, excluded.trace_id),"
+            " tenant_id = coalesce(tenant_id, excluded.tenant_id),"
             " status = coalesce(excluded.status, status),"
             " updated_at_ms = max(updated_at_ms, excluded.updated_at_ms)",
             (
@@ -381,17 +401,21 @@ class StatusStore:
                 event.status if event.status in _INTAKE_STATUSES and not event.route_id else None,
                 event.at_ms,
                 event.at_ms,
+                event.tenant_id,
             ),
         )
         if event.route_id:
             self._db.execute(
                 "INSERT INTO deliveries (route_id, notification_id, notification_type, channel,"
                 " user_id, status, attempts, reason, detail, request_id, resend_of,"
-                " created_at_ms, updated_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " created_at_ms, updated_at_ms, tenant_id, template_version)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (route_id) DO UPDATE SET status = excluded.status,"
                 " attempts = max(attempts, excluded.attempts), reason = excluded.reason,"
                 " detail = excluded.detail,"
                 " user_id = coalesce(user_id, excluded.user_id),"
+                " tenant_id = coalesce(tenant_id, excluded.tenant_id),"
+                " template_version = coalesce(excluded.template_version, template_version),"
                 " updated_at_ms = max(updated_at_ms, excluded.updated_at_ms)",
                 (
                     event.route_id,
@@ -407,6 +431,8 @@ class StatusStore:
                     event.detail if event.reason == RESEND_REASON else None,
                     event.at_ms,
                     event.at_ms,
+                    event.tenant_id,
+                    event.template_version,
                 ),
             )
         return 1
@@ -487,6 +513,7 @@ class StatusStore:
             ("status", query.status),
             ("channel", query.channel),
             ("notification_type", query.notification_type),
+            ("tenant_id", query.tenant_id),
         ):
             if value is not None:
                 clauses.append(f"{column} = ?")

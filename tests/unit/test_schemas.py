@@ -85,12 +85,13 @@ def test_a_compatible_change_must_be_published_and_pin_publishes_it(schemas: Pat
     (problems,) = check(schemas)
     assert "intent.avsc differs from herald.Intent v1" in problems
     assert "`herald schemas pin` publishes it as v2" in problems
+    next_id = max(v.schema_id or 0 for v in History.load(schemas).avro) + 1
     (pinned,) = pin(schemas)
-    assert (pinned.subject, pinned.version, pinned.schema_id) == ("herald.Intent", 2, 11)
+    assert (pinned.subject, pinned.version, pinned.schema_id) == ("herald.Intent", 2, next_id)
     assert check(schemas) == []
     # The embedded registry now knows the new version under its own id, and v1 under 1.
     contracts = Contracts(Settings(schemas_dir=schemas))
-    assert contracts.intent.avro.schema_id == 11
+    assert contracts.intent.avro.schema_id == next_id
     assert contracts.registry.schema_by_id(1) == json.loads(
         (schemas / "history/herald.Intent/v1.avsc").read_text()
     )
