@@ -93,6 +93,18 @@ LIMITED = Counter(
     ["limit", "decision"],
 )
 
+TENANT_INTENTS = Counter(
+    "herald_tenant_intents_total",
+    "Intents by tenant and intake verdict: each tenant declared in topologies/limits.yaml "
+    "is a label of its own, any other is 'other', an intent without one 'none'.",
+    ["tenant", "outcome"],
+)
+TENANT_DELIVERIES = Counter(
+    "herald_tenant_deliveries_total",
+    "Deliveries that reached a final state, by tenant (as herald_tenant_intents_total), "
+    "channel and state.",
+    ["tenant", "channel", "status"],
+)
 CIRCUIT_OPEN = Gauge(
     "herald_circuit_open",
     "1 while a provider's circuit is open or probing (its server is left alone), by provider.",
@@ -102,6 +114,22 @@ CIRCUIT_OPEN = Gauge(
 T = TypeVar("T")
 
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+#: The tenants with a label of their own (a tenant id is a producer's to choose: the
+#: label set stays as small as the declared list).
+_TENANTS: frozenset[str] = frozenset()
+
+
+def declare_tenants(tenants: Iterable[str]) -> None:
+    """The tenants that get a label of their own (topologies/limits.yaml ``tenants:``)."""
+    global _TENANTS
+    _TENANTS = frozenset(tenants)
+
+
+def tenant_label(tenant_id: str | None) -> str:
+    """The bounded label of ``tenant_id``."""
+    if not tenant_id:
+        return "none"
+    return tenant_id if tenant_id in _TENANTS else "other"
 
 
 def _child(metric: Counter | Histogram, *labels: str) -> Any:
@@ -184,6 +212,8 @@ class Note:
     """transient or permanent, on ``failed`` events."""
     latency_s: float | None = None
     """Intent produced -> delivered, on delivery events."""
+    tenant: str = ""
+    """The notification's tenant_id ("" without one)."""
 
 
 def count(notes: Iterable[Note | None]) -> None:
@@ -200,6 +230,7 @@ def count(notes: Iterable[Note | None]) -> None:
         status, channel = note.status, note.channel
         if status in _INTAKE:
             _child(INTENTS, status).inc()
+            _child(TENANT_INTENTS, tenant_label(note.tenant), status).inc()
         elif status in _ROUTING and channel:
             _child(ROUTES, channel, status).inc()
         if status in _DELIVERED:
@@ -218,3 +249,4 @@ def count(notes: Iterable[Note | None]) -> None:
             _child(DEAD_LETTERS, channel, note.reason).inc()
         if status in _FINAL and channel:
             _child(OUTCOMES, channel, status).inc()
+            _child(TENANT_DELIVERIES, tenant_label(note.tenant), channel, status).inc()

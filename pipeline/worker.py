@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import tracing
+from pipeline import metrics, tracing
 from pipeline.errors import ConfigurationError, HeraldError
 from pipeline.providers.gateway import GatewayPublisher
 from pipeline.runtime.app import Runtime
@@ -47,6 +47,7 @@ class Worker:
         self.settings = settings
         tracing.configure(settings, "herald-worker")
         self.ctx = ctx = StageContext.load(settings)
+        metrics.declare_tenants(ctx.limits.tenants)
         self.runtime = Runtime(settings, ctx.topology, ctx.clock)
         self.app = self.runtime.app
         self.intake = Intake(ctx)

@@ -26,6 +26,7 @@ def status_out(
         event.reason or "",
         error_class,
         latency_s,
+        event.tenant_id or "",
     )
     if key is None:
         key = (event.notification_id or event.event_id).encode("utf-8")

@@ -294,7 +294,7 @@ class Router:
                 continue
             wait = None if quiet_end is None else (quiet_end, "quiet_hours", f"until {quiet_end}")
             limits = tables.limits
-            if not self._limits.users or recipient.priority == "critical":
+            if not self._limits.limits_users or recipient.priority == "critical":
                 limits = None
             request = self._request(
                 recipient,
@@ -370,9 +370,12 @@ class Router:
         ``take``: only say where it would be): the first window with room in each, from
         when it could go (now, or the end of the quiet hours). The route waits until
         then when that is later than it could go."""
-        applicable = self._limits.for_user(channel, category)
+        applicable = self._limits.for_user(channel, category, recipient.tenant_id)
         if not applicable or recipient.user_id is None:
             return wait
+        # A user's counts are kept per tenant: one tenant's routes never fill another's
+        # windows (limits.yaml ``tenants:``).
+        prefix = f"{recipient.tenant_id}/" if recipient.tenant_id else ""
         key = recipient.user_id.encode("utf-8")
         # Copies: the table's own value must change only through the write below.
         state = {name: dict(counts) for name, counts in (limits.get(key) or {}).items()}
@@ -381,7 +384,7 @@ class Router:
         while moved:  # a later window of one limit may be full in another: again
             moved = False
             for limit in applicable:
-                counts = state.get(limit.key, {})
+                counts = state.get(prefix + limit.key, {})
                 window = at // limit.window_ms * limit.window_ms
                 while counts.get(str(window), 0) >= limit.most:
                     window += limit.window_ms
@@ -391,11 +394,11 @@ class Router:
             window = at // limit.window_ms * limit.window_ms
             counts = {
                 w: n
-                for w, n in state.get(limit.key, {}).items()
+                for w, n in state.get(prefix + limit.key, {}).items()
                 if int(w) + limit.window_ms > now_ms
             }
             counts[str(window)] = counts.get(str(window), 0) + 1
-            state[limit.key] = counts
+            state[prefix + limit.key] = counts
         if take:
             limits[key] = state
         if at == start:

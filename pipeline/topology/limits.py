@@ -62,6 +62,16 @@ class UserLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """What one declared tenant has of its own (``tenants:`` in limits.yaml)."""
+
+    intake: Rate | None = None
+    """The tenant's whole HTTP intake, all its producers together; None: no such cap."""
+    users: tuple[UserLimit, ...] | None = None
+    """User limits of the tenant's routes, instead of the ``users:`` list; None: that list."""
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Every limit of topologies/limits.yaml."""
 
@@ -72,6 +82,17 @@ class Limits:
     """Routes per user, channel and category."""
     channels: dict[str, Rate] = field(default_factory=dict)
     """Provider calls per second of a channel, across every worker."""
+    tenants: dict[str, TenantLimits] = field(default_factory=dict)
+    """The declared tenants (each its own metrics label) and their own limits."""
+
+    @property
+    def limits_users(self) -> bool:
+        """Whether any user limit is declared (the default list or a tenant's)."""
+        return bool(self.users) or any(t.users for t in self.tenants.values())
+
+    def tenant(self, tenant_id: str | None) -> TenantLimits | None:
+        """The limits of a declared tenant, or None."""
+        return None if tenant_id is None else self.tenants.get(tenant_id)
 
     def producer(self, name: str) -> Rate | None:
         """The limit of producer ``name``, or None when it has none."""
@@ -80,15 +101,21 @@ class Limits:
     def check(self, channels: Collection[str]) -> None:
         """ConfigurationError when a limit names a channel topics.yaml does not declare."""
         named = {u.channel for u in self.users} | set(self.channels)
+        named |= {u.channel for t in self.tenants.values() for u in t.users or ()}
         if unknown := named - set(channels):
             raise ConfigurationError(
                 f"limits.yaml names channels {sorted(unknown)}, which topics.yaml does not "
                 f"declare ({', '.join(channels)})"
             )
 
-    def for_user(self, channel: str, category: str) -> list[UserLimit]:
-        """The user limits a route of ``channel`` and ``category`` counts against."""
-        return [u for u in self.users if u.channel == channel and u.category in (None, category)]
+    def for_user(
+        self, channel: str, category: str, tenant_id: str | None = None
+    ) -> list[UserLimit]:
+        """The user limits a route of ``channel`` and ``category`` (of ``tenant_id``)
+        counts against."""
+        own = self.tenant(tenant_id)
+        limits = self.users if own is None or own.users is None else own.users
+        return [u for u in limits if u.channel == channel and u.category in (None, category)]
 
     @classmethod
     def load(cls, settings: Settings) -> Limits:
@@ -107,7 +134,7 @@ class Limits:
         """The limits in ``doc``."""
         if not isinstance(doc, Mapping):
             raise ConfigurationError(f"{source}: expected a mapping of sections")
-        if unknown := set(doc) - {"producers", "users", "channels"}:
+        if unknown := set(doc) - {"producers", "users", "channels", "tenants"}:
             raise ConfigurationError(f"{source}: unknown sections {sorted(unknown)}")
         producers = {
             str(name): Rate.parse(entry, f"{source}: producers.{name}")
@@ -117,11 +144,27 @@ class Limits:
             str(name): Rate.parse(entry, f"{source}: channels.{name}")
             for name, entry in (doc.get("channels") or {}).items()
         }
-        users = tuple(
-            _user_limit(entry, f"{source}: users[{index}]")
-            for index, entry in enumerate(doc.get("users") or [])
-        )
-        return cls(producers=producers, users=users, channels=channels)
+        users = _user_limits(doc.get("users"), f"{source}: users")
+        tenants = {
+            str(name): _tenant(entry, f"{source}: tenants.{name}")
+            for name, entry in (doc.get("tenants") or {}).items()
+        }
+        return cls(producers=producers, users=users, channels=channels, tenants=tenants)
+
+
+def _user_limits(entries: Any, where: str) -> tuple[UserLimit, ...]:
+    return tuple(_user_limit(e, f"{where}[{index}]") for index, e in enumerate(entries or []))
+
+
+def _tenant(entry: Any, where: str) -> TenantLimits:
+    entry = entry or {}
+    if not isinstance(entry, Mapping) or set(entry) - {"intake", "users"}:
+        raise ConfigurationError(f"{where}: expected {{intake (optional), users (optional)}}")
+    intake = entry.get("intake")
+    return TenantLimits(
+        intake=None if intake is None else Rate.parse(intake, f"{where}.intake"),
+        users=None if "users" not in entry else _user_limits(entry["users"], f"{where}.users"),
+    )
 
 
 def _user_limit(entry: Any, where: str) -> UserLimit:

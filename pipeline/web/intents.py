@@ -47,7 +47,7 @@ from pipeline.stages.outputs import status_out
 from pipeline.throttle import TokenBucket
 from pipeline.times import Clock
 from pipeline.topology import Catalog, Topology
-from pipeline.topology.limits import Limits
+from pipeline.topology.limits import Limits, Rate
 from pipeline.topology.model import PRIORITIES
 from pipeline.topology.partitioning import partition_for
 from pipeline.views import Cancellations
@@ -169,26 +169,38 @@ class Accepted:
 
 
 class ProducerLimits:
-    """One token bucket per producer (topologies/limits.yaml ``producers``)."""
+    """One token bucket per producer of each tenant (topologies/limits.yaml
+    ``producers``), and one per declared tenant with an ``intake`` rate: a producer's
+    name in one tenant never spends another tenant's rate."""
 
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
         self._limits = limits
+        #: The declared tenants (each a metrics label of its own).
+        self.tenants = tuple(limits.tenants)
         self._clock = clock
-        self._buckets: dict[str, TokenBucket | None] = {}
+        self._buckets: dict[tuple[str, str | None], TokenBucket | None] = {}
+        self._tenants: dict[str, TokenBucket | None] = {}
 
-    def spend(self, producer: str) -> None:
-        """Take one request from ``producer``'s rate; RateLimitedError when it is spent."""
-        if producer not in self._buckets:
-            rate = self._limits.producer(producer)
-            self._buckets[producer] = (
-                None if rate is None else TokenBucket(rate.per_second, rate.burst, self._clock)
-            )
-        bucket = self._buckets[producer]
-        if bucket is not None and (wait := bucket.take()):
-            raise RateLimitedError(
-                f"producer {producer!r} is over its rate (topologies/limits.yaml)",
-                retry_after_s=max(1, math.ceil(wait)),
-            )
+    def spend(self, producer: str, tenant_id: str | None = None) -> None:
+        """Take one request from the tenant's, then ``producer``'s rate; RateLimitedError
+        when either is spent."""
+        if tenant_id is not None and tenant_id not in self._tenants:
+            own = self._limits.tenant(tenant_id)
+            self._tenants[tenant_id] = self._bucket(None if own is None else own.intake)
+        key = (producer, tenant_id)
+        if key not in self._buckets:
+            self._buckets[key] = self._bucket(self._limits.producer(producer))
+        tenant = None if tenant_id is None else self._tenants[tenant_id]
+        bucket = self._buckets[key]
+        for which, spent in ((f"tenant {tenant_id!r}", tenant), (f"producer {producer!r}", bucket)):
+            if spent is not None and (wait := spent.take()):
+                raise RateLimitedError(
+                    f"{which} is over its rate (topologies/limits.yaml)",
+                    retry_after_s=max(1, math.ceil(wait)),
+                )
+
+    def _bucket(self, rate: Rate | None) -> TokenBucket | None:
+        return None if rate is None else TokenBucket(rate.per_second, rate.burst, self._clock)
 
 
 class IntentIntake:

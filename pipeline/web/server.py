@@ -30,7 +30,7 @@ from pipeline.errors import (
     RateLimitedError,
     ValidationError,
 )
-from pipeline.metrics import answered
+from pipeline.metrics import answered, declare_tenants
 from pipeline.rendering import TemplateCatalog
 from pipeline.runtime.memory import tune_gc
 from pipeline.settings import Settings
@@ -170,7 +170,7 @@ async def _intent(request: web.Request) -> tuple[str, web.Response]:
         return "too_large", error(413, "payload_too_large", "the body is over the size limit")
     try:
         intent = parse_intent(body, request.headers.get("Idempotency-Key"), producer)
-        intake.limits.spend(intent.producer)
+        intake.limits.spend(intent.producer, intent.tenant_id)
         accepted = await intake.submit(intake.check(intent))
     except InvalidRequestError as exc:
         if any(p.reason == "payload_too_large" for p in exc.problems):
@@ -282,6 +282,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[INTAKE] = intake
     app[INTENTS] = IntentIntake(settings, contracts, store, writer, clock)
+    declare_tenants(app[INTENTS].limits.tenants)
     app[CANCELS] = Cancels(settings, contracts, store, writer, clock)
     app[operator_api.STORE] = store
     app[operator_api.FOLLOWER] = follower

@@ -78,6 +78,7 @@ def populated(isolated: Settings, tmp_path: Path) -> Settings:
                 recipient_user_ids=[user],
                 payload={"game_id": "g", "game_name": "Andromeda", "turn_number": index},
                 request_id="req-42" if user == "p3" else None,
+                tenant_id="acme" if index % 2 else None,
             )
         # refused at intake (a required payload field missing), same request
         herald.publish_intent(
@@ -161,6 +162,13 @@ async def test_lookups_filters_and_pages(populated: Settings, api: str) -> None:
     assert {d["channel"] for d in mine["deliveries"]} == {"email", "push"}
     status, none = await get(api, "/api/v1/deliveries", since="2999-01-01T00:00:00")
     assert none["deliveries"] == []
+    # The tenant travels from the intent to every delivery, and filters them.
+    status, acme = await get(api, "/api/v1/deliveries", tenant_id="acme", limit=100)
+    assert {d["user_id"] for d in acme["deliveries"]} == set(USERS[1::2])
+    assert len(acme["deliveries"]) == len(USERS)  # email and push each
+    assert {d["tenant_id"] for d in acme["deliveries"]} == {"acme"}
+    assert notification["tenant_id"] == "acme"  # p3
+    assert mail["template_version"] is not None  # what the mail rendered
 
     assert (await get(api, "/api/v1/deliveries/no-such-route"))[0] == 404
     assert (await get(api, "/api/v1/deliveries", cursor="garbage"))[0] == 400
