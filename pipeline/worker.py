@@ -93,6 +93,8 @@ class Worker:
         try:
             await self.runtime.sink.deliver(records)
         except HeraldError as exc:  # only a resend of these versions misses them
+            for record in records:
+                archive.put(record.key or b"", None)  # not archived after all
             log.warning("template archive: %d version(s) not archived: %s", len(records), exc)
             return
         log.info("template archive: %d new version(s) archived", len(records))
