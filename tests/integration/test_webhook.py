@@ -106,14 +106,12 @@ def test_every_webhook_route_ends_sent_suppressed_skipped_or_dead_lettered(
             assert body["type"] == SHIPPED
             assert body["data"]["user_id"] == user
             assert body["data"]["payload"] == {"order_id": f"o-{user}"}
-    assert {p: len(endpoints.accepted(p)) for p in paths} == {
-        "/ok": 1,
-        "/flaky": 1,
-        "/later": 1,
-        "/gone": 0,
-        "/bad": 0,
-        "/slow": 1,
-    }
+    accepted = {p: len(endpoints.accepted(p)) for p in paths}
+    # The slow endpoint may finish the attempt Herald gave up on (its timeout) after
+    # the fact, as a real receiver may: that copy has the retry's webhook-id (asserted
+    # above), which is what a receiver dedupes on. Every other endpoint: exactly once.
+    assert 1 <= accepted.pop("/slow") <= 2
+    assert accepted == {"/ok": 1, "/flaky": 1, "/later": 1, "/gone": 0, "/bad": 0}
     # The retry after a 429 waited for its Retry-After (3 s), not the 1 s tier.
     later = [r for r in endpoints.received if r.path == "/later"]
     assert later[1].at - later[0].at >= 3.0
