@@ -211,19 +211,28 @@ class DisabledEndpoints(CompactedView[dict[str, Any]]):
         return Out(self.topic, url.encode("utf-8"), None)
 
 
-class Cancellations(CompactedView[dict[str, Any]]):
-    """Notifications whose routes must not be sent any more (notification.cancellations),
-    keyed by notification_id; followed by every worker (docs/http-intake.md)."""
+class FollowedView(CompactedView[V]):
+    """A view only some processes follow: unfollowed (a tool, a unit test) it is ready
+    with what this process put in it; :meth:`followed` makes it wait for the topic."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "notification.cancellations", json_value, name="cancellations")
-        # Unfollowed (a tool, a unit test), the view knows no cancel and is complete.
+    def __init__(
+        self, settings: Settings, logical_topic: str, decode: Callable[[bytes], V], *, name: str
+    ) -> None:
+        super().__init__(settings, logical_topic, decode, name=name)
         self.ready.set()
 
     def followed(self) -> Callable[[], Coroutine[Any, Any, None]]:
         """The task that follows the topic; ``ready`` is clear until it has caught up."""
         self.ready.clear()
         return self.run
+
+
+class Cancellations(FollowedView[dict[str, Any]]):
+    """Notifications whose routes must not be sent any more (notification.cancellations),
+    keyed by notification_id; followed by every worker (docs/http-intake.md)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "notification.cancellations", json_value, name="cancellations")
 
     def reason(self, notification_id: str) -> str | None:
         """Who cancelled ``notification_id`` (and why), or None when it is not cancelled."""
@@ -236,7 +245,7 @@ class Cancellations(CompactedView[dict[str, Any]]):
         return Out(self.topic, notification_id.encode("utf-8"), json.dumps(value).encode())
 
 
-class TemplateArchive(CompactedView[dict[str, Any]]):
+class TemplateArchive(FollowedView[dict[str, Any]]):
     """Every template version a worker ever rendered (herald.templates), keyed by
     ``<template_id>@<version>``, with its files: what a resend of the recorded version
     renders (docs/channels.md: template versions). Never deleted (compacted only)."""
@@ -244,13 +253,6 @@ class TemplateArchive(CompactedView[dict[str, Any]]):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "herald.templates", json_value, name="template archive")
         self._compiled: dict[bytes, TemplateCatalog] = {}
-        # Unfollowed (a tool, a unit test), the view holds what this process put.
-        self.ready.set()
-
-    def followed(self) -> Callable[[], Coroutine[Any, Any, None]]:
-        """The task that follows the topic; ``ready`` is clear until it has caught up."""
-        self.ready.clear()
-        return self.run
 
     def entries(self, templates: TemplateCatalog, now_ms: int) -> list[Out]:
         """The records archiving every version of ``templates`` not archived yet

@@ -55,7 +55,13 @@ def load_schema(schemas_dir: Path, file_name: str) -> AvroSchema:
     return schema
 
 
-def _canonical(schema: AvroSchema) -> str:
+def subject_of(schema: AvroSchema) -> str:
+    """The subject a record schema is registered under (record-name strategy)."""
+    return f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
+
+
+def canonical(schema: Any) -> str:
+    """A schema's JSON in one form (key order, spacing): equal schemas, equal text."""
     return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 
@@ -78,7 +84,7 @@ class EmbeddedRegistry:
             if schema_id in self._by_id:
                 raise ConfigurationError(f"schema id {schema_id} pinned twice in {index_path}")
             self._by_id[schema_id] = schema
-            self._ids[(entry["subject"], _canonical(schema))] = schema_id
+            self._ids[(entry["subject"], canonical(schema))] = schema_id
 
     def schema_by_id(self, schema_id: int) -> AvroSchema:
         try:
@@ -91,7 +97,7 @@ class EmbeddedRegistry:
 
     def id_for(self, subject: str, schema: AvroSchema) -> int:
         try:
-            return self._ids[(subject, _canonical(schema))]
+            return self._ids[(subject, canonical(schema))]
         except KeyError:
             raise ConfigurationError(
                 f"no id pinned for subject {subject!r} with this schema; "
@@ -157,7 +163,7 @@ class AvroCodec:
     """
 
     def __init__(self, registry: SchemaRegistry, schema: AvroSchema) -> None:
-        self.subject = f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
+        self.subject = subject_of(schema)
         self._registry = registry
         self._schema = schema
         self._parsed = parse_schema(schema)

@@ -33,6 +33,7 @@ import avro.errors
 import avro.schema
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
+from pipeline.contracts.avro import canonical, subject_of
 from pipeline.errors import ConfigurationError, SchemaRegistryUnavailableError
 
 #: Compatibility levels as a Confluent registry names them: (backward, forward, transitive).
@@ -126,15 +127,6 @@ class Problem:
     (compatible otherwise): what :func:`pin` publishes."""
 
 
-def subject_of(schema: dict[str, Any]) -> str:
-    """The subject Herald registers a record schema under (pipeline.contracts.avro)."""
-    return f"{schema.get('namespace', '')}.{schema['name']}".lstrip(".")
-
-
-def _canonical(schema: Any) -> str:
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
-
-
 def _parse(path: Path) -> tuple[dict[str, Any], avro.schema.Schema]:
     text = path.read_text(encoding="utf-8")
     return json.loads(text), avro.schema.parse(text)
@@ -206,7 +198,7 @@ def _check_avro(schemas_dir: Path, history: History, path: Path) -> list[Problem
         except (OSError, ValueError, avro.errors.AvroException) as exc:
             problems.append(Problem(f"{subject} v{v.version}: not a valid Avro schema: {exc}"))
             continue
-        if v is latest and _canonical(old_json) == _canonical(current_json):
+        if v is latest and canonical(old_json) == canonical(current_json):
             continue
         if backward and (why := _reads(current, old)):
             problems.append(
@@ -223,10 +215,10 @@ def _check_avro(schemas_dir: Path, history: History, path: Path) -> list[Problem
                 )
             )
     try:
-        published = _canonical(json.loads((schemas_dir / latest.file).read_text("utf-8")))
+        published = canonical(json.loads((schemas_dir / latest.file).read_text("utf-8")))
     except (OSError, ValueError):
         published = ""
-    if published != _canonical(current_json):
+    if published != canonical(current_json):
         problems.append(
             Problem(
                 f"{path.name} differs from {subject} v{latest.version}, its latest published "

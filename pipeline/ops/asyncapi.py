@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.contracts.evolution import subject_of
+from pipeline.contracts.avro import subject_of
 from pipeline.errors import ConfigurationError
 from pipeline.topology import Topology
 from pipeline.topology.model import TopicSpec

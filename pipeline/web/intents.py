@@ -175,11 +175,14 @@ class ProducerLimits:
 
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
         self._limits = limits
-        #: The declared tenants (each a metrics label of its own).
-        self.tenants = tuple(limits.tenants)
         self._clock = clock
         self._buckets: dict[tuple[str, str | None], TokenBucket | None] = {}
         self._tenants: dict[str, TokenBucket | None] = {}
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        """The declared tenants (each a metrics label of its own)."""
+        return tuple(self._limits.tenants)
 
     def spend(self, producer: str, tenant_id: str | None = None) -> None:
         """Take one request from the tenant's, then ``producer``'s rate; RateLimitedError

@@ -55,6 +55,19 @@ async def get(url: str, path: str, token: str | None = TOKEN, **params: Any) -> 
         return response.status, await response.json()
 
 
+async def resend(url: str, route_id: str, key: str, **params: str) -> tuple[int, Any]:
+    """POST a delivery's resend as an operator, with ``key`` as its Idempotency-Key."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{url}/api/v1/deliveries/{route_id}/resend",
+            params=params,
+            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key},
+        ) as response,
+    ):
+        return response.status, await response.json()
+
+
 @pytest.fixture
 def populated(isolated: Settings, tmp_path: Path) -> Settings:
     """A worker has handled intents for 12 users (push and email each), one intent with
@@ -214,22 +227,13 @@ async def test_a_finished_delivery_is_resent_as_a_linked_clone(
         _, found = await get(url, "/api/v1/deliveries", recipient="p5", channel="email")
         (original,) = found["deliveries"]
         _, before = await get(url, f"/api/v1/deliveries/{original['route_id']}")
-
-        async def resend(key: str) -> tuple[int, Any]:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(
-                    f"{url}/api/v1/deliveries/{original['route_id']}/resend",
-                    headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key},
-                ) as response,
-            ):
-                return response.status, await response.json()
-
-        status, clone = await resend("ops-ticket-17")
+        status, clone = await resend(url, original["route_id"], "ops-ticket-17")
         assert status == 202
         assert clone["resend_of"] == original["route_id"]
         assert clone["route_id"] != original["route_id"]
-        assert (await resend("ops-ticket-17"))[1]["route_id"] == clone["route_id"]
+        assert (await resend(url, original["route_id"], "ops-ticket-17"))[1]["route_id"] == (
+            clone["route_id"]
+        )
 
         events = await asyncio.to_thread(
             wait_for,
@@ -250,7 +254,7 @@ async def test_a_finished_delivery_is_resent_as_a_linked_clone(
         assert [e["status"] for e in copy["history"]] == ["routed", "rendered", "sent"]
         _, after = await get(url, f"/api/v1/deliveries/{original['route_id']}")
         assert after == before  # the original's history is untouched
-        assert (await resend("other"))[0] == 202  # a new key is a new resend
+        assert (await resend(url, original["route_id"], "other"))[0] == 202  # a new key
     finally:
         worker.stop()
         await runner.cleanup()

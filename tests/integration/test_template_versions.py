@@ -10,30 +10,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from pydantic import SecretStr
 
 from pipeline.contracts.records import UserProfile
 from pipeline.producer import HeraldProducer
 from pipeline.rendering import TemplateCatalog
 from pipeline.settings import REPO_ROOT, Settings
-from tests.integration.test_operator_api import TOKEN, get, serve
+from tests.integration.test_operator_api import TOKEN, get, resend, serve
 from tests.smtp import ScriptedSmtp
 from tests.support import WorkerProcess
 
 TURN = {"game_id": "g-1", "game_name": "Andromeda", "turn_number": 7}
-
-
-async def resend(url: str, route_id: str, template: str) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{url}/api/v1/deliveries/{route_id}/resend",
-            params={"template": template},
-            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": template},
-        ) as response,
-    ):
-        return response.status, await response.json()
 
 
 async def delivery_once(url: str, route_id: str, status: str) -> dict[str, Any]:
@@ -85,11 +72,13 @@ async def test_a_resend_renders_the_recorded_version_or_the_current_one(
             _, found = await get(url, "/api/v1/deliveries", recipient="v1", channel="email")
             (original,) = found["deliveries"]
             assert original["template_version"] == first
-            assert (await resend(url, original["route_id"], "latest"))[0] == 400
-            status, recorded = await resend(url, original["route_id"], "recorded")
+            assert (await resend(url, original["route_id"], "latest", template="latest"))[0] == 400
+            status, recorded = await resend(
+                url, original["route_id"], "recorded", template="recorded"
+            )
             assert (status, recorded["template_version"]) == (202, first)
             await asyncio.to_thread(smtp.wait_for, 2, 120)
-            status, current = await resend(url, original["route_id"], "current")
+            status, current = await resend(url, original["route_id"], "current", template="current")
             assert (status, current["template_version"]) == (202, None)
             mails = await asyncio.to_thread(smtp.wait_for, 3, 120)
             again = await delivery_once(url, recorded["route_id"], "sent")
