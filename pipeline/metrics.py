@@ -44,8 +44,9 @@ OUTCOMES = Counter(
 )
 IN_DOUBT = Counter(
     "herald_in_doubt_total",
-    "Routes sent again because an earlier owner started their delivery without recording "
-    "its outcome (each a possible duplicate), by channel.",
+    "Routes whose delivery an earlier owner started without recording its outcome, by "
+    "channel: each is sent again (a possible duplicate) or held for an operator "
+    "(in_doubt: hold).",
     ["channel"],
 )
 RETRIES = Counter("herald_retries_total", "Retries scheduled, by channel.", ["channel"])

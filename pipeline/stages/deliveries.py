@@ -221,13 +221,18 @@ class Deliveries:
             origin_topic=raw.topic,
             request=self._contracts.channel_request.encode(final),
         )
+        # A route held in doubt says so: the operator's listing of held routes
+        # (status dead_lettered, reason in_doubt) finds it.
+        held = exc.reason == "in_doubt"
         return [
             *outputs,
             Out(self._dlq_topic, request.route_id.encode("utf-8"), self._fit(letter, final)),
-            self.status(request, "dead_lettered", now, attempt, reason=letter.reason),
+            self.status(
+                request, "dead_lettered", now, attempt, reason="in_doubt" if held else letter.reason
+            ),
             self.record(registry, raw, request, "dead_lettered", attempt, now),
             # A route held in doubt may have reached the user: no fallback for it.
-            *(self.fallback(raw, request, "dead_lettered") if exc.reason != "in_doubt" else []),
+            *(self.fallback(raw, request, "dead_lettered") if not held else []),
         ]
 
     def fallback(self, raw: RawRecord, request: ChannelRequest, status: str) -> list[Out]:

@@ -177,7 +177,8 @@ async def get_delivery(request: web.Request) -> web.Response:
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
-    """GET /api/v1/deliveries?recipient=&status=&channel=&type=&since=&until=&limit=&cursor="""
+    """GET /api/v1/deliveries?recipient=&status=&reason=&channel=&type=&tenant_id=&since=
+    &until=&limit=&cursor="""
     if busy := _not_ready(request):
         return busy
     q = request.query
@@ -189,6 +190,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
             channel=q.get("channel"),
             notification_type=q.get("type"),
             tenant_id=q.get("tenant_id"),
+            reason=q.get("reason"),
             since_ms=parse_time(q["since"], now) if "since" in q else None,
             until_ms=parse_time(q["until"], now) if "until" in q else None,
         )

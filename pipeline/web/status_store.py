@@ -160,6 +160,9 @@ class DeliveryQuery:
     """Created before."""
     tenant_id: str | None = None
     """The tenant that owns the notification."""
+    reason: str | None = None
+    """The reason of the current status (``dead_lettered`` and ``in_doubt``: the routes
+    held for an operator)."""
 
 
 def encode_cursor(created_at_ms: int, route_id: str) -> str:
@@ -514,6 +517,7 @@ class StatusStore:
             ("channel", query.channel),
             ("notification_type", query.notification_type),
             ("tenant_id", query.tenant_id),
+            ("reason", query.reason),
         ):
             if value is not None:
                 clauses.append(f"{column} = ?")

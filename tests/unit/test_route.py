@@ -365,7 +365,9 @@ def test_a_dead_lettered_route_of_a_fallback_type_gets_the_next_channel(
 def test_a_route_held_in_doubt_does_not_fall_back(
     fallback_router: tuple[Router, StageContext], contracts: Contracts
 ) -> None:
-    """It may have reached the user: the operator decides, not the fallback."""
+    """It may have reached the user: the operator decides, not the fallback. Its end
+    says why (dead_lettered, reason in_doubt), so the operator API lists the held
+    routes."""
     router, ctx = fallback_router
     push, lane = first_route(router, contracts)
     deliveries = Deliveries(ctx, "push")
@@ -375,6 +377,19 @@ def test_a_route_held_in_doubt_does_not_fall_back(
     assert rejoin not in {o.topic for o in held}
     refused = deliveries.failed(lane, {}, push, 1, PermanentError("refused"))
     assert rejoin in {o.topic for o in refused}
+    ends = {
+        name: [
+            (e.status, e.reason)
+            for o in outputs
+            if o.topic == "notification.status"
+            and (e := contracts.status.decode(o.value)).status == "dead_lettered"
+        ]
+        for name, outputs in (("held", held), ("refused", refused))
+    }
+    assert ends == {
+        "held": [("dead_lettered", "in_doubt")],
+        "refused": [("dead_lettered", "permanent_failure")],
+    }
 
 
 def test_each_priority_takes_its_lane(router: Router, contracts: Contracts) -> None:

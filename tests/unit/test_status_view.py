@@ -159,6 +159,27 @@ def test_pages_follow_creation_order_without_gaps_or_repeats() -> None:
     assert [d["route_id"] for d in window] == [f"r-{i:02d}" for i in range(6, 12)]
 
 
+def test_the_routes_held_in_doubt_are_listed_by_their_reason() -> None:
+    """status=dead_lettered&reason=in_doubt: what an operator decides on (in_doubt: hold)."""
+    store = StatusStore(":memory:")
+    ends = {"r-held": "in_doubt", "r-refused": "permanent_failure", "r-spent": "budget_exhausted"}
+    events = [
+        e
+        for n, (route_id, reason) in enumerate(ends.items())
+        for e in (
+            event("routed", n, route_id=route_id, channel="sms", user_id="u1"),
+            event("dead_lettered", n + 5, route_id=route_id, channel="sms", reason=reason),
+        )
+    ]
+    store.apply(events, "status", {0: len(events)})
+    held, _ = store.deliveries(
+        DeliveryQuery(status="dead_lettered", reason="in_doubt"), limit=10, after=None
+    )
+    assert [d["route_id"] for d in held] == ["r-held"]
+    dead, _ = store.deliveries(DeliveryQuery(status="dead_lettered"), limit=10, after=None)
+    assert len(dead) == 3
+
+
 def test_cursors_are_opaque_and_checked() -> None:
     assert decode_cursor(encode_cursor(5, "r-1")) == (5, "r-1")
     for bad in ("nope", encode_cursor(5, "r")[:-2] + "!!", "W10"):
