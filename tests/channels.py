@@ -1,5 +1,6 @@
-"""Helpers for the tests of the HTTP channels (webhook, Slack, SMS): a shop type on a
-channel, its users and intents, and reading how their routes ended."""
+"""Helpers for the channel tests beyond the default catalog (webhook, Slack, SMS, and
+email with a type's own in-doubt policy): a shop type on a channel, its users and
+intents, and reading how their routes ended."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def shop(
             "in_doubt": in_doubt,
         }
     }
-    templates = {SHIPPED: {"slack": SLACK_TEXT, "sms": SMS_TEXT}}
+    templates = {
+        SHIPPED: {"slack": SLACK_TEXT, "sms": SMS_TEXT, "subject": SMS_TEXT, "text": SMS_TEXT}
+    }
     if channel in ("slack", "webhook"):
         types[NAMED] = {
             "category": "ops",
@@ -63,7 +66,8 @@ def publish(
     else one per type and user)."""
     with HeraldProducer(settings) as herald:
         for user, contacts in users.items():
-            herald.put_user(UserProfile(user_id=user, contacts=dict(contacts)))
+            others = {channel: c for channel, c in contacts.items() if channel != "email"}
+            herald.put_user(UserProfile(user_id=user, email=contacts.get("email"), contacts=others))
         for user in users:
             herald.publish_intent(
                 notification_type=kind,

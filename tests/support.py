@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -114,6 +116,42 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+@dataclass(frozen=True)
+class Life:
+    """One worker's life in a kill test (time.monotonic())."""
+
+    started: float
+    killed: float
+    delivered: int
+    """What the provider accepted while it lived."""
+
+
+def kill_mid_send(
+    settings: Settings,
+    folder: Path,
+    kills: int,
+    delivered: Callable[[], int],
+    rng: random.Random,
+) -> list[Life]:
+    """Start a worker ``kills`` times, each SIGKILLed (and the next started at once)
+    0.2-1.5 s after the provider accepted its first delivery (``delivered()`` counts
+    them): every kill strikes mid-send."""
+    lives = []
+    for life in range(kills):
+        worker = WorkerProcess(settings, folder / f"worker{life}.log")
+        before = delivered()
+        started = time.monotonic()
+        worker.start()
+        deadline = started + 60
+        while delivered() == before and time.monotonic() < deadline:
+            assert worker.alive(), f"worker {life} exited: {worker.log()[-2000:]}"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))
+        worker.kill()
+        lives.append(Life(started, time.monotonic(), delivered() - before))
+    return lives
 
 
 def wait_for(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ from pipeline.ops.dlq import LetterFilter, read_letters, replay
 from pipeline.settings import Settings
 from tests.channels import new_secret, publish, settled, shop, slack_url, sms_updates
 from tests.endpoints import ScriptedEndpoints, by_path, by_recipient
-from tests.support import WorkerProcess, wait_for
+from tests.support import WorkerProcess, kill_mid_send, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -73,18 +72,8 @@ def test_a_worker_killed_again_and_again_delivers_each_message_once(
         settings, users = channel_settings(channel, isolated, server, tmp_path)
         contracts = Contracts(settings)
         publish(settings, users)
-        progress = []
-        for life in range(KILLS[channel]):
-            worker = WorkerProcess(settings, tmp_path / f"worker{life}.log")
-            before = len(server.received)
-            worker.start()
-            deadline = time.monotonic() + 60
-            while len(server.received) == before and time.monotonic() < deadline:
-                assert worker.alive(), f"worker {life} exited: {worker.log()[-2000:]}"
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.2, 1.5))
-            worker.kill()
-            progress.append(len(server.received) - before)
+        lives = kill_mid_send(settings, tmp_path, KILLS[channel], lambda: len(server.received), rng)
+        progress = [life.delivered for life in lives]
         worker = WorkerProcess(settings, tmp_path / "worker-last.log")
         worker.start()
         try:
