@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError as SettingsError
@@ -28,6 +28,9 @@ from pipeline.runtime.records import Out
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topology import Topology
 from pipeline.topology import admin as topology_admin
+
+if TYPE_CHECKING:  # the dlq module is imported by its commands only
+    from pipeline.ops.dlq import Unreadable
 
 
 def _settings() -> Settings:
@@ -466,7 +469,7 @@ def dlq_list(
     settings = _settings()
     contracts = Contracts(settings)
     selected = _letter_filter(channel, notification_type, error_class, reason, since, until)
-    letters = read_letters(settings, contracts, selected)
+    letters = read_letters(settings, contracts, selected, _warn_unreadable)
     log = replayed(settings)
     for letter in letters:
         if as_json:
@@ -486,7 +489,9 @@ def dlq_show(letter_id: str) -> None:
 
     settings = _settings()
     contracts = Contracts(settings)
-    letters = read_letters(settings, contracts, LetterFilter(ids=frozenset({letter_id})))
+    letters = read_letters(
+        settings, contracts, LetterFilter(ids=frozenset({letter_id})), _warn_unreadable
+    )
     if not letters:
         raise click.ClickException(f"no dead letter {letter_id}")
     log = replayed(settings)
@@ -520,7 +525,7 @@ def dlq_replay(
     contracts = Contracts(settings)
     per_second = parse_rate(rate)
     selected = _letter_filter(channel, notification_type, error_class, reason, since, until, ids)
-    letters = read_letters(settings, contracts, selected)
+    letters = read_letters(settings, contracts, selected, _warn_unreadable)
     if dry_run:
         report = replay(settings, contracts, letters, per_second=per_second, dry_run=True)
         for letter in report.replayed:
@@ -539,6 +544,10 @@ def dlq_replay(
         f"replayed {len(report.replayed)} dead letter(s) in {time.monotonic() - started:.1f}s; "
         f"{len(report.already)} skipped (replayed before)" + _truncated_note(report.truncated)
     )
+
+
+def _warn_unreadable(record: Unreadable) -> None:
+    click.echo(f"skipped a record that is not a readable dead letter: {record}", err=True)
 
 
 def _truncated_note(letters: list[DeadLetter]) -> str:

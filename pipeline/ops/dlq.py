@@ -25,7 +25,7 @@ from typing import Any
 from pipeline.contracts import Contracts
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import DeadLetter, Malformed, StatusEvent
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, DecodeError
 from pipeline.ops.reader import read_topic
 from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
@@ -79,18 +79,47 @@ class LetterFilter:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A record on a DLQ topic that does not decode as a dead letter (written by another
+    tool, or with a schema this deployment does not know)."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: DecodeError
+    """Why it does not decode."""
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}: {self.error}"
+
+
 def read_letters(
-    settings: Settings, contracts: Contracts, selected: LetterFilter
+    settings: Settings,
+    contracts: Contracts,
+    selected: LetterFilter,
+    on_unreadable: Callable[[Unreadable], None] | None = None,
 ) -> list[DeadLetter]:
-    """Every dead letter that ``selected`` matches, oldest first, each once."""
+    """Every dead letter that ``selected`` matches, oldest first, each once.
+
+    A record that is not a readable dead letter is passed to ``on_unreadable`` and the
+    rest are still read (an operator must see the letters around it); without a
+    callback it raises its DecodeError."""
     declared = Topology.load(settings).channels
     channels = [selected.channel] if selected.channel else list(declared)
     letters: dict[str, DeadLetter] = {}
     for channel in channels:
         if channel not in declared:
             raise ConfigurationError(f"unknown channel {channel!r} (one of {', '.join(declared)})")
-        for *_, value in read_topic(settings, settings.topic(declared[channel].dlq)):
-            letter = contracts.dead_letter.decode(value)
+        topic = settings.topic(declared[channel].dlq)
+        for partition, offset, _, _, value in read_topic(settings, topic):
+            try:
+                letter = contracts.dead_letter.decode(value)
+            except DecodeError as exc:
+                if on_unreadable is None:
+                    raise
+                on_unreadable(Unreadable(topic, partition, offset, exc))
+                continue
             if selected.matches(letter):
                 letters[letter.dead_letter_id] = letter
     return sorted(letters.values(), key=lambda letter: letter.dead_lettered_at_ms)

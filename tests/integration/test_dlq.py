@@ -15,6 +15,7 @@ import pytest
 from pipeline.contracts import Contracts
 from pipeline.contracts.records import StatusEvent
 from pipeline.ops.reader import read_messages
+from pipeline.producer import HeraldProducer
 from pipeline.settings import Settings
 from tests.smtp import ScriptedSmtp, smtp_server
 from tests.support import (
@@ -75,10 +76,15 @@ def test_dead_letters_replay_once_at_the_given_rate(
             what="every route dead-lettered",
         )
         assert not smtp.received
+        # A record another tool wrote to the DLQ: named, and the letters around it listed.
+        with HeraldProducer(settings, contracts) as producer:
+            producer._produce(settings.topic("notification.email.dlq"), b"x", b"foreign", True)
 
         # The operator looks before touching anything.
         listed = herald(settings, "dlq", "list", "--channel", "email")
         assert len(listed.stdout.splitlines()) == len(routes)
+        assert "skipped a record that is not a readable dead letter" in listed.stderr
+        assert f"{settings.topic('notification.email.dlq')}[" in listed.stderr
         assert "budget_exhausted: smtp_deferred 421 after 3 attempt(s)" in listed.stdout
         assert "[replayed]" not in listed.stdout
         shown = json.loads(herald(settings, "dlq", "show", routes[0].route_id).stdout)
