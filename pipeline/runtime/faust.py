@@ -669,6 +669,16 @@ class ConsumerSeam:
         )
         # As the fetch loop filters by them (floors included), not the stored values.
         fact("read_offsets", lambda: {tp: consumer._read_offset[tp] for tp in tps})
+        # Faust's commit bookkeeping: a commit stuck while the read offset moved on is
+        # an ack that never came (a hole at the head of the acked offsets) or a stale
+        # committed offset.
+        fact("faust_committed", lambda: {tp: consumer._committed_offset.get(tp) for tp in tps})
+
+        def acked() -> dict[TP, object]:
+            spans = {tp: sorted(consumer._acked.get(tp) or ()) for tp in tps}
+            return {tp: (len(a), a[0], a[-1]) if a else () for tp, a in spans.items()}
+
+        fact("faust_acked (n, first, last)", acked)
 
         def positions() -> dict[TP, object]:
             assignment = consumer._thread._ensure_consumer()._subscription.subscription.assignment

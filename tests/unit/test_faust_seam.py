@@ -106,6 +106,8 @@ def test_describe_reports_the_flow_and_never_fails_on_an_unstarted_consumer() ->
     report = ConsumerSeam(app).describe([("intents", 0)])
     assert "rebalancing=False" in report
     assert "recovered=False" in report
+    assert "faust_committed={TP(topic='intents', partition=0): None}" in report
+    assert "faust_acked (n, first, last)={TP(topic='intents', partition=0): ()}" in report
     # The aiokafka consumer does not exist before the worker starts: read as unknown.
     assert "aiokafka (position, paused)=unknown" in report
 
