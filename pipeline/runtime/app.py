@@ -307,6 +307,15 @@ class Runtime:
             owned = [tp for tp in self.seam.assignment() if tp[0] in watched]
             loop = asyncio.get_running_loop()
             stuck = await loop.run_in_executor(None, watchdog.stalled, owned)
+            if self.seam.streaming():  # not while a rebalance rewrites Faust's view
+                raised = self.seam.raise_committed(watchdog.committed)
+                if raised:
+                    log.warning(
+                        "Faust's committed offset was behind the group's commit (a commit "
+                        "that landed after the assignment read them), so it committed "
+                        "nothing more there; raised (partition, Faust's, the group's): %s",
+                        raised,
+                    )
             if not stuck:
                 return
             plan = cures.next(stuck)

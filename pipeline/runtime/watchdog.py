@@ -78,6 +78,8 @@ class StallWatchdog:
         # with records beyond it.
         self._seen: dict[tuple[str, int], tuple[int, float]] = {}
         self._consumer: Consumer | None = None
+        #: The group's committed offsets as :meth:`stalled` last read them.
+        self.committed: dict[tuple[str, int], int] = {}
 
     def stalled(self, owned: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """The ``owned`` partitions (with their committed offsets) that have had records
@@ -95,7 +97,9 @@ class StallWatchdog:
         except KafkaException as exc:  # the broker is away: readiness reports that
             log.debug("watchdog cannot read offsets: %s", exc)
             self._seen.clear()  # an outage is not a stall: judge afresh once it is back
+            self.committed = {}
             return {}
+        self.committed = committed
         now = time.monotonic()
         stuck: dict[tuple[str, int], int] = {}
         seen: dict[tuple[str, int], tuple[int, float]] = {}

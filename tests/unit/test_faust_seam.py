@@ -11,6 +11,7 @@ from typing import Any, cast
 import faust
 import pytest
 from faust.transport.consumer import Consumer
+from faust.types import TP
 from mode import Service
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
@@ -372,3 +373,28 @@ async def test_a_worker_that_is_behind_fetches_without_pacing() -> None:
     load.last = BEHIND_RECORDS  # the last hand-over was a backlog's
     await asyncio.wait_for(paced(None, 1, None), timeout=1)
     assert len(sent) == 2
+
+
+def test_a_committed_offset_behind_the_groups_commit_is_raised_so_faust_commits_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The previous owner's last commit landed after Faust read the commits: Faust took
+    the first acked offset (the group's commit) for a hole after its own stale one and
+    committed nothing (the rejoin test's stall). Raised to the group's commit, it
+    commits the acked run; a newer offset of its own, or none, is left alone."""
+    app = faust.App("seam-raise", broker="kafka://127.0.0.1:1")
+    consumer: Any = app.consumer
+    behind, ahead, unknown = TP("intents", 3), TP("intents", 4), TP("intents", 5)
+    monkeypatch.setattr(consumer, "assignment", lambda: {behind, ahead, unknown})
+    consumer._committed_offset[behind] = 8
+    consumer._committed_offset[ahead] = 30
+    consumer._acked[behind] = list(range(18, 55))
+    consumer._acked_index[behind] = set(range(18, 55))
+    assert consumer._new_offset(behind) is None  # Faust's own view: a hole at 9..17
+
+    raised = ConsumerSeam(app).raise_committed(
+        {("intents", 3): 18, ("intents", 4): 25, ("intents", 5): 7, ("intents", 9): 50}
+    )
+    assert raised == [(("intents", 3), 8, 18)]
+    assert dict(consumer._committed_offset) == {behind: 18, ahead: 30}
+    assert consumer._new_offset(behind) == 55
