@@ -25,7 +25,8 @@ from tests.support import Life, WorkerProcess, kill_mid_send, wait_for
 
 pytestmark = pytest.mark.integration
 
-COUNT = 1500
+#: Enough that ten lives (each up to ~200 mails at this DATA time) never run out.
+COUNT = 2500
 KILLS = 10
 CONNECTIONS = 4
 #: How long the server takes to answer DATA: short, so that a kill often falls between
@@ -37,7 +38,7 @@ DATA_S = 0.02
 def test_a_worker_killed_ten_times_mid_send_mails_each_route_once_or_says_so(
     policy: str, isolated: Settings, tmp_path: Path
 ) -> None:
-    """One worker with four SMTP connections, SIGKILLed ten times while 1,500 routes are
+    """One worker with four SMTP connections, SIGKILLed ten times while 2,500 routes are
     being mailed (each DATA answered after 20 ms), each time 0.2-1.5 s after its first
     mail, and restarted at once.
 
@@ -93,7 +94,10 @@ def test_a_worker_killed_ten_times_mid_send_mails_each_route_once_or_says_so(
     else:
         assert not repeated, repeated
     unrecorded = [len(repeated_from(smtp, life)) for life in lives]
-    print(f"in doubt {len(in_doubt)}, mailed again {len(repeated)}, per kill {unrecorded}")
+    print(
+        f"mailed per life {[life.delivered for life in lives]}; in doubt {len(in_doubt)}, "
+        f"mailed again {len(repeated)}, per kill {unrecorded}"
+    )
     assert in_doubt  # the kills struck mid-transaction
     assert max(unrecorded) <= CONNECTIONS, unrecorded
 
