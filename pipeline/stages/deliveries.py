@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.contracts.ids import deterministic_id
 from pipeline.contracts.records import Attempt, ChannelRequest, DeadLetter, StatusEvent
-from pipeline.errors import DecodeError, HeraldError
+from pipeline.errors import DecodeError, HeraldError, InDoubtError
 from pipeline.logs import route_fields
 from pipeline.runtime.records import Out, RawRecord
 from pipeline.runtime.tables import encode_json
@@ -223,7 +223,7 @@ class Deliveries:
         )
         # A route held in doubt says so: the operator's listing of held routes
         # (status dead_lettered, reason in_doubt) finds it.
-        held = exc.reason == "in_doubt"
+        held = isinstance(exc, InDoubtError)
         return [
             *outputs,
             Out(self._dlq_topic, request.route_id.encode("utf-8"), self._fit(letter, final)),
